@@ -1,0 +1,162 @@
+"""Benchmark the metric core; prints ratios measured in one run.
+
+1. ``compute_metrics`` against the authors' approach on the same inputs: per sequence, the
+   d x d second-moment matrix Z^T Z / L and a full SVD of it (as the Diff-eRank and MNN code
+   do), at L = 512 for d = 768 and d = 4096. Prints the time ratio and the largest difference.
+2. ``compute_metrics`` on all 13 hidden states of a GPT-2-small-shaped model (12 layers,
+   d = 768, randomly initialised from a config) against the forward pass that produced them,
+   batch 8 x 512 tokens.
+
+Usage: ``python benchmarks/bench_metrics.py [--device cuda] [--quick]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import time
+
+import torch
+
+from mnn_callback.metrics import compute_metrics
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device, repeats: int) -> tuple[float, object]:
+    """Median wall time of ``fn()`` over ``repeats`` runs after one warm-up, and its last result."""
+    result = fn()
+    synchronize(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), result
+
+
+def authors_approach(hidden: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per sequence: Z, then the d x d matrix Z^T Z / L and a full SVD of it (float32)."""
+    out = {key: [] for key in ("mnn", "nuclear_norm", "matrix_entropy", "erank")}
+    for x in hidden.float():
+        length, d = x.shape
+        z = x - x.mean(dim=0)
+        z = z / z.norm(dim=1, keepdim=True)
+        covariance = z.T @ z / length
+        singular_values = torch.linalg.svd(covariance).S  # full SVD, U and V included
+        p = singular_values / singular_values.sum()
+        entropy = -(p * torch.log(p.clamp(min=1e-30))).sum()
+        out["mnn"].append(z.norm(dim=0).sort(descending=True).values[: min(length, d)].sum() / length)
+        out["nuclear_norm"].append((singular_values * length).clamp(min=0).sqrt().sum() / length)
+        out["matrix_entropy"].append(entropy / math.log(d))
+        out["erank"].append(entropy.exp())
+    return {key: torch.stack(values) for key, values in out.items()}
+
+
+def bench_against_authors(device: torch.device, length: int, d: int, sequences: int, repeats: int) -> dict:
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(sequences, length, d, generator=generator)
+    hidden[..., :8] *= 20.0  # a few outlier dimensions, as in real activations
+    hidden = hidden.to(device)
+    ours_time, ours = timed(lambda: compute_metrics(hidden), device, repeats)
+    theirs_time, theirs = timed(lambda: authors_approach(hidden), device, max(1, repeats // 3))
+    exact = compute_metrics(hidden, dtype=torch.float64)  # float64 agrees with the SVD reference to 1e-9
+
+    def largest_error(values):
+        return {key: (values[key].double() - exact[key]).abs().max().item() for key in theirs}
+
+    return {
+        "L": length,
+        "d": d,
+        "sequences": sequences,
+        "ours_ms_per_sequence": 1e3 * ours_time / sequences,
+        "authors_ms_per_sequence": 1e3 * theirs_time / sequences,
+        "speedup": theirs_time / ours_time,
+        "ours_error_vs_float64": largest_error(ours),
+        "authors_error_vs_float64": largest_error(theirs),
+    }
+
+
+def bench_against_forward(device: torch.device, batch: int, length: int, repeats: int, n_layer: int = 12) -> dict:
+    from transformers import GPT2Config, GPT2Model
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=n_layer, n_embd=768, n_head=12, n_positions=max(1024, length))
+    model = GPT2Model(config).to(device).eval()
+    input_ids = torch.randint(0, config.vocab_size, (batch, length), device=device)
+    attention_mask = torch.ones_like(input_ids)
+
+    def forward():
+        with torch.no_grad():
+            return model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True).hidden_states
+
+    forward_time, hidden_states = timed(forward, device, repeats)
+    stacked = torch.stack(hidden_states)  # (layers, batch, L, d)
+
+    def metrics_all_layers():
+        return [compute_metrics(layer, attention_mask) for layer in stacked]
+
+    metrics_time, _ = timed(metrics_all_layers, device, repeats)
+    return {
+        "layers": len(hidden_states),
+        "batch": batch,
+        "L": length,
+        "forward_ms": 1e3 * forward_time,
+        "metrics_ms": 1e3 * metrics_time,
+        "metrics_over_forward": metrics_time / forward_time,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: checks that the script runs")
+    parser.add_argument("--json", help="also write the results to this file")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if args.quick:
+        authors = [bench_against_authors(device, 32, 48, 2, 1)]
+        forward = bench_against_forward(device, 2, 32, 1, n_layer=2)
+    else:
+        repeats = 5 if device.type == "cuda" else 3
+        authors = [
+            bench_against_authors(device, 512, 768, 8, repeats),
+            bench_against_authors(device, 512, 4096, 2 if device.type == "cpu" else 8, repeats),
+        ]
+        forward = bench_against_forward(device, 8, 512, repeats)
+    machine = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
+    print(f"machine: {machine}")
+    print("compute_metrics vs the authors' d x d SVD (float32, per sequence):")
+    for row in authors:
+        print(
+            f"  L={row['L']} d={row['d']}: ours {row['ours_ms_per_sequence']:.1f} ms, "
+            f"authors {row['authors_ms_per_sequence']:.1f} ms, speedup {row['speedup']:.1f}x"
+        )
+        for key in row["ours_error_vs_float64"]:
+            print(
+                f"    {key:15s} largest error vs float64: ours {row['ours_error_vs_float64'][key]:.1e}, "
+                f"authors {row['authors_error_vs_float64'][key]:.1e}"
+            )
+    print(
+        f"metrics on all {forward['layers']} hidden states of GPT-2-small shape, batch {forward['batch']} x "
+        f"{forward['L']}: forward {forward['forward_ms']:.0f} ms, metrics {forward['metrics_ms']:.0f} ms, "
+        f"metrics / forward = {forward['metrics_over_forward']:.1%}"
+    )
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as handle:
+            json.dump({"machine": machine, "authors": authors, "forward": forward}, handle, indent=2)
+
+
+if __name__ == "__main__":
+    main()

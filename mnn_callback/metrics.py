@@ -1,0 +1,452 @@
+"""Compression metrics of hidden states: Matrix Nuclear-Norm, Matrix Entropy, eRank, nuclear norm.
+
+Pure torch functions on tensors: no transformers import, any device, any float input dtype.
+
+Notation. One sequence has ``n`` valid tokens and hidden size ``d``; ``X`` is its ``(n, d)``
+matrix of hidden states. ``Z`` is ``X`` with the mean token vector subtracted and each row
+divided by its L2 norm (a row that is zero after centring stays zero). With
+``lambda_1 >= lambda_2 >= ...`` the eigenvalues of ``Z^T Z`` (the nonzero ones equal those
+of ``Z Z^T``) and ``sigma_k = sqrt(lambda_k)`` the singular values of ``Z``::
+
+    MNN(X)            = (1/n) * sum of the D largest column norms ||Z[:, j]||_2, D = min(n, d)
+    nuclear_norm(X)   = (1/n) * sum_k sigma_k
+    H(X)              = -sum_k p_k ln p_k,   p_k = lambda_k / sum_j lambda_j     (nats)
+    matrix_entropy(X) = H(X) / ln d                                             (in [0, 1])
+    erank(X)          = exp(H(X))                                               (in [1, min(n, d)])
+
+MNN is the Matrix Nuclear-Norm of Li et al. (2024), Eq. 11 / Algorithm 1: a cheap proxy of the
+nuclear norm of ``Z`` that needs only column norms. Matrix Entropy and eRank are those of
+Diff-eRank (Wei et al., 2024). Lower values mean a more compressed representation.
+
+Shapes: ``hidden`` is ``(L, d)`` or ``(B, L, d)``; ``attention_mask`` is ``(L,)`` or ``(B, L)``
+with 1 for the valid tokens of each sequence (padding may sit left or right). Every function
+returns one value per sequence, shape ``(B,)`` (0-d for 2-D input), in the compute ``dtype``
+(float32 by default, float64 on request) on the input's device. A sequence with fewer than 2
+valid tokens, or with a non-finite value among its valid tokens, gives NaN; nothing raises
+for those.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "MNNWarning",
+    "MetricAccumulator",
+    "compute_metrics",
+    "diff_erank",
+    "effective_rank",
+    "matrix_entropy",
+    "matrix_nuclear_norm",
+    "nuclear_norm",
+]
+
+_COMPUTE_DTYPES = (torch.float32, torch.float64)
+
+
+class MNNWarning(UserWarning):
+    """A problem the monitor survived (NaN sequences, a failed eigensolve, an unwritable sink).
+
+    Strict mode (``strict=True`` in the callback and hook) turns these into errors.
+    """
+
+
+@dataclass(frozen=True)
+class _Normalized:
+    """Centred, row-normalised hidden states of a batch, and what is known per sequence."""
+
+    z: Tensor  # (B, L, d) in the compute dtype; rows of padding and of invalid sequences are 0
+    lengths: Tensor  # (B,) number of valid tokens, int64
+    valid: Tensor  # (B,) bool: at least 2 valid tokens, all of them finite
+
+
+def _as_batch(hidden: Tensor, attention_mask: Tensor | None, dtype: torch.dtype) -> tuple[Tensor, Tensor, bool]:
+    """Validate inputs; return ``hidden`` as (B, L, d), the mask as (B, L) bool, and whether input was 2-D."""
+    if not isinstance(hidden, Tensor):
+        raise TypeError(f"hidden must be a torch.Tensor, got {type(hidden).__name__}")
+    if not hidden.is_floating_point():
+        raise TypeError(f"hidden must have a floating-point dtype, got {hidden.dtype}")
+    if hidden.ndim not in (2, 3):
+        raise ValueError(f"hidden must have shape (L, d) or (B, L, d), got shape {tuple(hidden.shape)}")
+    if hidden.shape[-1] < 1:
+        raise ValueError(f"hidden size d must be at least 1, got shape {tuple(hidden.shape)}")
+    if dtype not in _COMPUTE_DTYPES:
+        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+    was_2d = hidden.ndim == 2
+    batch = hidden.unsqueeze(0) if was_2d else hidden
+    if attention_mask is None:
+        mask = torch.ones(batch.shape[:2], dtype=torch.bool, device=batch.device)
+    else:
+        if not isinstance(attention_mask, Tensor):
+            raise TypeError(f"attention_mask must be a torch.Tensor, got {type(attention_mask).__name__}")
+        expected = tuple(hidden.shape[:-1])
+        if tuple(attention_mask.shape) != expected:
+            raise ValueError(
+                f"attention_mask must have shape {expected} to match hidden {tuple(hidden.shape)}, "
+                f"got {tuple(attention_mask.shape)}"
+            )
+        mask = attention_mask.to(device=batch.device) != 0
+        if was_2d:
+            mask = mask.unsqueeze(0)
+    return batch, mask, was_2d
+
+
+def _normalize(hidden: Tensor, mask: Tensor, dtype: torch.dtype) -> _Normalized:
+    """Centre each sequence on its valid tokens and L2-normalise the rows (all in place on one copy)."""
+    x = hidden.detach().to(dtype=dtype, copy=True)  # own copy: everything below is in place
+    lengths = mask.sum(dim=-1)
+    if x.shape[1] == 0:  # no tokens at all
+        return _Normalized(z=x, lengths=lengths, valid=torch.zeros_like(lengths, dtype=torch.bool))
+    finite_rows = torch.isfinite(x).all(dim=-1)
+    valid = (finite_rows | ~mask).all(dim=-1) & (lengths >= 2)
+    keep = (mask & valid[:, None]).unsqueeze(-1)
+    x.masked_fill_(~keep, 0.0)
+
+    # Z does not change when a sequence is scaled, so scale each to max |x| = 1 first: no
+    # overflow of squares for huge activations, no underflow for tiny ones.
+    scale = torch.maximum(x.amax(dim=(1, 2)), -x.amin(dim=(1, 2)))
+    x /= torch.where(scale > 0, scale, 1.0)[:, None, None]
+    largest_row = torch.linalg.vector_norm(x, dim=-1).amax(dim=-1)
+
+    x -= x.sum(dim=1, keepdim=True) / lengths.clamp(min=1)[:, None, None].to(dtype)
+    x.masked_fill_(~keep, 0.0)
+
+    # A row equal to the mean comes out of the subtraction as round-off, not zero. Rows below
+    # that round-off level (like numpy's rank tolerance) count as exactly zero: dividing by inf.
+    row_norms = torch.linalg.vector_norm(x, dim=-1)
+    tolerance = torch.finfo(dtype).eps * lengths.to(dtype) * largest_row
+    x /= torch.where(row_norms > tolerance[:, None], row_norms, math.inf).unsqueeze(-1)
+    return _Normalized(z=x, lengths=lengths, valid=valid)
+
+
+def _mnn(z: Tensor, lengths: Tensor, top_d: int | None) -> Tensor:
+    """(1/n) * sum of the D largest column L2 norms of Z, D = top_d or min(n, d)."""
+    d = z.shape[-1]
+    column_norms = torch.linalg.vector_norm(z, dim=1).sort(dim=-1, descending=True).values
+    top = lengths.clamp(max=d) if top_d is None else torch.full_like(lengths, min(top_d, d))
+    in_top = torch.arange(d, device=z.device) < top[:, None]
+    return (column_norms * in_top).sum(dim=-1) / lengths.clamp(min=1).to(z.dtype)
+
+
+def _eigvalsh(gram: Tensor) -> tuple[Tensor, int]:
+    """Eigenvalues of a batch of symmetric matrices and the number of failed matrices; never raises.
+
+    Retries a failed batched solve in float64 on the CPU, then matrix by matrix; matrices that
+    still fail get NaN eigenvalues.
+    """
+    try:
+        return torch.linalg.eigvalsh(gram), 0
+    except RuntimeError:  # torch.linalg.LinAlgError; ill-conditioned input, seen on CUDA
+        pass
+    gram64 = gram.to(device="cpu", dtype=torch.float64)
+    try:
+        return torch.linalg.eigvalsh(gram64).to(device=gram.device, dtype=gram.dtype), 0
+    except RuntimeError:
+        pass
+    eigenvalues = torch.full(gram.shape[:-1], math.nan, dtype=torch.float64)
+    failed = 0
+    for index in range(gram64.shape[0]):
+        try:
+            eigenvalues[index] = torch.linalg.eigvalsh(gram64[index])
+        except RuntimeError:
+            failed += 1
+    return eigenvalues.to(device=gram.device, dtype=gram.dtype), failed
+
+
+def _gram_eigenvalues(z: Tensor, memory_share: float = 0.25, min_chunk_elements: int = 2**20) -> Tensor:
+    """Eigenvalues of Z^T Z per sequence, from the smaller of the L x L and d x d Gram matrices.
+
+    Padding rows of Z are zero and only add zero eigenvalues. Grams are built and solved in
+    chunks of sequences holding at most ``memory_share`` of Z's elements (or
+    ``min_chunk_elements``, whichever is larger; at least one sequence), which bounds the
+    memory on top of Z. A matrix the eigensolver cannot handle gets NaN and one warning.
+    """
+    batch, length, d = z.shape
+    side = min(length, d)
+    if batch == 0 or side == 0:
+        return z.new_zeros(batch, side)
+    budget = max(memory_share * z.numel(), min_chunk_elements)
+    chunks, failed = [], 0
+    for part in z.split(max(1, int(budget // (side * side)))):
+        gram = part @ part.mT if length <= d else part.mT @ part
+        eigenvalues, part_failed = _eigvalsh(gram)
+        chunks.append(eigenvalues)
+        failed += part_failed
+    if failed:
+        warnings.warn(
+            f"the eigensolver failed on {failed} of {batch} Gram matrices, also in float64 on the CPU; "
+            "their spectral metrics are NaN",
+            MNNWarning,
+            stacklevel=3,
+        )
+    return torch.cat(chunks)
+
+
+def _spectral(eigenvalues: Tensor, lengths: Tensor, d: int) -> dict[str, Tensor]:
+    """Nuclear norm and entropies from Gram eigenvalues (B, m); NaN rows stay NaN."""
+    dtype = eigenvalues.dtype
+    solved = torch.isfinite(eigenvalues).all(dim=-1)
+    if eigenvalues.shape[-1] == 0:  # no tokens: an empty spectrum, masked as NaN by the caller
+        eigenvalues = eigenvalues.new_zeros(eigenvalues.shape[0], 1)
+    lam = torch.nan_to_num(eigenvalues, nan=0.0, posinf=0.0, neginf=0.0).clamp(min=0.0)
+    # Zero eigenvalues come out of a float32 solve as +-(0.1 to 1.5) * eps * lambda_max (measured
+    # on rank-deficient Grams, m = 64..1024), and their square roots would bias the nuclear norm
+    # upwards: treat eigenvalues under sqrt(m) * eps * lambda_max as zero. A cutoff of
+    # m * eps * lambda_max also zeroed real eigenvalues of anisotropic (outlier-dimension) inputs.
+    cutoff = torch.finfo(dtype).eps * math.sqrt(lam.shape[-1]) * lam.amax(dim=-1, keepdim=True)
+    lam = torch.where(lam > cutoff, lam, 0.0)
+    nuclear = lam.sqrt().sum(dim=-1) / lengths.clamp(min=1).to(dtype)
+    total = lam.sum(dim=-1, keepdim=True)
+    p = lam / torch.where(total > 0, total, 1.0)
+    entropy_nats = 0.0 - torch.special.xlogy(p, p).sum(dim=-1)  # 0.0 - x: no -0.0
+    nan = torch.full_like(nuclear, math.nan)
+    entropy_nats = torch.where(solved, entropy_nats, nan)
+    return {
+        "nuclear_norm": torch.where(solved, nuclear, nan),
+        "matrix_entropy": entropy_nats / (math.log(d) if d > 1 else 1.0),
+        "entropy_nats": entropy_nats,
+        "erank": entropy_nats.exp(),
+    }
+
+
+def _finish(values: dict[str, Tensor], valid: Tensor, was_2d: bool) -> dict[str, Tensor]:
+    out = {}
+    for key, value in values.items():
+        value = torch.where(valid, value, torch.full_like(value, math.nan))
+        out[key] = value[0] if was_2d else value
+    return out
+
+
+@torch.no_grad()
+def compute_metrics(
+    hidden: Tensor,
+    attention_mask: Tensor | None = None,
+    *,
+    top_d: int | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, Tensor]:
+    """All metrics of each sequence from one centring, normalisation and eigendecomposition.
+
+    Args:
+        hidden: hidden states, ``(L, d)`` or ``(B, L, d)``, any float dtype and device.
+        attention_mask: ``(L,)`` or ``(B, L)``, nonzero for valid tokens; all valid if omitted.
+        top_d: number of largest column norms MNN adds up; ``min(n, d)`` per sequence if None.
+        dtype: compute dtype, ``torch.float32`` (default) or ``torch.float64``.
+
+    Returns:
+        ``mnn``, ``nuclear_norm``, ``matrix_entropy`` (H / ln d), ``entropy_nats`` (H) and
+        ``erank`` (exp H), each of shape ``(B,)`` (0-d for 2-D input); formulas in the module
+        docstring. NaN for sequences with fewer than 2 valid tokens or non-finite values.
+
+    Example:
+        >>> import torch
+        >>> x = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.0, -1.0]])
+        >>> {k: round(v.item(), 4) for k, v in compute_metrics(x).items()}
+        {'mnn': 0.7071, 'nuclear_norm': 0.7071, 'matrix_entropy': 1.0, 'entropy_nats': 0.6931, 'erank': 2.0}
+    """
+    if top_d is not None and (isinstance(top_d, bool) or not isinstance(top_d, int) or top_d < 1):
+        raise ValueError(f"top_d must be a positive int or None, got {top_d!r}")
+    batch, mask, was_2d = _as_batch(hidden, attention_mask, dtype)
+    normalized = _normalize(batch, mask, dtype)
+    values = {"mnn": _mnn(normalized.z, normalized.lengths, top_d)}
+    eigenvalues = _gram_eigenvalues(normalized.z)
+    values.update(_spectral(eigenvalues, normalized.lengths, batch.shape[-1]))
+    return _finish(values, normalized.valid, was_2d)
+
+
+@torch.no_grad()
+def matrix_nuclear_norm(
+    hidden: Tensor,
+    attention_mask: Tensor | None = None,
+    *,
+    top_d: int | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """Matrix Nuclear-Norm: ``(1/n) * sum of the D largest column L2 norms of Z``, ``D = min(n, d)``.
+
+    In [0, 1] with the default ``top_d``. Needs no eigendecomposition.
+
+    Example:
+        >>> import torch
+        >>> x = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.0, -1.0]])
+        >>> round(matrix_nuclear_norm(x).item(), 4)  # columns of norm sqrt(2), n = 4
+        0.7071
+    """
+    if top_d is not None and (isinstance(top_d, bool) or not isinstance(top_d, int) or top_d < 1):
+        raise ValueError(f"top_d must be a positive int or None, got {top_d!r}")
+    batch, mask, was_2d = _as_batch(hidden, attention_mask, dtype)
+    normalized = _normalize(batch, mask, dtype)
+    values = {"mnn": _mnn(normalized.z, normalized.lengths, top_d)}
+    return _finish(values, normalized.valid, was_2d)["mnn"]
+
+
+def _spectral_metric(hidden: Tensor, attention_mask: Tensor | None, dtype: torch.dtype) -> dict[str, Tensor]:
+    batch, mask, was_2d = _as_batch(hidden, attention_mask, dtype)
+    normalized = _normalize(batch, mask, dtype)
+    values = _spectral(_gram_eigenvalues(normalized.z), normalized.lengths, batch.shape[-1])
+    return _finish(values, normalized.valid, was_2d)
+
+
+@torch.no_grad()
+def nuclear_norm(
+    hidden: Tensor,
+    attention_mask: Tensor | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """Exact nuclear norm of Z on MNN's scale: ``(1/n) * sum_k sigma_k(Z)``, in [0, 1].
+
+    The quantity MNN approximates, so the approximation error can be measured.
+
+    Example:
+        >>> import torch
+        >>> x = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.0, -1.0]])
+        >>> round(nuclear_norm(x).item(), 4)  # singular values sqrt(2), sqrt(2); n = 4
+        0.7071
+    """
+    return _spectral_metric(hidden, attention_mask, dtype)["nuclear_norm"]
+
+
+@torch.no_grad()
+def matrix_entropy(
+    hidden: Tensor,
+    attention_mask: Tensor | None = None,
+    *,
+    normalized: bool = True,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """Matrix Entropy: Shannon entropy of the normalised spectrum of ``Z^T Z``.
+
+    ``p_k = lambda_k / sum_j lambda_j``, ``H = -sum_k p_k ln p_k``. Returns ``H / ln d`` (in
+    [0, 1], d = hidden size, as in the Diff-eRank code) when ``normalized``, else ``H`` in nats.
+
+    Example:
+        >>> import torch
+        >>> x = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.0, -1.0]])
+        >>> round(matrix_entropy(x).item(), 4), round(matrix_entropy(x, normalized=False).item(), 4)
+        (1.0, 0.6931)
+    """
+    values = _spectral_metric(hidden, attention_mask, dtype)
+    return values["matrix_entropy"] if normalized else values["entropy_nats"]
+
+
+@torch.no_grad()
+def effective_rank(
+    hidden: Tensor,
+    attention_mask: Tensor | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """Effective rank ``exp(H)``, H the matrix entropy in nats; in [1, min(n, d)].
+
+    Example:
+        >>> import torch
+        >>> x = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.0, -1.0]])
+        >>> round(effective_rank(x).item(), 4)
+        2.0
+    """
+    return _spectral_metric(hidden, attention_mask, dtype)["erank"]
+
+
+def diff_erank(reference_erank: Tensor | float, erank: Tensor | float) -> Tensor | float:
+    """Diff-eRank: ``eRank(reference) - eRank(current)``, e.g. the untrained model minus the trained one.
+
+    Positive when the current model's representation is more compressed than the reference's.
+    Use data-set eRanks (:meth:`MetricAccumulator.compute`), not means of per-sequence eRanks.
+    """
+    return reference_erank - erank
+
+
+class MetricAccumulator:
+    """Data-set aggregation of per-sequence metrics, mergeable and all-reducible.
+
+    Keeps, per group (a layer, say), the sum and count of the finite values of each field in
+    :attr:`FIELDS`, the number of sequences and of sequences with any NaN metric, in one float64
+    tensor, so shards of a data set summed across processes give exactly the single-pass result.
+    Aggregation, as the MNN and Diff-eRank authors aggregate:
+
+    - ``mnn``, ``nuclear_norm``, ``matrix_entropy``, ``entropy_nats``: means over sequences, NaN ignored;
+    - ``erank = exp(mean of entropy_nats)``: a geometric mean of per-sequence eRanks.
+
+    Example:
+        >>> import torch
+        >>> acc = MetricAccumulator(num_groups=1)
+        >>> acc.update(compute_metrics(torch.randn(3, 16, 8)), group=0)
+        >>> acc.compute()["sequences"].tolist()
+        [3.0]
+    """
+
+    FIELDS = ("mnn", "nuclear_norm", "matrix_entropy", "entropy_nats")
+
+    def __init__(self, num_groups: int = 1, device: torch.device | str | None = None) -> None:
+        if num_groups < 1:
+            raise ValueError(f"num_groups must be at least 1, got {num_groups}")
+        fields = len(self.FIELDS)
+        # columns: sums of the fields, counts of the fields, sequences, nan_sequences
+        self.state = torch.zeros(num_groups, 2 * fields + 2, dtype=torch.float64, device=device)
+
+    @property
+    def num_groups(self) -> int:
+        return self.state.shape[0]
+
+    def update(self, metrics: Mapping[str, Tensor], group: int = 0) -> None:
+        """Add a batch of per-sequence metrics (each ``(B,)`` or 0-d) to ``group``."""
+        missing = [field for field in self.FIELDS if field not in metrics]
+        if missing:
+            raise KeyError(f"metrics lack the fields {missing}; pass the output of compute_metrics")
+        values = torch.stack([metrics[field].detach().reshape(-1).to(torch.float64) for field in self.FIELDS])
+        if values.device != self.state.device:
+            self.state = self.state.to(values.device)
+        finite = torch.isfinite(values)
+        fields = len(self.FIELDS)
+        row = self.state[group]
+        row[:fields] += torch.where(finite, values, 0.0).sum(dim=-1)
+        row[fields : 2 * fields] += finite.sum(dim=-1)
+        row[-2] += values.shape[-1]
+        row[-1] += (~finite).any(dim=0).sum()
+
+    def merge(self, other: MetricAccumulator) -> MetricAccumulator:
+        """Add another accumulator's sums (same number of groups) into this one; returns self."""
+        if other.state.shape != self.state.shape:
+            raise ValueError(f"cannot merge accumulators of shapes {other.state.shape} and {self.state.shape}")
+        self.state += other.state.to(self.state.device)
+        return self
+
+    def all_reduce(self, group: object | None = None) -> MetricAccumulator:
+        """Sum the state across ``torch.distributed`` processes (no-op when not initialised); returns self.
+
+        Every process of the group must call it. Uses a CUDA tensor under NCCL, a CPU one otherwise.
+        """
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return self
+        if dist.get_backend(group) == "nccl":
+            device = torch.device("cuda", torch.cuda.current_device())
+        else:
+            device = torch.device("cpu")
+        buffer = self.state.to(device)
+        dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=group)
+        self.state = buffer.to(self.state.device)
+        return self
+
+    def compute(self) -> dict[str, Tensor]:
+        """Data-set values per group, float64 tensors of shape ``(num_groups,)``.
+
+        Keys: the :attr:`FIELDS` (means), ``erank`` (exp of the mean entropy in nats),
+        ``sequences`` and ``nan_sequences``. A mean over no finite value is NaN.
+        """
+        fields = len(self.FIELDS)
+        sums, counts = self.state[:, :fields], self.state[:, fields : 2 * fields]
+        means = sums / counts.where(counts > 0, math.nan)
+        out = {field: means[:, index] for index, field in enumerate(self.FIELDS)}
+        out["erank"] = out["entropy_nats"].exp()
+        out["sequences"] = self.state[:, -2].clone()
+        out["nan_sequences"] = self.state[:, -1].clone()
+        return out

@@ -1,0 +1,34 @@
+"""Shared test setup: offline everything, W&B and TensorBoard under temporary directories."""
+
+from __future__ import annotations
+
+import os
+
+for _name, _value in {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "WANDB_MODE": "offline",
+    "WANDB_SILENT": "true",
+    "WANDB_DISABLE_GIT": "true",
+    "TOKENIZERS_PARALLELISM": "false",
+}.items():
+    os.environ.setdefault(_name, _value)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
+
+
+@pytest.fixture(autouse=True)
+def _isolated_tracking_dirs(tmp_path_factory, monkeypatch):
+    """Every test gets its own W&B directory and no TensorBoard directory from the environment."""
+    base = tmp_path_factory.mktemp("tracking")
+    monkeypatch.setenv("WANDB_DIR", str(base / "wandb"))
+    monkeypatch.setenv("WANDB_CACHE_DIR", str(base / "wandb-cache"))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(base / "wandb-config"))
+    monkeypatch.setenv("WANDB_DATA_DIR", str(base / "wandb-data"))
+    monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
+    (base / "wandb").mkdir()
+    yield
