@@ -39,6 +39,7 @@ from torch import Tensor
 __all__ = [
     "MNNWarning",
     "MetricAccumulator",
+    "all_reduce_sum",
     "compute_metrics",
     "diff_erank",
     "effective_rank",
@@ -363,6 +364,25 @@ def diff_erank(reference_erank: Tensor | float, erank: Tensor | float) -> Tensor
     return reference_erank - erank
 
 
+def all_reduce_sum(tensor: Tensor, group: object | None = None) -> Tensor:
+    """Sum of ``tensor`` over the processes of a ``torch.distributed`` group, on ``tensor``'s device.
+
+    Returns ``tensor`` itself when no process group is initialised. Every process of the group
+    must call it. Communicates through a CUDA tensor under NCCL, a CPU tensor otherwise.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return tensor
+    if dist.get_backend(group) == "nccl":
+        device = torch.device("cuda", torch.cuda.current_device())
+    else:
+        device = torch.device("cpu")
+    buffer = tensor.to(device, copy=True)
+    dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=group)
+    return buffer.to(tensor.device)
+
+
 class MetricAccumulator:
     """Data-set aggregation of per-sequence metrics, mergeable and all-reducible.
 
@@ -419,21 +439,8 @@ class MetricAccumulator:
         return self
 
     def all_reduce(self, group: object | None = None) -> MetricAccumulator:
-        """Sum the state across ``torch.distributed`` processes (no-op when not initialised); returns self.
-
-        Every process of the group must call it. Uses a CUDA tensor under NCCL, a CPU one otherwise.
-        """
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()):
-            return self
-        if dist.get_backend(group) == "nccl":
-            device = torch.device("cuda", torch.cuda.current_device())
-        else:
-            device = torch.device("cpu")
-        buffer = self.state.to(device)
-        dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=group)
-        self.state = buffer.to(self.state.device)
+        """Sum the state across ``torch.distributed`` processes (see :func:`all_reduce_sum`); returns self."""
+        self.state = all_reduce_sum(self.state, group)
         return self
 
     def compute(self) -> dict[str, Tensor]:

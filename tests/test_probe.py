@@ -1,0 +1,405 @@
+"""The probe: fixed sample, streaming equals collected hidden states, training untouched, distributed."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from conftest import DEVICES
+from helpers import minilm_path, random_sequences, shakespeare_tokenizer, tiny_model
+
+from mnn_callback.metrics import MNNWarning, compute_metrics
+from mnn_callback.probe import Probe, ProbeResult
+
+ARCHITECTURES = ["gpt2", "llama", "neox", "bert"]
+
+
+def comparable(metrics: dict[str, float]) -> dict[str, float]:
+    return {key: value for key, value in metrics.items() if key != "probe/seconds"}
+
+
+def assert_metrics_close(got: dict[str, float], expected: dict[str, float], rel: float) -> None:
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, rel=rel, abs=1e-7, nan_ok=True), key
+
+
+# --- the fixed sample -------------------------------------------------------------------------
+
+
+def test_sample_is_a_seeded_fixed_choice():
+    sequences = random_sequences(50, 1, 30)
+    first = Probe(sequences, max_samples=10, seed=3)
+    again = Probe(sequences, max_samples=10, seed=3)
+    other = Probe(sequences, max_samples=10, seed=4)
+    assert first.sequences == again.sequences
+    assert first.fingerprint == again.fingerprint
+    assert first.sequences != other.sequences
+    assert first.fingerprint != other.fingerprint
+    assert len(first.sequences) == 10
+    assert all(len(ids) >= 2 for ids in first.sequences)
+    positions = [sequences.index(ids) for ids in first.sequences]
+    assert positions == sorted(positions)  # original order kept
+
+
+def test_sample_does_not_touch_global_rng():
+    state = torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy()
+    Probe(random_sequences(20, 2, 9), max_samples=5, seed=1)
+    assert torch.equal(torch.get_rng_state(), state[0])
+    assert random.getstate() == state[1]
+    assert (np.random.get_state()[1] == state[2]).all()
+
+
+def test_long_sequences_are_truncated_with_one_warning():
+    sequences = [[1, 2, 3, 4, 5, 6]] * 3 + [[1, 2]]
+    with pytest.warns(MNNWarning, match="3 of 4 probe sequences were longer than max_length=4") as record:
+        probe = Probe(sequences, max_length=4)
+    assert len(record) == 1
+    assert [len(ids) for ids in probe.sequences] == [4, 4, 4, 2]
+
+
+def test_data_formats(tmp_path):
+    tokenizer = shakespeare_tokenizer()
+    texts = ["To be, or not to be, that is the question.", "Whether 'tis nobler in the mind to suffer"]
+    ids = [tokenizer(text)["input_ids"] for text in texts]
+    expected = Probe(ids).sequences
+    assert Probe(texts, tokenizer=tokenizer).sequences == expected
+
+    width = max(map(len, ids))
+    tensor = torch.zeros(2, width, dtype=torch.long)
+    mask = torch.zeros(2, width, dtype=torch.long)
+    for row, seq in enumerate(ids):
+        tensor[row, width - len(seq) :] = torch.tensor(seq)  # left padding
+        mask[row, width - len(seq) :] = 1
+    assert Probe({"input_ids": tensor, "attention_mask": mask}).sequences == expected
+    assert Probe(tokenizer(texts, padding=True, return_tensors="pt")).sequences == expected
+    assert Probe(torch.tensor([[5, 6, 7], [8, 9, 10]])).sequences == [[5, 6, 7], [8, 9, 10]]
+
+    text_file = tmp_path / "sample.txt"
+    text_file.write_text(f"{texts[0]}\n\n\n{texts[1]}\n", encoding="utf-8")
+    assert Probe(text_file, tokenizer=tokenizer).sequences == expected
+    jsonl_file = tmp_path / "sample.jsonl"
+    lines = [json.dumps({"text": texts[0]}), "", json.dumps(texts[1]), json.dumps({"input_ids": [4, 5, 6]})]
+    jsonl_file.write_text("\n".join(lines), encoding="utf-8")
+    assert Probe(str(jsonl_file), tokenizer=tokenizer).sequences == [*expected, [4, 5, 6]]
+
+
+def test_dataset_input():
+    datasets = pytest.importorskip("datasets")
+    tokenizer = shakespeare_tokenizer()
+    texts = ["Now is the winter of our discontent", "Made glorious summer by this sun of York"]
+    by_text = Probe(datasets.Dataset.from_dict({"content": texts}), tokenizer=tokenizer, text_column="content")
+    by_ids = Probe(datasets.Dataset.from_dict({"input_ids": [tokenizer(t)["input_ids"] for t in texts]}))
+    assert by_text.sequences == by_ids.sequences == Probe(texts, tokenizer=tokenizer).sequences
+
+
+def test_text_paragraphs_are_the_samples_of_a_txt_file(tmp_path):
+    path = tmp_path / "p.txt"
+    path.write_text("line one\nline two\n\n  \nsecond paragraph\n", encoding="utf-8")
+    probe = Probe(path, tokenizer=shakespeare_tokenizer())
+    assert len(probe.sequences) == 2
+
+
+@pytest.mark.parametrize(
+    ("data", "kwargs", "error", "message"),
+    [
+        ([], {}, ValueError, "empty"),
+        ([[1], [2], []], {}, ValueError, "at least 2 tokens"),
+        (["some text"], {}, ValueError, "tokenizer="),
+        ([[1, 2, 3]], {"layers": "middle"}, ValueError, "layers"),
+        ([[1, 2, 3]], {"layers": []}, ValueError, "layers"),
+        ([[1, 2, 3]], {"max_samples": 0}, ValueError, "max_samples"),
+        ([[1, 2, 3]], {"max_length": 1}, ValueError, "max_length"),
+        ([[1, 2, 3]], {"batch_size": 2.5}, ValueError, "batch_size"),
+        ([[1, 2, 3]], {"dtype": torch.float16}, ValueError, "dtype"),
+        ([[1.5, 2.0]], {}, ValueError, "integer token ids"),
+        ({"ids": [[1, 2]]}, {}, ValueError, "input_ids"),
+        (42, {}, TypeError, "probe data must be"),
+        ("no/such/file.txt", {}, FileNotFoundError, "not found"),
+    ],
+)
+def test_bad_data_gives_clear_errors(data, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        Probe(data, **kwargs)
+
+
+def test_bad_files_give_clear_errors(tmp_path):
+    csv = tmp_path / "data.csv"
+    csv.write_text("a,b\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"\.txt or \.jsonl"):
+        Probe(csv)
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"text": "fine"}\n{not json\n', encoding="utf-8")
+    with pytest.raises(ValueError, match="line 2"):
+        Probe(broken, tokenizer=shakespeare_tokenizer())
+
+
+# --- measuring ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ARCHITECTURES)
+def test_streaming_equals_collected_hidden_states(kind):
+    model = tiny_model(kind)
+    probe = Probe(random_sequences(11, 3, 40), batch_size=4)
+    streamed = probe.run(model)
+    collected = probe.run(model, streaming=False)
+    assert streamed.layers == [0, 1, 2]
+    assert_metrics_close(comparable(streamed.metrics), comparable(collected.metrics), rel=1e-6)
+    assert ("probe/loss" in streamed.metrics) == (kind != "bert")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", ["gpt2", "bert"])
+def test_padded_micro_batches_equal_sequences_one_at_a_time(kind, device):
+    model = tiny_model(kind).to(device)
+    sequences = random_sequences(7, 2, 30, seed=5)
+    result = Probe(sequences, batch_size=3).run(model)
+    per_sequence = {key: [[] for _ in range(3)] for key in ("mnn", "nuclear_norm", "matrix_entropy", "entropy_nats")}
+    nll, targets = 0.0, 0
+    with torch.no_grad():
+        for ids in sequences:
+            input_ids = torch.tensor([ids], device=device)
+            labels = input_ids if kind == "gpt2" else None
+            out = model.eval()(input_ids=input_ids, labels=labels, output_hidden_states=True)
+            for layer, hidden in enumerate(out.hidden_states):
+                values = compute_metrics(hidden[0])
+                for key, lists in per_sequence.items():
+                    lists[layer].append(values[key].item())
+            if labels is not None:
+                nll += out.loss.item() * (len(ids) - 1)
+                targets += len(ids) - 1
+    for layer in range(3):
+        assert result.metrics[f"mnn/layer_{layer}"] == pytest.approx(np.mean(per_sequence["mnn"][layer]), rel=1e-5)
+        assert result.metrics[f"nuclear_norm/layer_{layer}"] == pytest.approx(
+            np.mean(per_sequence["nuclear_norm"][layer]), rel=1e-5
+        )
+        assert result.metrics[f"matrix_entropy/layer_{layer}"] == pytest.approx(
+            np.mean(per_sequence["matrix_entropy"][layer]), rel=1e-5
+        )
+        assert result.metrics[f"erank/layer_{layer}"] == pytest.approx(
+            math.exp(np.mean(per_sequence["entropy_nats"][layer])), rel=1e-5
+        )
+    assert result.sequences == 7
+    assert result.tokens == sum(map(len, sequences))
+    if kind == "gpt2":
+        assert result.loss == pytest.approx(nll / targets, rel=1e-5)
+        assert result.perplexity == pytest.approx(math.exp(nll / targets), rel=1e-5)
+    else:
+        assert result.loss is None
+
+
+def test_layer_selection():
+    model = tiny_model("gpt2", layers=3)
+    sequences = random_sequences(4, 5, 10)
+    everything = Probe(sequences).run(model)
+    last = Probe(sequences, layers="last").run(model)
+    chosen = Probe(sequences, layers=[-1, 0, 0]).run(model)
+    assert everything.layers == [0, 1, 2, 3]
+    assert last.layers == [3]
+    assert chosen.layers == [0, 3]
+    assert last.metrics["mnn/layer_3"] == pytest.approx(everything.metrics["mnn/layer_3"], rel=1e-6)
+    with pytest.raises(ValueError, match="out of range: this model has 4 hidden states"):
+        Probe(sequences, layers=[4]).run(model)
+
+
+def test_real_pretrained_minilm():
+    from transformers import AutoModel, AutoTokenizer
+
+    path = minilm_path()
+    model = AutoModel.from_pretrained(path, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    texts = [
+        "The quick brown fox jumps over the lazy dog near the river bank.",
+        "Compression of representations is measured by the matrix nuclear norm.",
+        "Shall I compare thee to a summer's day? Thou art more lovely and more temperate.",
+    ]
+    probe = Probe(texts, tokenizer=tokenizer, batch_size=2)
+    streamed = probe.run(model)
+    collected = probe.run(model, streaming=False)
+    assert streamed.layers == list(range(7))
+    assert_metrics_close(comparable(streamed.metrics), comparable(collected.metrics), rel=1e-5)
+    assert "probe/loss" not in streamed.metrics
+    for layer in range(7):
+        assert 0 < streamed.metrics[f"mnn/layer_{layer}"] < 1
+        assert 1 <= streamed.metrics[f"erank/layer_{layer}"] <= 24
+
+
+def test_model_without_hidden_states_is_named():
+    class Plain(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(10, 4)
+
+        def forward(self, input_ids, attention_mask=None, **kwargs):
+            return {"logits": self.embed(input_ids)}
+
+    with pytest.raises(TypeError, match=r"Plain did not return hidden states.*output_hidden_states=True"):
+        Probe([[1, 2, 3]]).run(Plain())
+
+
+def test_result_round_trips_through_json_and_gives_diff_erank():
+    model = tiny_model("gpt2")
+    probe = Probe(random_sequences(5, 4, 12), layers=[0, 2])
+    reference = probe.run(model)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.mul_(1.5)
+    current = probe.run(model)
+    restored = ProbeResult.from_dict(json.loads(json.dumps(reference.to_dict())))
+    assert comparable(restored.metrics) == comparable(reference.metrics)
+    diff = current.diff_erank(restored)
+    assert set(diff) == {"diff_erank/layer_0", "diff_erank/layer_2"}
+    expected = reference.metrics["erank/layer_2"] - current.metrics["erank/layer_2"]
+    assert diff["diff_erank/layer_2"] == pytest.approx(expected, rel=1e-12)
+    assert current.diff_erank(current)["diff_erank/layer_0"] == 0.0
+
+
+def test_nan_hidden_states_are_counted_and_the_next_probe_works():
+    model = tiny_model("gpt2")
+    probe = Probe(random_sequences(6, 4, 12), batch_size=4)
+    healthy = probe.run(model)
+    weight = model.transformer.h[0].mlp.c_fc.weight
+    saved = weight.detach().clone()
+    with torch.no_grad():
+        weight[0, 0] = math.nan  # a diverged run
+    poisoned = probe.run(model)
+    assert poisoned.nan_sequences == 6
+    assert math.isnan(poisoned.metrics["mnn/layer_1"])
+    assert math.isfinite(poisoned.metrics["mnn/layer_0"])  # embeddings are still fine
+    with torch.no_grad():
+        weight.copy_(saved)
+    assert comparable(probe.run(model).metrics) == comparable(healthy.metrics)
+
+
+# --- training is untouched -----------------------------------------------------------------------
+
+
+def _snapshot(model):
+    return {
+        "flags": {name: module.training for name, module in model.named_modules()},
+        "checkpointing": {
+            name: module.gradient_checkpointing
+            for name, module in model.named_modules()
+            if hasattr(module, "gradient_checkpointing")
+        },
+        "parameters": {name: p.detach().clone() for name, p in model.named_parameters()},
+        "grads": {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None},
+        "requires_grad": {name: p.requires_grad for name, p in model.named_parameters()},
+        # transformers >= 5 installs inert output-capturing hooks the first time hidden states are
+        # requested from a model; those are its own, every other hook must be as before
+        "hooks": [
+            [hook for hook in [*m._forward_hooks.values(), *m._forward_pre_hooks.values()] if "capturing" not in repr(hook)]
+            for m in model.modules()
+        ],
+        "rng": (torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy()),
+    }
+
+
+def _assert_same(before, after):
+    assert before["flags"] == after["flags"]
+    assert before["checkpointing"] == after["checkpointing"]
+    assert before["requires_grad"] == after["requires_grad"]
+    assert before["hooks"] == after["hooks"]
+    for name, value in before["parameters"].items():
+        assert torch.equal(value, after["parameters"][name]), name
+    assert before["grads"].keys() == after["grads"].keys()
+    for name, value in before["grads"].items():
+        assert torch.equal(value, after["grads"][name]), name
+    assert torch.equal(before["rng"][0], after["rng"][0])
+    assert before["rng"][1] == after["rng"][1]
+    assert (before["rng"][2] == after["rng"][2]).all()
+
+
+def _training_model():
+    model = tiny_model("gpt2")
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
+    model.train()
+    model.transformer.h[1].eval()  # a frozen submodule kept in eval
+    model.transformer.wpe.requires_grad_(False)
+    out = model(input_ids=torch.tensor([[1, 2, 3, 4]]), labels=torch.tensor([[1, 2, 3, 4]]))
+    out.loss.backward()
+    return model
+
+
+def test_run_leaves_training_untouched():
+    model = _training_model()
+    before = _snapshot(model)
+    result = Probe(random_sequences(5, 3, 10)).run(model)
+    _assert_same(before, _snapshot(model))
+    assert math.isfinite(result.metrics["mnn/layer_2"])
+
+
+@pytest.mark.parametrize("exception", [RuntimeError, KeyboardInterrupt])
+def test_run_that_raises_halfway_leaves_training_untouched(exception):
+    model = _training_model()
+    before = _snapshot(model)
+    calls = {"n": 0}
+
+    def explode(module, inputs):
+        calls["n"] += 1
+        torch.rand(3)  # consume RNG inside the probe: it must be restored
+        assert not module.training and not torch.is_grad_enabled()
+        if calls["n"] == 3:
+            raise exception("stop halfway")
+
+    handle = model.transformer.h[0].register_forward_pre_hook(explode)
+    with pytest.raises(exception, match="stop halfway"):
+        Probe(random_sequences(6, 3, 10), batch_size=2).run(model)
+    handle.remove()
+    _assert_same(before, _snapshot(model))  # the probe's own hooks are gone too
+    assert calls["n"] == 3
+
+
+def test_schedule_free_style_optimizer_is_switched_and_restored():
+    class Optimizer:
+        def __init__(self):
+            self.log = []
+
+        def eval(self):
+            self.log.append("eval")
+
+        def train(self):
+            self.log.append("train")
+
+    model = tiny_model("gpt2").train()
+    optimizer = Optimizer()
+    Probe(random_sequences(3, 3, 6)).run(model, optimizer=optimizer)
+    assert optimizer.log == ["eval", "train"]
+    model.eval()
+    Probe(random_sequences(3, 3, 6)).run(model, optimizer=optimizer)
+    assert optimizer.log == ["eval", "train"]  # not in training: left alone
+
+
+# --- distributed -----------------------------------------------------------------------------------
+
+
+def _distributed_worker(rank: int, world_size: int, init_file: str, out_file: str, count: int) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        model = tiny_model("gpt2", seed=1)
+        calls = {"n": 0}
+        model.transformer.register_forward_pre_hook(lambda *_: calls.__setitem__("n", calls["n"] + 1))
+        result = Probe(random_sequences(count, 2, 25, seed=2), batch_size=2).run(model)
+        with open(f"{out_file}.{rank}", "w", encoding="utf-8") as handle:
+            json.dump({"metrics": comparable(result.metrics), "forwards": calls["n"]}, handle)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("count", [7, 1], ids=["uneven", "one-rank-empty"])
+def test_two_processes_equal_one(tmp_path, count):
+    mp.spawn(
+        _distributed_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "out"), count), nprocs=2, join=True
+    )
+    single = comparable(Probe(random_sequences(count, 2, 25, seed=2), batch_size=2).run(tiny_model("gpt2", seed=1)).metrics)
+    runs = [json.loads((tmp_path / f"out.{rank}").read_text()) for rank in range(2)]
+    assert runs[0]["forwards"] == runs[1]["forwards"]  # same number of passes on every rank
+    for run in runs:
+        assert_metrics_close(run["metrics"], single, rel=1e-6)
