@@ -96,6 +96,19 @@ def main() -> None:
     forward_time = median_seconds(plain_forward, device, repeats)
     probe_time = median_seconds(lambda: probe.run(model), device, repeats)
 
+    # The same without the language-model head: no vocabulary-sized logits dominate the peak.
+    base = model.transformer
+
+    def base_forward():
+        with torch.no_grad():
+            for start in range(0, samples, batch):
+                base(input_ids=input_ids[start : start + batch], attention_mask=mask[start : start + batch])
+
+    probe.run(base)
+    base_peak = peak_bytes(base_forward, device)
+    base_streaming_peak = peak_bytes(lambda: probe.run(base), device)
+    base_collected_peak = peak_bytes(lambda: probe.run(base, streaming=False), device)
+
     machine = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "threads": torch.get_num_threads(),
@@ -111,6 +124,9 @@ def main() -> None:
         "forward_s": forward_time,
         "probe_s": probe_time,
         "probe_over_forward": probe_time / forward_time,
+        "base_model_forward_peak_MB": base_peak / 1e6,
+        "base_model_streaming_extra_layers": (base_streaming_peak - base_peak) / layer_bytes,
+        "base_model_all_hidden_states_extra_layers": (base_collected_peak - base_peak) / layer_bytes,
     }
     print(f"machine: {machine}")
     print(
@@ -119,7 +135,13 @@ def main() -> None:
     )
     print(
         f"peak memory above the plain forward ({forward_peak / 1e6:.0f} MB): streaming probe "
-        f"{results['streaming_extra_layers']:+.2f} layers, all hidden states {results['all_hidden_states_extra_layers']:+.2f} layers"
+        f"{results['streaming_extra_layers']:+.2f} layers, "
+        f"all hidden states {results['all_hidden_states_extra_layers']:+.2f} layers"
+    )
+    print(
+        f"without the LM head (forward peak {base_peak / 1e6:.0f} MB): streaming probe "
+        f"{results['base_model_streaming_extra_layers']:+.2f} layers, "
+        f"all hidden states {results['base_model_all_hidden_states_extra_layers']:+.2f} layers"
     )
     print(
         f"time: plain forward {forward_time:.2f} s, probe {probe_time:.2f} s, probe / forward = "

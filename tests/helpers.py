@@ -17,11 +17,19 @@ def tiny_model(kind: str, seed: int = 0, vocab_size: int = VOCAB, layers: int = 
     common = {"vocab_size": vocab_size, "num_hidden_layers": layers, "hidden_size": hidden, "num_attention_heads": 2}
     if kind == "gpt2":
         config = tf.GPT2Config(
-            vocab_size=vocab_size, n_layer=layers, n_embd=hidden, n_head=2, n_positions=128, bos_token_id=0, eos_token_id=0
+            vocab_size=vocab_size,
+            n_layer=layers,
+            n_embd=hidden,
+            n_head=2,
+            n_positions=128,
+            bos_token_id=0,
+            eos_token_id=0,
         )
         return tf.GPT2LMHeadModel(config)
     if kind == "llama":
-        config = tf.LlamaConfig(**common, intermediate_size=2 * hidden, num_key_value_heads=2, max_position_embeddings=128)
+        config = tf.LlamaConfig(
+            **common, intermediate_size=2 * hidden, num_key_value_heads=2, max_position_embeddings=128
+        )
         return tf.LlamaForCausalLM(config)
     if kind == "neox":
         config = tf.GPTNeoXConfig(**common, intermediate_size=2 * hidden, max_position_embeddings=128)

@@ -294,7 +294,11 @@ def _snapshot(model):
         # transformers >= 5 installs inert output-capturing hooks the first time hidden states are
         # requested from a model; those are its own, every other hook must be as before
         "hooks": [
-            [hook for hook in [*m._forward_hooks.values(), *m._forward_pre_hooks.values()] if "capturing" not in repr(hook)]
+            [
+                hook
+                for hook in [*m._forward_hooks.values(), *m._forward_pre_hooks.values()]
+                if "capturing" not in repr(hook)
+            ]
             for m in model.modules()
         ],
         "rng": (torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy()),
@@ -395,10 +399,10 @@ def _distributed_worker(rank: int, world_size: int, init_file: str, out_file: st
 
 @pytest.mark.parametrize("count", [7, 1], ids=["uneven", "one-rank-empty"])
 def test_two_processes_equal_one(tmp_path, count):
-    mp.spawn(
-        _distributed_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "out"), count), nprocs=2, join=True
+    mp.spawn(_distributed_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "out"), count), nprocs=2, join=True)
+    single = comparable(
+        Probe(random_sequences(count, 2, 25, seed=2), batch_size=2).run(tiny_model("gpt2", seed=1)).metrics
     )
-    single = comparable(Probe(random_sequences(count, 2, 25, seed=2), batch_size=2).run(tiny_model("gpt2", seed=1)).metrics)
     runs = [json.loads((tmp_path / f"out.{rank}").read_text()) for rank in range(2)]
     assert runs[0]["forwards"] == runs[1]["forwards"]  # same number of passes on every rank
     for run in runs:

@@ -1,0 +1,56 @@
+"""Fault isolation: the monitor's errors become warnings, never exceptions in the training loop."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from mnn_callback.metrics import MNNWarning
+
+T = TypeVar("T")
+
+__all__ = ["Guard"]
+
+
+class Guard:
+    """Runs monitoring work so that it cannot crash training, unless ``strict``.
+
+    Non-strict: an ``Exception`` raised by the work is counted in :attr:`errors` and reported
+    as one :class:`MNNWarning` per kind (what failed, exception type); the call returns None.
+    ``KeyboardInterrupt`` and ``SystemExit`` always propagate.
+    Strict: exceptions propagate, and every :class:`MNNWarning` raised inside becomes an error.
+    """
+
+    def __init__(self, strict: bool = False) -> None:
+        self.strict = strict
+        self.errors = 0
+        self._reported: set[tuple[str, str]] = set()
+
+    def call(self, what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T | None:
+        """``fn(*args, **kwargs)``, or None after a reported failure; ``what`` names the work in messages."""
+        if self.strict:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", MNNWarning)
+                return fn(*args, **kwargs)
+        try:
+            return fn(*args, **kwargs)
+        except Exception as error:
+            self.report(what, error)
+            return None
+
+    def report(self, what: str, error: BaseException) -> None:
+        """Count ``error`` and warn about it once per (what, exception type); raise it when strict."""
+        if self.strict:
+            raise error
+        self.errors += 1
+        kind = (what, type(error).__name__)
+        if kind in self._reported:
+            return
+        self._reported.add(kind)
+        warnings.warn(
+            f"mnn_callback: {what} failed ({type(error).__name__}: {error}); training continues. Further "
+            "failures of this kind are counted in probe/errors and not reported again (strict=True raises instead).",
+            MNNWarning,
+            stacklevel=3,
+        )

@@ -1,0 +1,34 @@
+"""Train a tiny GPT-2 with MNNCallback; run under torchrun with 2 processes or plainly with 1.
+
+Usage: ``[torchrun --standalone --nproc_per_node 2] train_ddp.py OUTPUT_DIR``. The learning rate
+is 0, so the model stays at its initialisation and every probe must give the same values on
+any number of processes.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from helpers import random_sequences, tiny_model
+from transformers import Trainer, TrainingArguments
+
+from mnn_callback import MNNCallback
+
+output_dir = sys.argv[1]
+os.environ["TENSORBOARD_LOGGING_DIR"] = os.path.join(output_dir, "tb")
+model = tiny_model("gpt2", seed=1)
+train = [{"input_ids": ids, "labels": ids} for ids in random_sequences(64, 12, 12, seed=1)]
+args = TrainingArguments(
+    output_dir,
+    max_steps=8,
+    per_device_train_batch_size=4,
+    learning_rate=0.0,
+    report_to=["tensorboard"],
+    save_strategy="no",
+    use_cpu=True,
+    seed=0,
+)
+trainer = Trainer(model=model, args=args, train_dataset=train)
+trainer.add_callback(MNNCallback(random_sequences(9, 3, 20, seed=3), every_n_steps=4, batch_size=2))
+trainer.train()

@@ -1,0 +1,284 @@
+"""MNNCallback in real Trainer runs: TensorBoard, W&B offline and JSONL read back, checkpoints, resume, DDP."""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+from helpers import random_sequences, tiny_model
+from transformers import Trainer, TrainingArguments
+from wandb_reader import offline_runs, read_offline_run
+
+from mnn_callback import MNNCallback, MNNWarning
+from mnn_callback.files import read_jsonl
+from mnn_callback.probe import Probe
+
+SCRIPTS = os.path.join(os.path.dirname(__file__), "scripts")
+PROBE_DATA = random_sequences(10, 4, 24, seed=3)
+
+
+def training_data(count: int = 64):
+    return [{"input_ids": ids, "labels": ids} for ids in random_sequences(count, 12, 12, seed=1)]
+
+
+def make_trainer(output_dir, callback=None, *, seed=0, model=None, eval_dataset=None, **overrides):
+    arguments = {
+        "max_steps": 12,
+        "per_device_train_batch_size": 4,
+        "report_to": "none",
+        "save_strategy": "no",
+        "logging_steps": 1,
+        "use_cpu": True,
+        "seed": seed,
+        "disable_tqdm": True,
+        "lr_scheduler_type": "constant",  # runs of different lengths train alike
+        **overrides,
+    }
+    trainer = Trainer(
+        model=model or tiny_model("gpt2", seed=seed),
+        args=TrainingArguments(str(output_dir), **arguments),
+        train_dataset=training_data(),
+        eval_dataset=eval_dataset,
+    )
+    if callback is not None:
+        trainer.add_callback(callback)
+    return trainer
+
+
+def probe_lines(path):
+    return [record for record in read_jsonl(path) if "step" in record and "event" not in record]
+
+
+def tensorboard_scalars(log_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    accumulator.Reload()
+    return {tag: {e.step: e.value for e in accumulator.Scalars(tag)} for tag in accumulator.Tags()["scalars"]}
+
+
+def test_tensorboard_wandb_and_jsonl_hold_the_same_values(tmp_path, monkeypatch):
+    import wandb
+
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))
+    callback = MNNCallback(PROBE_DATA, every_n_steps=4, batch_size=4)
+    trainer = make_trainer(tmp_path / "out", callback, report_to=["tensorboard", "wandb"], max_steps=10)
+    trainer.train()
+    wandb.finish()
+
+    lines = probe_lines(tmp_path / "out" / "mnn_metrics.jsonl")
+    assert [line["step"] for line in lines] == [0, 4, 8, 10]  # step 0, every 4, and the end
+    keys = {key for key in lines[0] if "/" in key}
+    for layer in range(3):
+        for name in ("mnn", "nuclear_norm", "matrix_entropy", "erank", "diff_erank"):
+            assert f"{name}/layer_{layer}" in keys
+    for name in ("loss", "perplexity", "sequences", "tokens", "nan_sequences", "seconds", "errors"):
+        assert f"probe/{name}" in keys
+    assert lines[0]["diff_erank/layer_2"] == 0.0  # the step-0 probe is the reference
+
+    scalars = tensorboard_scalars(tmp_path / "tb")
+    for key in keys:
+        expected = {line["step"]: line[key] for line in lines if key in line}
+        got = scalars[key]
+        assert got.keys() == expected.keys(), key
+        for step, value in expected.items():
+            assert got[step] == pytest.approx(value, rel=1e-6, abs=1e-6), (key, step)
+    assert "train/loss" in scalars  # the Trainer's own scalars share the directory
+
+    (run_dir,) = offline_runs(os.environ["WANDB_DIR"])
+    run = read_offline_run(run_dir)
+    rows = [row for row in run.history if "mnn/layer_0" in row]
+    assert [row["train/global_step"] for row in rows] == [0, 4, 8, 10]
+    for row, line in zip(rows, lines, strict=True):
+        for key in keys:
+            assert row[key] == pytest.approx(line[key], rel=1e-12), key
+    step_metrics = {metric["name"]: metric["step_metric"] for metric in run.metrics}
+    assert step_metrics["mnn/*"] == "train/global_step"
+    assert step_metrics["diff_erank/*"] == "train/global_step"
+    assert run.config["mnn_callback"]["fingerprint"] == callback.probe.fingerprint
+
+
+def test_training_is_bit_identical_with_and_without_the_callback(tmp_path):
+    def losses(callback):
+        trainer = make_trainer(tmp_path / str(callback is None), callback, max_steps=10)
+        trainer.train()
+        return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+    without = losses(None)
+    with_callback = losses(MNNCallback(PROBE_DATA, every_n_steps=3))
+    assert len(without) == 10
+    assert with_callback == without
+
+
+def test_checkpoints_and_trainer_state(tmp_path):
+    callback = MNNCallback(PROBE_DATA, every_n_steps=4)
+    trainer = make_trainer(tmp_path, callback, save_strategy="steps", save_steps=6)
+    trainer.train()
+    saved = json.loads((tmp_path / "checkpoint-6" / "mnn_metrics.json").read_text())
+    assert [entry["step"] for entry in saved["history"]] == [0, 4]
+    assert saved["config"]["fingerprint"] == callback.probe.fingerprint
+    assert saved["reference"]["per_layer"]["erank"] == pytest.approx(
+        [saved["history"][0][f"erank/layer_{i}"] for i in range(3)]
+    )
+    final = json.loads((tmp_path / "checkpoint-12" / "mnn_metrics.json").read_text())
+    assert [entry["step"] for entry in final["history"]] == [0, 4, 8, 12]
+    state = json.loads((tmp_path / "checkpoint-12" / "trainer_state.json").read_text())
+    logged = [entry for entry in state["log_history"] if "mnn/layer_0" in entry]
+    assert [entry["step"] for entry in logged] == [0, 4, 8, 12]
+    assert all(isinstance(value, (int, float)) for entry in logged for value in entry.values())
+    assert state["stateful_callbacks"]["mnn_callback"]["fingerprint"] == callback.probe.fingerprint
+    assert not glob.glob(str(tmp_path / "checkpoint-*" / ".mnn-*"))  # no temporary files left
+
+
+def test_resume_continues_history_and_reference(tmp_path):
+    full = MNNCallback(PROBE_DATA, every_n_steps=4)
+    make_trainer(tmp_path / "full", full, save_strategy="steps", save_steps=6).train()
+
+    first = MNNCallback(PROBE_DATA, every_n_steps=4)
+    make_trainer(tmp_path / "run", first, save_strategy="steps", save_steps=6, max_steps=6).train()
+    resumed = MNNCallback(PROBE_DATA, every_n_steps=4)
+    trainer = make_trainer(tmp_path / "run", resumed, save_strategy="steps", save_steps=6)
+    trainer.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-6"))
+
+    assert [entry["step"] for entry in resumed.history] == [0, 4, 8, 12]
+    assert resumed.reference.to_dict()["per_layer"] == full.reference.to_dict()["per_layer"]
+    for got, expected in zip(resumed.history, full.history, strict=True):
+        for key in ("mnn/layer_2", "erank/layer_1", "diff_erank/layer_2", "probe/loss"):
+            assert got[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-6), (got["step"], key)
+    records = read_jsonl(tmp_path / "run" / "mnn_metrics.jsonl")
+    assert any(record.get("event") == "resume" and record["step"] == 6 for record in records)
+
+
+def test_resume_with_another_probe_configuration_warns_and_takes_a_new_reference(tmp_path):
+    make_trainer(
+        tmp_path, MNNCallback(PROBE_DATA, every_n_steps=4), save_strategy="steps", save_steps=6, max_steps=6
+    ).train()
+    changed = MNNCallback(PROBE_DATA, every_n_steps=4, layers="last")
+    trainer = make_trainer(tmp_path, changed, save_strategy="steps", save_steps=6)
+    with pytest.warns(MNNWarning, match="different probe configuration"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-6"))
+    assert [entry["step"] for entry in changed.history] == [0, 4, 6, 8, 12]
+    assert changed.history[2]["diff_erank/layer_2"] == 0.0  # the new reference, taken at the resume step
+
+
+def test_reference_model_and_saved_result(tmp_path):
+    base = tiny_model("gpt2", seed=7)
+    expected = Probe(PROBE_DATA).run(base)
+    from_model = MNNCallback(PROBE_DATA, every_n_steps=6, reference=base)
+    make_trainer(tmp_path / "a", from_model, max_steps=6).train()
+    assert from_model.reference.per_layer == expected.per_layer
+    first = from_model.history[0]
+    assert first["diff_erank/layer_2"] == pytest.approx(expected.per_layer["erank"][2] - first["erank/layer_2"])
+
+    path = tmp_path / "reference.json"
+    path.write_text(json.dumps(expected.to_dict()))
+    from_file = MNNCallback(PROBE_DATA, every_n_steps=6, reference=str(path))
+    make_trainer(tmp_path / "b", from_file, max_steps=6).train()
+    assert from_file.history[-1]["diff_erank/layer_1"] == pytest.approx(
+        expected.per_layer["erank"][1] - from_file.history[-1]["erank/layer_1"]
+    )
+
+
+def test_default_sinks_follow_report_to(tmp_path):
+    callback = MNNCallback(PROBE_DATA, every_n_steps=6)
+    make_trainer(tmp_path, callback, max_steps=6).train()
+    assert [sink.name for sink in callback.sinks.sinks] == []  # closed at train end
+    sinks = callback._make_sinks(TrainingArguments(str(tmp_path), report_to="none", use_cpu=True))
+    assert [sink.name for sink in sinks.sinks] == ["jsonl"]
+    assert (tmp_path / "mnn_metrics.jsonl").exists()
+    assert not (tmp_path / "runs").exists()
+
+
+def test_tensorboard_defaults_to_the_trainers_directory(tmp_path):
+    callback = MNNCallback(PROBE_DATA, every_n_steps=6, sinks=["tensorboard"])
+    make_trainer(tmp_path, callback, max_steps=6, report_to=["tensorboard"]).train()
+    (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
+    assert callback.tensorboard_dir == run_dir
+    scalars = tensorboard_scalars(run_dir)
+    assert "mnn/layer_0" in scalars and "train/loss" in scalars
+
+
+def test_evaluation_probes_when_asked(tmp_path):
+    callback = MNNCallback(PROBE_DATA, every_n_steps=100, on_evaluate=True)
+    trainer = make_trainer(
+        tmp_path, callback, max_steps=6, eval_strategy="steps", eval_steps=3, eval_dataset=training_data(8)
+    )
+    trainer.train()
+    assert [entry["step"] for entry in callback.history] == [0, 3, 6]
+
+
+def test_errors_become_one_warning_and_a_count(tmp_path):
+    callback = MNNCallback(PROBE_DATA, every_n_steps=2, layers=[7])  # out of range for this model
+    with pytest.warns(MNNWarning, match="the probe failed") as record:
+        make_trainer(tmp_path, callback, max_steps=6).train()
+    assert sum("the probe failed" in str(w.message) for w in record) == 1
+    assert callback.guard.errors == 4  # steps 0, 2, 4, 6
+    lines = probe_lines(tmp_path / "mnn_metrics.jsonl")
+    assert [line["probe/errors"] for line in lines] == [1, 2, 3, 4]
+
+
+def test_strict_mode_raises(tmp_path):
+    callback = MNNCallback(PROBE_DATA, every_n_steps=2, layers=[7], strict=True)
+    with pytest.raises(ValueError, match="out of range"):
+        make_trainer(tmp_path, callback, max_steps=6).train()
+
+
+def test_overhead_warning_names_the_share(tmp_path):
+    callback = MNNCallback(random_sequences(64, 100, 120), every_n_steps=1, batch_size=2)
+    with pytest.warns(MNNWarning, match=r"probes took \d+\.\d% of the training wall time") as record:
+        make_trainer(tmp_path, callback, max_steps=4).train()
+    assert sum("wall time" in str(w.message) for w in record) == 1
+    assert 0.05 < callback.history[-1]["probe/time_share"] < 1.0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"every_n_steps": 0}, ValueError, "every_n_steps"),
+        ({"every_n_steps": 2.0}, ValueError, "every_n_steps"),
+        ({"sinks": ["mlflow"]}, ValueError, "unknown sink"),
+        ({"sinks": [42]}, TypeError, "Sink objects"),
+    ],
+)
+def test_bad_arguments(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        MNNCallback(PROBE_DATA, **kwargs)
+
+
+def test_text_without_tokenizer_is_refused():
+    with pytest.raises(ValueError, match="tokenizer="):
+        MNNCallback(["some held-out text"])
+
+
+def test_missing_sink_package_names_the_fix(monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # makes `import wandb` fail as if not installed
+    with pytest.raises(ImportError, match=r"pip install 'mnn-callback\[wandb\]'"):
+        MNNCallback(PROBE_DATA, sinks=["wandb"])
+
+
+def test_import_mnn_callback_does_not_import_transformers():
+    code = "import sys, mnn_callback; sys.exit('transformers' in sys.modules or 'wandb' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_two_process_ddp_has_one_writer_and_the_single_process_values(tmp_path):
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    script = os.path.join(SCRIPTS, "train_ddp.py")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    subprocess.run([*torchrun, script, str(tmp_path / "ddp")], check=True, env=env, timeout=300)
+    subprocess.run([sys.executable, script, str(tmp_path / "single")], check=True, env=env, timeout=300)
+    ddp = probe_lines(tmp_path / "ddp" / "mnn_metrics.jsonl")
+    single = probe_lines(tmp_path / "single" / "mnn_metrics.jsonl")
+    assert [line["step"] for line in ddp] == [0, 4, 8]  # one line per probe: one writer
+    for got, expected in zip(ddp, single, strict=True):
+        for key, value in expected.items():
+            if "/" in key and key not in ("probe/seconds", "probe/time_share"):
+                assert got[key] == pytest.approx(value, rel=1e-6, abs=1e-7), key
+    writers = {os.path.basename(path).split(".")[4] for path in glob.glob(str(tmp_path / "ddp" / "tb" / "*"))}
+    assert len(writers) == 1  # TensorBoard events from one process only
+    assert math.isfinite(ddp[0]["probe/loss"])
