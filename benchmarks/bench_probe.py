@@ -102,7 +102,11 @@ def main() -> None:
     def base_forward():
         with torch.no_grad():
             for start in range(0, samples, batch):
-                base(input_ids=input_ids[start : start + batch], attention_mask=mask[start : start + batch])
+                base(
+                    input_ids=input_ids[start : start + batch],
+                    attention_mask=mask[start : start + batch],
+                    use_cache=False,
+                )
 
     probe.run(base)
     base_peak = peak_bytes(base_forward, device)

@@ -10,7 +10,6 @@ Weights & Biases and ``<output_dir>/mnn_metrics.jsonl``, into ``trainer_state.js
 from __future__ import annotations
 
 import inspect
-import json
 import os
 import time
 import warnings
@@ -24,33 +23,13 @@ from mnn_callback.files import atomic_write_json
 from mnn_callback.guard import Guard
 from mnn_callback.metrics import MNNWarning
 from mnn_callback.probe import Probe, ProbeResult
-from mnn_callback.sinks import SINKS, JsonlSink, Sink, SinkSet, TensorBoardSink, WandbSink, require_package
+from mnn_callback.sinks import JSONL_FILE, SINKS, JsonlSink, Sink, SinkSet, TensorBoardSink, WandbSink, require_package
 
-__all__ = ["CHECKPOINT_FILE", "JSONL_FILE", "MNNCallback", "load_reference"]
+__all__ = ["CHECKPOINT_FILE", "MNNCallback"]
 
-JSONL_FILE = "mnn_metrics.jsonl"
 CHECKPOINT_FILE = "mnn_metrics.json"
 STATE_KEY = "mnn_callback"  # our entry in TrainerState.stateful_callbacks (saved in trainer_state.json)
 OVERHEAD_WARNING_SHARE = 0.05
-
-
-def load_reference(reference: ProbeResult | dict | str | os.PathLike) -> ProbeResult:
-    """A Diff-eRank reference from a :class:`ProbeResult`, its ``to_dict()``, or a JSON file.
-
-    The JSON may be a saved ``ProbeResult`` or a checkpoint's ``mnn_metrics.json`` (its
-    ``reference`` entry is used).
-    """
-    if isinstance(reference, ProbeResult):
-        return reference
-    if isinstance(reference, (str, os.PathLike)):
-        with open(reference, encoding="utf-8") as handle:
-            reference = json.load(handle)
-    if isinstance(reference, dict):
-        return ProbeResult.from_dict(reference.get("reference", reference))
-    raise TypeError(
-        "reference must be a model, a ProbeResult, its to_dict(), or the path of a JSON file holding one; "
-        f"got {type(reference).__name__}"
-    )
 
 
 def _report_to(args: Any) -> list[str]:
@@ -141,7 +120,7 @@ class MNNCallback(TrainerCallback):
         self._reference_model = reference if isinstance(reference, nn.Module) else None
         self.reference: ProbeResult | None = None
         if reference is not None and self._reference_model is None:
-            self.reference = load_reference(reference)
+            self.reference = ProbeResult.load(reference)
             self._check_reference_sample(self.reference)
         self.history: list[dict[str, Any]] = []
         self._last_probed_step: int | None = None

@@ -32,6 +32,7 @@ import math
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -364,6 +365,9 @@ def diff_erank(reference_erank: Tensor | float, erank: Tensor | float) -> Tensor
     return reference_erank - erank
 
 
+_LAST_COLLECTIVE: list[Any] = []
+
+
 def all_reduce_sum(tensor: Tensor, group: object | None = None) -> Tensor:
     """Sum of ``tensor`` over the processes of a ``torch.distributed`` group, on ``tensor``'s device.
 
@@ -379,8 +383,13 @@ def all_reduce_sum(tensor: Tensor, group: object | None = None) -> Tensor:
     else:
         device = torch.device("cpu")
     buffer = tensor.to(device, copy=True)
-    dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=group)
-    return buffer.to(tensor.device)
+    work = dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=group, async_op=True)
+    work.wait()
+    # Keep the finished work and its buffer alive until the next call. Otherwise gloo's worker
+    # thread may drop the last reference and need the GIL to free the buffer while the main
+    # thread, holding the GIL, tears the process group down: a deadlock at exit (torch 2.13).
+    _LAST_COLLECTIVE[:] = [work, buffer]
+    return buffer.to(tensor.device, copy=True)
 
 
 class MetricAccumulator:

@@ -431,6 +431,24 @@ class ProbeResult:
         }
 
     @classmethod
+    def load(cls, source: ProbeResult | Mapping[str, Any] | str | os.PathLike) -> ProbeResult:
+        """A result from itself, its :meth:`to_dict`, or a JSON file holding one.
+
+        The JSON may also be a checkpoint's ``mnn_metrics.json``: its ``reference`` entry is used.
+        """
+        if isinstance(source, ProbeResult):
+            return source
+        if isinstance(source, (str, os.PathLike)):
+            with open(source, encoding="utf-8") as handle:
+                source = json.load(handle)
+        if isinstance(source, Mapping):
+            return cls.from_dict(source.get("reference", source))
+        raise TypeError(
+            "expected a model, a ProbeResult, its to_dict(), or the path of a JSON file holding one; "
+            f"got {type(source).__name__}"
+        )
+
+    @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ProbeResult:
         def number(value: float | None) -> float:
             return math.nan if value is None else float(value)

@@ -19,6 +19,7 @@ from mnn_callback.files import json_safe
 from mnn_callback.guard import Guard
 
 __all__ = [
+    "JSONL_FILE",
     "SINKS",
     "JsonlSink",
     "Sink",
@@ -28,6 +29,8 @@ __all__ = [
     "make_sink",
     "require_package",
 ]
+
+JSONL_FILE = "mnn_metrics.jsonl"  # default name of the JSONL history, in the run's output directory
 
 # Key prefixes the sinks write; W&B plots them all against the trainer's global step.
 METRIC_PREFIXES = ("mnn", "nuclear_norm", "matrix_entropy", "erank", "diff_erank", "probe")

@@ -270,8 +270,8 @@ def test_two_process_ddp_has_one_writer_and_the_single_process_values(tmp_path):
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     script = os.path.join(SCRIPTS, "train_ddp.py")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    subprocess.run([*torchrun, script, str(tmp_path / "ddp")], check=True, env=env, timeout=300)
-    subprocess.run([sys.executable, script, str(tmp_path / "single")], check=True, env=env, timeout=300)
+    subprocess.run([*torchrun, script, str(tmp_path / "ddp")], check=True, env=env, timeout=240)
+    subprocess.run([sys.executable, script, str(tmp_path / "single")], check=True, env=env, timeout=240)
     ddp = probe_lines(tmp_path / "ddp" / "mnn_metrics.jsonl")
     single = probe_lines(tmp_path / "single" / "mnn_metrics.jsonl")
     assert [line["step"] for line in ddp] == [0, 4, 8]  # one line per probe: one writer

@@ -1,0 +1,114 @@
+"""MNNAccelerateHook in real Accelerate loops: trackers read back, 2 processes, save/load_state."""
+
+from __future__ import annotations
+
+import glob
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers import random_sequences, tiny_model
+from test_callback import probe_lines, tensorboard_scalars
+
+from mnn_callback import MNNAccelerateHook, MNNWarning
+from mnn_callback.files import read_jsonl
+
+EXAMPLE = os.path.join(os.path.dirname(__file__), "..", "examples", "accelerate_loop.py")
+TINY = ["--n-layer", "2", "--n-embd", "32", "--seq-len", "48", "--max-train-chars", "60000", "--probe-samples", "12"]
+
+
+def run_example(out, *extra, processes=1):
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    launcher = [sys.executable]
+    if processes > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+    command = [*launcher, EXAMPLE, "--out", str(out), *TINY, *extra]
+    subprocess.run(command, check=True, env=env, timeout=240)
+
+
+@pytest.fixture
+def accelerator():
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield Accelerator(cpu=True)
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_example_loop_logs_to_tensorboard_and_jsonl(tmp_path):
+    run_example(tmp_path, "--steps", "20", "--every", "10")
+    lines = probe_lines(tmp_path / "mnn_metrics.jsonl")
+    assert [line["step"] for line in lines] == [0, 10, 20]
+    scalars = tensorboard_scalars(tmp_path / "accelerate_loop")
+    for key in ("mnn/layer_2", "matrix_entropy/layer_1", "erank/layer_0", "diff_erank/layer_2", "probe/loss"):
+        assert scalars[key] == pytest.approx({line["step"]: line[key] for line in lines}, rel=1e-6), key
+    assert "train/loss" in scalars
+    assert lines[-1]["mnn/layer_2"] < lines[0]["mnn/layer_2"]  # a real run compresses
+
+
+def test_two_processes_give_the_single_process_values_with_one_writer(tmp_path):
+    frozen = ["--steps", "4", "--every", "2", "--lr", "0"]  # the model does not move
+    run_example(tmp_path / "two", *frozen, processes=2)
+    run_example(tmp_path / "one", *frozen)
+    two, one = probe_lines(tmp_path / "two" / "mnn_metrics.jsonl"), probe_lines(tmp_path / "one" / "mnn_metrics.jsonl")
+    assert [line["step"] for line in two] == [0, 2, 4]  # exactly one line per probe: one writer
+    for got, expected in zip(two, one, strict=True):
+        for key, value in expected.items():
+            if key.startswith(("mnn/", "nuclear_norm/", "matrix_entropy/", "erank/", "probe/loss")):
+                assert got[key] == pytest.approx(value, rel=1e-6), key
+    event_files = glob.glob(str(tmp_path / "two" / "**" / "events.out.tfevents.*"), recursive=True)
+    assert len({os.path.basename(name).split(".")[4] for name in event_files}) == 1  # one writing process
+
+
+def test_save_state_and_load_state_continue_the_curves(tmp_path):
+    run_example(tmp_path, "--steps", "8", "--every", "4", "--save-every", "4")
+    run_example(tmp_path, "--steps", "8", "--every", "4", "--resume", str(tmp_path / "checkpoints" / "step_4"))
+    records = read_jsonl(tmp_path / "mnn_metrics.jsonl")
+    events = [r.get("event", r.get("step")) for r in records]
+    assert events == ["config", 0, 4, 8, "config", "resume", 8]  # no second probe at the resume step
+    saved = torch.load(tmp_path / "checkpoints" / "step_4" / "custom_checkpoint_0.pkl", weights_only=True)
+    assert [entry["step"] for entry in saved["history"]] == [0, 4]
+    first_reference = records[1]["erank/layer_2"]
+    resumed = records[-1]
+    assert resumed["diff_erank/layer_2"] == pytest.approx(first_reference - resumed["erank/layer_2"], rel=1e-9)
+
+
+def test_state_dict_round_trip(accelerator, tmp_path):
+    data = random_sequences(6, 4, 20)
+    model = tiny_model("gpt2")
+    hook = MNNAccelerateHook(accelerator, data, every_n_steps=5)
+    assert hook.step(model, 0)["diff_erank/layer_2"] == 0.0
+    assert hook.step(model, 3) is None
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1.1)
+        model.transformer.h[0].mlp.c_fc.weight.mul_(2.0)
+    hook.step(model, 5)
+    torch.save(hook.state_dict(), tmp_path / "state.pt")  # as accelerator.save_state does
+    state = torch.load(tmp_path / "state.pt", weights_only=True)  # plain values: safe to load
+    restored = MNNAccelerateHook(accelerator, data, every_n_steps=5)
+    restored.load_state_dict(state)
+    assert restored.history == hook.history
+    assert restored.reference.to_dict() == hook.reference.to_dict()
+    assert restored.step(model, 5) is None  # already probed at this step
+    values = restored.step(model, 10)
+    assert values["diff_erank/layer_1"] == pytest.approx(hook.reference.per_layer["erank"][1] - values["erank/layer_1"])
+
+    other = MNNAccelerateHook(accelerator, data, every_n_steps=5, layers="last")
+    with pytest.warns(MNNWarning, match="different probe configuration"):
+        other.load_state_dict(state)
+    assert other.reference is None
+
+
+def test_errors_become_warnings_unless_strict(accelerator):
+    model = tiny_model("gpt2")
+    lenient = MNNAccelerateHook(accelerator, random_sequences(4, 4, 10), layers=[9])
+    with pytest.warns(MNNWarning, match="the probe failed"):
+        assert lenient.step(model, 0) == {"probe/errors": 1.0}
+    strict = MNNAccelerateHook(accelerator, random_sequences(4, 4, 10), layers=[9], strict=True)
+    with pytest.raises(ValueError, match="out of range"):
+        strict.step(model, 0)
+    with pytest.raises(ValueError, match="every_n_steps"):
+        MNNAccelerateHook(accelerator, random_sequences(4, 4, 10), every_n_steps=0)
