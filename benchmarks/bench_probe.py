@@ -44,6 +44,16 @@ def peak_bytes(fn, device: torch.device) -> int:
     return peak
 
 
+def seconds(fn, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
 def median_seconds(fn, device: torch.device, repeats: int) -> float:
     fn()
     times = []
@@ -71,7 +81,7 @@ def main() -> None:
     if args.quick:
         n_layer, d, heads, length, batch, samples, repeats = 2, 64, 2, 64, 4, 8, 1
     else:
-        n_layer, d, heads, length, batch, samples, repeats = 12, 768, 12, 512, 8, 16, 3
+        n_layer, d, heads, length, batch, samples, repeats = 12, 768, 12, 512, 8, 16, 5
     torch.manual_seed(0)
     config = GPT2Config(n_layer=n_layer, n_embd=d, n_head=heads, n_positions=max(1024, length))
     model = GPT2LMHeadModel(config).to(device).eval()
@@ -93,8 +103,12 @@ def main() -> None:
     forward_peak = peak_bytes(plain_forward, device)
     streaming_peak = peak_bytes(lambda: probe.run(model), device)
     collected_peak = peak_bytes(lambda: probe.run(model, streaming=False), device)
-    forward_time = median_seconds(plain_forward, device, repeats)
-    probe_time = median_seconds(lambda: probe.run(model), device, repeats)
+    # Interleaved, so that drifts of the machine's speed hit both alike; median of the ratios.
+    pairs = [(median_seconds(plain_forward, device, 1), median_seconds(lambda: probe.run(model), device, 1))]
+    pairs += [(seconds(plain_forward, device), seconds(lambda: probe.run(model), device)) for _ in range(repeats - 1)]
+    forward_time = statistics.median(pair[0] for pair in pairs)
+    probe_time = statistics.median(pair[1] for pair in pairs)
+    ratio = statistics.median(pair[1] / pair[0] for pair in pairs)
 
     # The same without the language-model head: no vocabulary-sized logits dominate the peak.
     base = model.transformer
@@ -127,7 +141,7 @@ def main() -> None:
         "all_hidden_states_extra_layers": (collected_peak - forward_peak) / layer_bytes,
         "forward_s": forward_time,
         "probe_s": probe_time,
-        "probe_over_forward": probe_time / forward_time,
+        "probe_over_forward": ratio,
         "base_model_forward_peak_MB": base_peak / 1e6,
         "base_model_streaming_extra_layers": (base_streaming_peak - base_peak) / layer_bytes,
         "base_model_all_hidden_states_extra_layers": (base_collected_peak - base_peak) / layer_bytes,

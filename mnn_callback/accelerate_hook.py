@@ -20,7 +20,7 @@ from torch import nn
 from mnn_callback.guard import Guard
 from mnn_callback.metrics import MNNWarning
 from mnn_callback.probe import Probe, ProbeResult
-from mnn_callback.sinks import JSONL_FILE, JsonlSink, SinkSet
+from mnn_callback.sinks import JSONL_FILE, Dashboards, JsonlSink, Sink, SinkSet, TensorBoardSink, WandbSink
 
 __all__ = ["MNNAccelerateHook"]
 
@@ -39,6 +39,8 @@ class MNNAccelerateHook:
         strict: raise errors instead of turning them into warnings.
         jsonl: path of a JSONL history file; default ``<project_dir>/mnn_metrics.jsonl`` when
             the accelerator has a ``project_dir``, else none. ``False`` turns it off.
+        dashboards: pictures drawn into the accelerator's TensorBoard and W&B trackers (a
+            :class:`~mnn_callback.sinks.Dashboards`, or True/False for all or none).
         **probe_options: passed to :class:`~mnn_callback.probe.Probe`.
 
     :meth:`step` must be called on every process at the same steps: the probe shards the
@@ -57,14 +59,16 @@ class MNNAccelerateHook:
         reference: Any = None,
         strict: bool = False,
         jsonl: str | os.PathLike | bool | None = None,
+        dashboards: Dashboards | bool = True,
         **probe_options: Any,
     ) -> None:
         if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
             raise ValueError(f"every_n_steps must be an integer >= 1, got {every_n_steps!r}")
         self.accelerator = accelerator
-        self.probe = Probe(data, tokenizer=tokenizer, **probe_options)
-        self.every_n_steps = every_n_steps
         self.guard = Guard(strict)
+        with self.guard.warnings_as_errors():  # strict: a truncated sample is an error too
+            self.probe = Probe(data, tokenizer=tokenizer, **probe_options)
+        self.every_n_steps = every_n_steps
         self._reference_model = reference if isinstance(reference, nn.Module) else None
         self.reference: ProbeResult | None = None
         if reference is not None and self._reference_model is None:
@@ -77,8 +81,11 @@ class MNNAccelerateHook:
         if jsonl and accelerator.is_main_process:
             sink = self.guard.call("the jsonl sink (setup)", JsonlSink, jsonl)
             sinks = [] if sink is None else [sink]
-        self.sinks = SinkSet(sinks, self.guard)
+        if isinstance(dashboards, bool):
+            dashboards = Dashboards() if dashboards else Dashboards.off()
+        self.sinks = SinkSet(sinks, self.guard, dashboards)
         self.sinks.log_config({**self.probe.config, "every_n_steps": every_n_steps})
+        self._trackers_attached = False
 
     def is_due(self, global_step: int) -> bool:
         """True on the first call and then every ``every_n_steps`` steps (once per step)."""
@@ -108,8 +115,24 @@ class MNNAccelerateHook:
             self.history.append({"step": global_step, **metrics})
         if self.accelerator.is_main_process:
             self.guard.call("accelerator.log", self.accelerator.log, dict(metrics), step=global_step)
-            self.sinks.log_metrics(metrics, global_step)
+            if not self._trackers_attached:
+                self._trackers_attached = True
+                self.sinks.sinks += self.guard.call("attaching the trackers", self._tracker_sinks) or []
+            if result is None:
+                self.sinks.log_metrics(metrics, global_step)
+            else:
+                self.sinks.log_probe(metrics, global_step, self.history)
         return metrics
+
+    def _tracker_sinks(self) -> list[Sink]:
+        """Dashboard-only sinks on the accelerator's own TensorBoard writer and W&B run (scalars go via log)."""
+        sinks: list[Sink] = []
+        for tracker in getattr(self.accelerator, "trackers", []):
+            if tracker.name == "tensorboard":
+                sinks.append(TensorBoardSink(writer=tracker.tracker, scalars=False))
+            elif tracker.name == "wandb":
+                sinks.append(WandbSink(run=tracker.tracker, scalars=False, step_metric=None))
+        return sinks
 
     # -- accelerator.register_for_checkpointing ---------------------------------------------------
 

@@ -23,7 +23,17 @@ from mnn_callback.files import atomic_write_json
 from mnn_callback.guard import Guard
 from mnn_callback.metrics import MNNWarning
 from mnn_callback.probe import Probe, ProbeResult
-from mnn_callback.sinks import JSONL_FILE, SINKS, JsonlSink, Sink, SinkSet, TensorBoardSink, WandbSink, require_package
+from mnn_callback.sinks import (
+    JSONL_FILE,
+    SINKS,
+    Dashboards,
+    JsonlSink,
+    Sink,
+    SinkSet,
+    TensorBoardSink,
+    WandbSink,
+    require_package,
+)
 
 __all__ = ["CHECKPOINT_FILE", "MNNCallback"]
 
@@ -81,6 +91,8 @@ class MNNCallback(TrainerCallback):
             holding one. Default: the step-0 probe of the model being trained.
         on_evaluate: also probe at every evaluation.
         strict: raise errors instead of turning them into warnings.
+        dashboards: the TensorBoard/W&B pictures besides the scalars (a
+            :class:`~mnn_callback.sinks.Dashboards`, or True/False for all or none).
         **probe_options: passed to :class:`~mnn_callback.probe.Probe` (``max_samples``,
             ``max_length``, ``batch_size``, ``layers``, ``seed``, ``dtype``, ...).
 
@@ -99,6 +111,7 @@ class MNNCallback(TrainerCallback):
         reference: Any = None,
         on_evaluate: bool = False,
         strict: bool = False,
+        dashboards: Dashboards | bool = True,
         **probe_options: Any,
     ) -> None:
         if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
@@ -111,12 +124,16 @@ class MNNCallback(TrainerCallback):
                     require_package(sink)
                 elif not isinstance(sink, Sink):
                     raise TypeError(f"sinks must be names or Sink objects, got {type(sink).__name__}")
-        self.probe = Probe(data, tokenizer=tokenizer, **probe_options)
+        self.guard = Guard(strict)
+        with self.guard.warnings_as_errors():  # strict: a truncated sample is an error too
+            self.probe = Probe(data, tokenizer=tokenizer, **probe_options)
         self.every_n_steps = every_n_steps
         self.sink_specs = None if sinks is None else list(sinks)
         self.log_dir = None if log_dir is None else os.fspath(log_dir)
         self.probe_on_evaluate = on_evaluate
-        self.guard = Guard(strict)
+        if isinstance(dashboards, bool):
+            dashboards = Dashboards() if dashboards else Dashboards.off()
+        self.dashboards = dashboards
         self._reference_model = reference if isinstance(reference, nn.Module) else None
         self.reference: ProbeResult | None = None
         if reference is not None and self._reference_model is None:
@@ -129,6 +146,7 @@ class MNNCallback(TrainerCallback):
         self._periodic_seconds = 0.0
         self._periodic_probes = 0
         self._periodic_start = time.perf_counter()
+        self._logging_seconds = 0.0
         self._warned_overhead = False
 
     # -- setup ------------------------------------------------------------------------------------
@@ -174,7 +192,7 @@ class MNNCallback(TrainerCallback):
                 sink = self.guard.call("the jsonl sink (setup)", JsonlSink, path)
             if sink is not None:
                 sinks.append(sink)
-        return SinkSet(sinks, self.guard)
+        return SinkSet(sinks, self.guard, self.dashboards)
 
     def _restore(self, state: Any) -> None:
         """Continue the history and the reference of the checkpoint the Trainer resumed from."""
@@ -210,7 +228,9 @@ class MNNCallback(TrainerCallback):
             self.reference = result
         metrics = {**result.metrics, **result.diff_erank(self.reference), "probe/errors": float(self.guard.errors)}
         if periodic:
-            metrics["probe/time_share"] = self._account(result.seconds, warn=state.is_world_process_zero)
+            # the probe's time and the last probe's logging (figures included): the monitor's whole cost
+            cost = result.seconds + self._logging_seconds
+            metrics["probe/time_share"] = self._account(cost, warn=state.is_world_process_zero)
         entry = {"step": step, "epoch": state.epoch, **metrics}
         self.history.append(entry)
         state.log_history.append(entry)
@@ -219,7 +239,9 @@ class MNNCallback(TrainerCallback):
             "reference": self.reference.to_dict(),
         }
         if state.is_world_process_zero:
-            self.sinks.log_metrics(metrics, step, epoch=state.epoch)
+            logging_started = time.perf_counter()
+            self.sinks.log_probe(metrics, step, self.history, epoch=state.epoch)
+            self._logging_seconds = time.perf_counter() - logging_started
 
     def _account(self, seconds: float, *, warn: bool) -> float:
         """Add a periodic probe's time and return the probes' share of the wall time; warn once above 5%."""
@@ -231,7 +253,7 @@ class MNNCallback(TrainerCallback):
             self._warned_overhead = True
             suggestion = int(self.every_n_steps * share / OVERHEAD_WARNING_SHARE * 2) + 1
             warnings.warn(
-                f"mnn_callback probes took {share:.1%} of the training wall time so far "
+                f"mnn_callback probes and their logging took {share:.1%} of the training wall time so far "
                 f"({self._periodic_seconds:.2f} s in {self._periodic_probes} probes); "
                 f"consider every_n_steps={suggestion} or a smaller sample (max_samples, max_length)",
                 MNNWarning,
@@ -269,6 +291,7 @@ class MNNCallback(TrainerCallback):
         self._periodic_start = time.perf_counter()
         self._periodic_seconds = 0.0
         self._periodic_probes = 0
+        self._logging_seconds = 0.0  # the step-0 logging (first figures, imports) is not a periodic cost
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         if state.global_step % self.every_n_steps == 0 and not self._probed_at(state.global_step):

@@ -7,8 +7,18 @@ config and trained from scratch.
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from mnn_callback.files import read_jsonl
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 SHAKESPEARE = DATA_DIR / "tinyshakespeare.txt"
@@ -82,3 +92,229 @@ def tiny_gpt2_config(vocab_size: int, n_layer: int = 4, n_embd: int = 64, n_head
         eos_token_id=0,
         pad_token_id=0,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# The demo run
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DemoData:
+    """Tokenizer and token chunks of the bundled text, with the held-out probe sample on disk."""
+
+    tokenizer: Any
+    train_chunks: list[list[int]]
+    heldout_path: str  # JSONL of {"input_ids": [...]}: the probe sample for the callback and `evaluate`
+
+
+def prepare_data(
+    out_dir: str, seq_len: int = 128, max_train_chars: int | None = None, vocab_size: int = 512
+) -> DemoData:
+    """Split the bundled text by position, train the tokenizer on the training part, cut both into chunks.
+
+    Saves the tokenizer to ``out_dir/tokenizer`` and the held-out chunks to ``out_dir/heldout.jsonl``.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    train_text, heldout_text = split_text(load_text())
+    train_text = train_text[:max_train_chars]
+    tokenizer = train_tokenizer(train_text, vocab_size=vocab_size)
+    tokenizer.save_pretrained(os.path.join(out_dir, "tokenizer"))
+    heldout_path = os.path.join(out_dir, "heldout.jsonl")
+    with open(heldout_path, "w", encoding="utf-8") as handle:
+        for chunk in token_chunks(tokenizer(heldout_text)["input_ids"], seq_len):
+            handle.write(json.dumps({"input_ids": chunk}) + "\n")
+    return DemoData(tokenizer, token_chunks(tokenizer(train_text)["input_ids"], seq_len), heldout_path)
+
+
+class _Chunks:
+    """A map-style dataset of equal-length token chunks for causal-LM training."""
+
+    def __init__(self, chunks: list[list[int]]) -> None:
+        self.chunks = chunks
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        import torch
+
+        ids = torch.tensor(self.chunks[index], dtype=torch.long)
+        return {"input_ids": ids, "labels": ids}
+
+
+def train_gpt2(
+    out_dir: str,
+    data: DemoData,
+    *,
+    n_layer: int = 4,
+    n_embd: int = 64,
+    n_head: int = 4,
+    steps: int = 300,
+    every: int = 20,
+    save_every: int = 100,
+    batch_size: int = 16,
+    learning_rate: float = 3e-3,
+    device: str = "auto",
+    bf16: bool = False,
+    wandb: bool = False,
+    probe_samples: int = 32,
+    seed: int = 0,
+) -> Any:
+    """Train a GPT-2 from scratch with the HF Trainer and :class:`MNNCallback`; returns the Trainer."""
+    import torch
+    from transformers import GPT2LMHeadModel, Trainer, TrainingArguments
+
+    from mnn_callback.callback import MNNCallback
+
+    seq_len = len(data.train_chunks[0])
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(tiny_gpt2_config(len(data.tokenizer), n_layer, n_embd, n_head, n_positions=seq_len))
+    use_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    report_to = ["tensorboard"] + (["wandb"] if wandb else [])
+    args = TrainingArguments(
+        out_dir,
+        max_steps=steps,
+        per_device_train_batch_size=batch_size,
+        learning_rate=learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=max(1, steps // 20),
+        weight_decay=0.01,
+        logging_steps=max(1, every // 2),
+        save_strategy="steps",
+        save_steps=save_every,
+        report_to=report_to,
+        use_cpu=use_cpu,
+        bf16=bf16,
+        seed=seed,
+        disable_tqdm=False,
+        run_name=os.path.basename(os.path.normpath(out_dir)),
+    )
+    callback = MNNCallback(
+        data.heldout_path, every_n_steps=every, max_samples=probe_samples, max_length=seq_len, batch_size=16
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=_Chunks(data.train_chunks),
+        processing_class=data.tokenizer,
+        callbacks=[callback],
+    )
+    # The untrained model as checkpoint-0, so post hoc evaluation starts where the callback did.
+    trainer.save_model(os.path.join(out_dir, "checkpoint-0"))
+    trainer.train()
+    return trainer
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="mnn-callback demo",
+        description="Train a tiny GPT-2 from scratch on bundled Shakespeare and watch its representations compress.",
+    )
+    parser.add_argument("--out", default="mnn_demo", help="output directory (default: mnn_demo)")
+    parser.add_argument("--steps", type=int, default=300, help="optimizer steps (default: 300)")
+    parser.add_argument("--every", type=int, default=20, help="probe every N steps (default: 20)")
+    parser.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (default: 100)")
+    parser.add_argument("--n-layer", type=int, default=4)
+    parser.add_argument("--n-embd", type=int, default=64)
+    parser.add_argument("--n-head", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--probe-samples", type=int, default=32, help="held-out sequences per probe")
+    parser.add_argument("--max-train-chars", type=int, default=None, help="train on only this much text")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--bf16", action="store_true", help="train in bfloat16 mixed precision")
+    parser.add_argument("--wandb", action="store_true", help="also log to W&B (offline when no key is configured)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--docs-images", default=None, help="also copy the README figures into this directory")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``mnn-callback demo``: train, evaluate the checkpoints post hoc, plot, and say where everything is."""
+    args = parse_args(argv)
+    environment = {
+        "TENSORBOARD_LOGGING_DIR": os.environ.get("TENSORBOARD_LOGGING_DIR") or os.path.join(args.out, "tensorboard")
+    }
+    if args.wandb and not os.environ.get("WANDB_API_KEY") and not os.environ.get("WANDB_MODE"):
+        environment["WANDB_MODE"] = "offline"
+        print("W&B: no API key configured, logging offline (wandb sync later to upload)")
+    with _environment(environment):
+        return _run(args)
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, str]):
+    """Set environment variables for the duration of the block (the Trainer reads them at construction)."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _run(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    data = prepare_data(args.out, seq_len=args.seq_len, max_train_chars=args.max_train_chars)
+    train_gpt2(
+        args.out,
+        data,
+        n_layer=args.n_layer,
+        n_embd=args.n_embd,
+        n_head=args.n_head,
+        steps=args.steps,
+        every=args.every,
+        save_every=args.save_every,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        device=args.device,
+        bf16=args.bf16,
+        wandb=args.wandb,
+        probe_samples=args.probe_samples,
+        seed=args.seed,
+    )
+    from mnn_callback import cli, plots
+
+    posthoc = os.path.join(args.out, "posthoc")
+    options = ["--max-samples", str(args.probe_samples), "--max-length", str(args.seq_len), "--batch-size", "16"]
+    code = cli.main(["evaluate", args.out, "--data", data.heldout_path, "--out", posthoc, *options])
+    plot_dir = os.path.join(args.out, "plots")
+    history_path = os.path.join(args.out, "mnn_metrics.jsonl")
+    figures = plots.plot_all(plots.load_table(history_path), plot_dir)
+    history = [record for record in read_jsonl(history_path) if "step" in record and "event" not in record]
+    figures.append(plots.save_figure(plots.layer_profile_figure(history), os.path.join(plot_dir, "layer_profile.png")))
+    if os.path.isfile(os.path.join(posthoc, "metrics.csv")):
+        approximation = plots.plot_approximation(
+            plots.load_table(os.path.join(posthoc, "metrics.csv")),
+            os.path.join(plot_dir, "checkpoints_approximation.png"),
+        )
+        figures += [approximation] if approximation else []
+    if args.docs_images:
+        os.makedirs(args.docs_images, exist_ok=True)
+        for figure in figures:
+            shutil.copy(figure, os.path.join(args.docs_images, "demo_" + os.path.basename(figure)))
+    tensorboard_dir = os.environ["TENSORBOARD_LOGGING_DIR"]
+    print(
+        "\n".join(
+            [
+                "",
+                f"Done in {time.perf_counter() - started:.0f} s. Everything is in {args.out}/:",
+                f"  TensorBoard logs   {tensorboard_dir}   (tensorboard --logdir {tensorboard_dir})",
+                f"  probe history      {os.path.join(args.out, 'mnn_metrics.jsonl')}",
+                f"  checkpoints        {os.path.join(args.out, 'checkpoint-*')}  (each with mnn_metrics.json)",
+                f"  post hoc metrics   {os.path.join(posthoc, 'metrics.csv')}",
+                f"  plots              {', '.join(figures)}",
+            ]
+        )
+    )
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 from mnn_callback.metrics import MNNWarning
@@ -27,11 +28,20 @@ class Guard:
         self.errors = 0
         self._reported: set[tuple[str, str]] = set()
 
+    @contextlib.contextmanager
+    def warnings_as_errors(self) -> Iterator[None]:
+        """Inside the block, :class:`MNNWarning` raises when ``strict``; does nothing otherwise."""
+        if not self.strict:
+            yield
+            return
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", MNNWarning)
+            yield
+
     def call(self, what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T | None:
         """``fn(*args, **kwargs)``, or None after a reported failure; ``what`` names the work in messages."""
         if self.strict:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", MNNWarning)
+            with self.warnings_as_errors():
                 return fn(*args, **kwargs)
         try:
             return fn(*args, **kwargs)

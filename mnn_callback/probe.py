@@ -388,11 +388,19 @@ class ProbeResult:
 
     @property
     def metrics(self) -> dict[str, float]:
-        """Flat ``{key: float}``: ``mnn/layer_{i}`` and the like per layer, then ``probe/...``."""
+        """Flat ``{key: float}``: ``mnn/layer_{i}`` and the like per layer, ``mnn_ratio/layer_{i}``
+        (MNN / nuclear norm), ``mnn/last`` and ``matrix_entropy/last`` (the final hidden state),
+        then ``probe/...``."""
         out: dict[str, float] = {}
         for key in PER_LAYER_KEYS:
             for layer, value in zip(self.layers, self.per_layer[key], strict=True):
                 out[f"{key}/layer_{layer}"] = float(value)
+        for layer, mnn, nuclear in zip(self.layers, self.per_layer["mnn"], self.per_layer["nuclear_norm"], strict=True):
+            out[f"mnn_ratio/layer_{layer}"] = mnn / nuclear if nuclear > 0 else math.nan
+        final = self.num_hidden_states - 1
+        if final in self.layers:  # the headline pair: the final hidden state, as the MNN paper reports
+            out["mnn/last"] = out[f"mnn/layer_{final}"]
+            out["matrix_entropy/last"] = out[f"matrix_entropy/layer_{final}"]
         if self.loss is not None:
             out["probe/loss"] = float(self.loss)
             out["probe/perplexity"] = float(self.perplexity)
@@ -705,6 +713,13 @@ class Probe:
                 totals = combined[accumulator.state.numel() :]
             values = {key: value.tolist() for key, value in accumulator.compute().items()}  # one host sync
             loss_sum, loss_tokens, sequences, tokens, nan_sequences = totals.tolist()
+        if nan_sequences:
+            warnings.warn(
+                "some probe sequences have non-finite hidden states (a diverging run?); their metrics are NaN "
+                "and probe/nan_sequences counts them",
+                MNNWarning,
+                stacklevel=2,
+            )
         return ProbeResult(
             layers=layers,
             per_layer={key: values[key] for key in (*MetricAccumulator.FIELDS, "erank")},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 for _name, _value in {
     "HF_HUB_OFFLINE": "1",
@@ -18,6 +19,9 @@ for _name, _value in {
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# Helper scripts run as subprocesses; importing them (doctest collection) would start training.
+collect_ignore = ["scripts"]
+
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
 
 
@@ -32,3 +36,6 @@ def _isolated_tracking_dirs(tmp_path_factory, monkeypatch):
     monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
     (base / "wandb").mkdir()
     yield
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and hasattr(wandb, "teardown"):
+        wandb.teardown()  # wandb caches its settings (WANDB_DIR too) per process: start afresh

@@ -47,6 +47,11 @@ def test_example_loop_logs_to_tensorboard_and_jsonl(tmp_path):
         assert scalars[key] == pytest.approx({line["step"]: line[key] for line in lines}, rel=1e-6), key
     assert "train/loss" in scalars
     assert lines[-1]["mnn/layer_2"] < lines[0]["mnn/layer_2"]  # a real run compresses
+    from test_dashboards import event_accumulator
+
+    dashboards = event_accumulator(tmp_path / "accelerate_loop")  # drawn into the tracker's own writer
+    assert [image.step for image in dashboards.Images("mnn_callback/layer_profile")] == [0, 10, 20]
+    assert "custom_scalars__config__" in dashboards.Tags()["tensors"]
 
 
 def test_two_processes_give_the_single_process_values_with_one_writer(tmp_path):

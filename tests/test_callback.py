@@ -230,7 +230,7 @@ def test_strict_mode_raises(tmp_path):
 
 def test_overhead_warning_names_the_share(tmp_path):
     callback = MNNCallback(random_sequences(64, 100, 120), every_n_steps=1, batch_size=2)
-    with pytest.warns(MNNWarning, match=r"probes took \d+\.\d% of the training wall time") as record:
+    with pytest.warns(MNNWarning, match=r"probes and their logging took \d+\.\d% of the training wall time") as record:
         make_trainer(tmp_path, callback, max_steps=4).train()
     assert sum("wall time" in str(w.message) for w in record) == 1
     assert 0.05 < callback.history[-1]["probe/time_share"] < 1.0

@@ -268,7 +268,8 @@ def test_nan_hidden_states_are_counted_and_the_next_probe_works():
     saved = weight.detach().clone()
     with torch.no_grad():
         weight[0, 0] = math.nan  # a diverged run
-    poisoned = probe.run(model)
+    with pytest.warns(MNNWarning, match="non-finite hidden states"):
+        poisoned = probe.run(model)
     assert poisoned.nan_sequences == 6
     assert math.isnan(poisoned.metrics["mnn/layer_1"])
     assert math.isfinite(poisoned.metrics["mnn/layer_0"])  # embeddings are still fine

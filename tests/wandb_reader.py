@@ -73,7 +73,15 @@ def read_offline_run(run_dir: str) -> OfflineRun:
         record.ParseFromString(payload)
         kind = record.WhichOneof("record_type")
         if kind == "history":
-            run.history.append({_key(item): json.loads(item.value_json) for item in record.history.item})
+            row: dict[str, Any] = {}
+            for item in record.history.item:
+                if len(item.nested_key) > 1:  # media (images, tables) come as {key: {"_type": ..., "path": ...}}
+                    row.setdefault("/".join(item.nested_key[:-1]), {})[item.nested_key[-1]] = json.loads(
+                        item.value_json
+                    )
+                else:
+                    row[_key(item)] = json.loads(item.value_json)
+            run.history.append(row)
         elif kind == "metric":
             metric = record.metric
             run.metrics.append(

