@@ -25,8 +25,10 @@ from mnn_callback import MNNCallback
 from mnn_callback.demo import _Chunks, prepare_data, tiny_gpt2_config
 
 
-def train_once(data, out_dir: str, steps: int, every: int | None) -> tuple[float, list[float]]:
-    """Wall time of ``trainer.train()`` and the durations of the probes run (seconds)."""
+def train_once(
+    data, out_dir: str, steps: int, every: int | None, tensorboard: bool = False
+) -> tuple[float, list[float], float]:
+    """Wall time of ``trainer.train()``, the probes' durations and the dashboards' drawing time (seconds)."""
     torch.manual_seed(0)
     model = GPT2LMHeadModel(tiny_gpt2_config(len(data.tokenizer), 4, 64, 4, n_positions=128))
     args = TrainingArguments(
@@ -43,12 +45,24 @@ def train_once(data, out_dir: str, steps: int, every: int | None) -> tuple[float
     )
     callbacks = []
     if every is not None:
-        callbacks.append(MNNCallback(data.heldout_path, every_n_steps=every, max_samples=32, max_length=128))
+        sinks = ["jsonl", "tensorboard"] if tensorboard else ["jsonl"]
+        callbacks.append(
+            MNNCallback(
+                data.heldout_path,
+                every_n_steps=every,
+                max_samples=32,
+                max_length=128,
+                sinks=sinks,
+                log_dir=os.path.join(out_dir, "tb"),
+            )
+        )
     trainer = Trainer(model=model, args=args, train_dataset=_Chunks(data.train_chunks), callbacks=callbacks)
     start = time.perf_counter()
     trainer.train()
     elapsed = time.perf_counter() - start
-    return elapsed, [entry["probe/seconds"] for entry in callbacks[0].history] if callbacks else []
+    if not callbacks:
+        return elapsed, [], 0.0
+    return elapsed, [entry["probe/seconds"] for entry in callbacks[0].history], callbacks[0].sinks.figure_seconds
 
 
 def main() -> None:
@@ -64,9 +78,13 @@ def main() -> None:
         without, with_callback, probe_share = [], [], []
         for pair in range(args.pairs):
             without.append(train_once(data, os.path.join(tmp, f"a{pair}"), args.steps, None)[0])
-            elapsed, probe_seconds = train_once(data, os.path.join(tmp, f"b{pair}"), args.steps, args.every)
+            elapsed, probe_seconds, _ = train_once(data, os.path.join(tmp, f"b{pair}"), args.steps, args.every)
             with_callback.append(elapsed)
             probe_share.append(sum(probe_seconds) / elapsed)
+        # TensorBoard with the dashboard figures: what drawing them costs per probe
+        elapsed, probe_seconds, figure_seconds = train_once(
+            data, os.path.join(tmp, "tb"), args.steps, args.every, tensorboard=True
+        )
     base, monitored = statistics.median(without), statistics.median(with_callback)
     probes = len(probe_seconds)
     results = {
@@ -77,6 +95,9 @@ def main() -> None:
         "with_s": with_callback,
         "overhead": monitored / base - 1.0,
         "probe_time_share": statistics.median(probe_share),
+        "probe_ms": 1e3 * statistics.median(probe_seconds),
+        "figures_ms_per_probe": 1e3 * figure_seconds / len(probe_seconds),
+        "with_figures_share": (sum(probe_seconds) + figure_seconds) / elapsed,
         "threads": torch.get_num_threads(),
     }
     print(
@@ -84,6 +105,10 @@ def main() -> None:
     )
     print(f"median wall time: without {base:.2f} s, with MNNCallback {monitored:.2f} s")
     print(f"probe time / training wall time (measured inside the runs): {results['probe_time_share']:.2%}")
+    print(
+        f"with TensorBoard dashboards: probe {results['probe_ms']:.0f} ms + figures "
+        f"{results['figures_ms_per_probe']:.0f} ms per probe = {results['with_figures_share']:.2%} of the wall time"
+    )
     print(f"wall-time difference: {results['overhead']:+.2%}  (runs without: {without}, with: {with_callback})")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as handle:

@@ -13,10 +13,13 @@ of ``Z Z^T``) and ``sigma_k = sqrt(lambda_k)`` the singular values of ``Z``::
     H(X)              = -sum_k p_k ln p_k,   p_k = lambda_k / sum_j lambda_j     (nats)
     matrix_entropy(X) = H(X) / ln d                                             (in [0, 1])
     erank(X)          = exp(H(X))                                               (in [1, min(n, d)])
+    renyi2_entropy(X) = -ln(sum_k lambda_k^2 / (sum_k lambda_k)^2) / ln d       (in [0, 1])
 
 MNN is the Matrix Nuclear-Norm of Li et al. (2024), Eq. 11 / Algorithm 1: a cheap proxy of the
 nuclear norm of ``Z`` that needs only column norms. Matrix Entropy and eRank are those of
-Diff-eRank (Wei et al., 2024). Lower values mean a more compressed representation.
+Diff-eRank (Wei et al., 2024). Lower values mean a more compressed representation. The order-2
+(Rényi) entropy is a different quantity from the Shannon one (it weighs large eigenvalues more,
+and is never larger); it is exact and costs one Frobenius norm of the Gram matrix.
 
 Shapes: ``hidden`` is ``(L, d)`` or ``(B, L, d)``; ``attention_mask`` is ``(L,)`` or ``(B, L)``
 with 1 for the valid tokens of each sequence (padding may sit left or right). Every function
@@ -37,18 +40,25 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from mnn_callback.spectra import polar_nuclear_norm, slq_entropy
+
 __all__ = [
+    "METHODS",
     "MNNWarning",
     "MetricAccumulator",
+    "PendingMetrics",
     "all_reduce_sum",
     "compute_metrics",
     "diff_erank",
     "effective_rank",
+    "finish_metrics",
     "matrix_entropy",
     "matrix_nuclear_norm",
     "nuclear_norm",
+    "prepare_metrics",
 ]
 
+METHODS = ("exact", "fast")
 _COMPUTE_DTYPES = (torch.float32, torch.float64)
 
 
@@ -161,37 +171,24 @@ def _eigvalsh(gram: Tensor) -> tuple[Tensor, int]:
     return eigenvalues.to(device=gram.device, dtype=gram.dtype), failed
 
 
-def _gram_eigenvalues(z: Tensor, memory_share: float = 0.25, min_chunk_elements: int = 2**20) -> Tensor:
-    """Eigenvalues of Z^T Z per sequence, from the smaller of the L x L and d x d Gram matrices.
+def _gram(z: Tensor) -> Tensor:
+    """The smaller Gram matrix of each sequence: Z Z^T (L x L) when L <= d, else Z^T Z (d x d)."""
+    return z @ z.mT if z.shape[1] <= z.shape[2] else z.mT @ z
 
-    Padding rows of Z are zero and only add zero eigenvalues. Grams are built and solved in
-    chunks of sequences holding at most ``memory_share`` of Z's elements (or
-    ``min_chunk_elements``, whichever is larger; at least one sequence), which bounds the
-    memory on top of Z. A matrix the eigensolver cannot handle gets NaN and one warning.
+
+def _renyi2_nats(gram: Tensor) -> Tensor:
+    """Order-2 entropy of the spectrum, -ln(||G||_F^2 / tr(G)^2), from the Gram matrix alone (0 for G = 0)."""
+    trace = gram.diagonal(dim1=-2, dim2=-1).sum(dim=-1)
+    frobenius2 = gram.square().sum(dim=(-2, -1))
+    ratio = frobenius2 / torch.where(trace > 0, trace, 1.0).square()
+    return torch.where(trace > 0, -torch.log(ratio.clamp(min=torch.finfo(gram.dtype).tiny)), 0.0)
+
+
+def _from_eigenvalues(eigenvalues: Tensor) -> tuple[Tensor, Tensor]:
+    """Sum of singular values of Z and the Shannon entropy (nats) from Gram eigenvalues (B, m).
+
+    Rows with non-finite eigenvalues (a failed solve) give NaN.
     """
-    batch, length, d = z.shape
-    side = min(length, d)
-    if batch == 0 or side == 0:
-        return z.new_zeros(batch, side)
-    budget = max(memory_share * z.numel(), min_chunk_elements)
-    chunks, failed = [], 0
-    for part in z.split(max(1, int(budget // (side * side)))):
-        gram = part @ part.mT if length <= d else part.mT @ part
-        eigenvalues, part_failed = _eigvalsh(gram)
-        chunks.append(eigenvalues)
-        failed += part_failed
-    if failed:
-        warnings.warn(
-            f"the eigensolver failed on {failed} of {batch} Gram matrices, also in float64 on the CPU; "
-            "their spectral metrics are NaN",
-            MNNWarning,
-            stacklevel=3,
-        )
-    return torch.cat(chunks)
-
-
-def _spectral(eigenvalues: Tensor, lengths: Tensor, d: int) -> dict[str, Tensor]:
-    """Nuclear norm and entropies from Gram eigenvalues (B, m); NaN rows stay NaN."""
     dtype = eigenvalues.dtype
     solved = torch.isfinite(eigenvalues).all(dim=-1)
     if eigenvalues.shape[-1] == 0:  # no tokens: an empty spectrum, masked as NaN by the caller
@@ -203,17 +200,66 @@ def _spectral(eigenvalues: Tensor, lengths: Tensor, d: int) -> dict[str, Tensor]
     # m * eps * lambda_max also zeroed real eigenvalues of anisotropic (outlier-dimension) inputs.
     cutoff = torch.finfo(dtype).eps * math.sqrt(lam.shape[-1]) * lam.amax(dim=-1, keepdim=True)
     lam = torch.where(lam > cutoff, lam, 0.0)
-    nuclear = lam.sqrt().sum(dim=-1) / lengths.clamp(min=1).to(dtype)
+    singular_sum = lam.sqrt().sum(dim=-1)
     total = lam.sum(dim=-1, keepdim=True)
     p = lam / torch.where(total > 0, total, 1.0)
     entropy_nats = 0.0 - torch.special.xlogy(p, p).sum(dim=-1)  # 0.0 - x: no -0.0
-    nan = torch.full_like(nuclear, math.nan)
-    entropy_nats = torch.where(solved, entropy_nats, nan)
+    nan = torch.full_like(singular_sum, math.nan)
+    return torch.where(solved, singular_sum, nan), torch.where(solved, entropy_nats, nan)
+
+
+def _warn_failed(failed: int, total: int) -> None:
+    if failed:
+        warnings.warn(
+            f"the eigensolver failed on {failed} of {total} Gram matrices, also in float64 on the CPU; "
+            "their spectral metrics are NaN",
+            MNNWarning,
+            stacklevel=4,
+        )
+
+
+def _spectra(z: Tensor, method: str, memory_share: float = 0.25, min_chunk_elements: int = 2**20) -> dict[str, Tensor]:
+    """Per sequence: ``singular_sum`` (sum of singular values of Z), ``entropy_nats``, ``renyi2_nats``.
+
+    Gram matrices are built on the smaller side (padding rows of Z are zero and only add zero
+    eigenvalues) in chunks of sequences holding at most ``memory_share`` of Z's elements (or
+    ``min_chunk_elements``; at least one sequence), which bounds the memory on top of Z.
+    ``exact``: one batched eigensolve per chunk. ``fast``: polar iteration and SLQ (matmul only).
+    """
+    batch, length, d = z.shape
+    side = min(length, d)
+    if batch == 0 or side == 0:
+        empty = z.new_zeros(batch)
+        return {"singular_sum": empty, "entropy_nats": empty, "renyi2_nats": empty}
+    budget = max(memory_share * z.numel(), min_chunk_elements)
+    parts: dict[str, list[Tensor]] = {"singular_sum": [], "entropy_nats": [], "renyi2_nats": []}
+    failed = 0
+    for part in z.split(max(1, int(budget // (side * side)))):
+        gram = _gram(part)
+        parts["renyi2_nats"].append(_renyi2_nats(gram))
+        if method == "fast":
+            parts["singular_sum"].append(polar_nuclear_norm(part))
+            parts["entropy_nats"].append(slq_entropy(gram))
+        else:
+            eigenvalues, part_failed = _eigvalsh(gram)
+            failed += part_failed
+            singular_sum, entropy_nats = _from_eigenvalues(eigenvalues)
+            parts["singular_sum"].append(singular_sum)
+            parts["entropy_nats"].append(entropy_nats)
+    _warn_failed(failed, batch)
+    return {key: torch.cat(values) for key, values in parts.items()}
+
+
+def _spectral_values(spectra: dict[str, Tensor], lengths: Tensor, d: int) -> dict[str, Tensor]:
+    """The metrics from the raw spectral quantities: normalised by n, ln d; eRank = exp(H)."""
+    entropy_nats = spectra["entropy_nats"]
+    log_d = math.log(d) if d > 1 else 1.0
     return {
-        "nuclear_norm": torch.where(solved, nuclear, nan),
-        "matrix_entropy": entropy_nats / (math.log(d) if d > 1 else 1.0),
+        "nuclear_norm": spectra["singular_sum"] / lengths.clamp(min=1).to(entropy_nats.dtype),
+        "matrix_entropy": entropy_nats / log_d,
         "entropy_nats": entropy_nats,
         "erank": entropy_nats.exp(),
+        "renyi2_entropy": spectra["renyi2_nats"] / log_d,
     }
 
 
@@ -225,6 +271,13 @@ def _finish(values: dict[str, Tensor], valid: Tensor, was_2d: bool) -> dict[str,
     return out
 
 
+def _check_options(top_d: int | None, method: str) -> None:
+    if top_d is not None and (isinstance(top_d, bool) or not isinstance(top_d, int) or top_d < 1):
+        raise ValueError(f"top_d must be a positive int or None, got {top_d!r}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+
+
 @torch.no_grad()
 def compute_metrics(
     hidden: Tensor,
@@ -232,34 +285,115 @@ def compute_metrics(
     *,
     top_d: int | None = None,
     dtype: torch.dtype = torch.float32,
+    method: str = "exact",
 ) -> dict[str, Tensor]:
-    """All metrics of each sequence from one centring, normalisation and eigendecomposition.
+    """All metrics of each sequence from one centring, normalisation and spectral pass.
 
     Args:
         hidden: hidden states, ``(L, d)`` or ``(B, L, d)``, any float dtype and device.
         attention_mask: ``(L,)`` or ``(B, L)``, nonzero for valid tokens; all valid if omitted.
         top_d: number of largest column norms MNN adds up; ``min(n, d)`` per sequence if None.
         dtype: compute dtype, ``torch.float32`` (default) or ``torch.float64``.
+        method: ``"exact"`` (eigendecomposition of the smaller Gram matrix) or ``"fast"``
+            (matmul only, for GPUs: polar iteration for the nuclear norm, stochastic Lanczos
+            quadrature for the entropy; see :mod:`mnn_callback.spectra` for the errors).
 
     Returns:
-        ``mnn``, ``nuclear_norm``, ``matrix_entropy`` (H / ln d), ``entropy_nats`` (H) and
-        ``erank`` (exp H), each of shape ``(B,)`` (0-d for 2-D input); formulas in the module
+        ``mnn``, ``nuclear_norm``, ``matrix_entropy`` (H / ln d), ``entropy_nats`` (H),
+        ``erank`` (exp H) and ``renyi2_entropy`` (-ln(||G||_F^2 / tr(G)^2) / ln d, exact in
+        both methods), each of shape ``(B,)`` (0-d for 2-D input); formulas in the module
         docstring. NaN for sequences with fewer than 2 valid tokens or non-finite values.
 
     Example:
         >>> import torch
         >>> x = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.0, -1.0]])
-        >>> {k: round(v.item(), 4) for k, v in compute_metrics(x).items()}
-        {'mnn': 0.7071, 'nuclear_norm': 0.7071, 'matrix_entropy': 1.0, 'entropy_nats': 0.6931, 'erank': 2.0}
+        >>> {k: round(v.item(), 4) for k, v in compute_metrics(x).items()}  # doctest: +NORMALIZE_WHITESPACE
+        {'mnn': 0.7071, 'nuclear_norm': 0.7071, 'matrix_entropy': 1.0, 'entropy_nats': 0.6931, 'erank': 2.0,
+         'renyi2_entropy': 1.0}
     """
-    if top_d is not None and (isinstance(top_d, bool) or not isinstance(top_d, int) or top_d < 1):
-        raise ValueError(f"top_d must be a positive int or None, got {top_d!r}")
+    _check_options(top_d, method)
     batch, mask, was_2d = _as_batch(hidden, attention_mask, dtype)
     normalized = _normalize(batch, mask, dtype)
     values = {"mnn": _mnn(normalized.z, normalized.lengths, top_d)}
-    eigenvalues = _gram_eigenvalues(normalized.z)
-    values.update(_spectral(eigenvalues, normalized.lengths, batch.shape[-1]))
+    spectra = _spectra(normalized.z, method)
+    values.update(_spectral_values(spectra, normalized.lengths, batch.shape[-1]))
     return _finish(values, normalized.valid, was_2d)
+
+
+@dataclass
+class PendingMetrics:
+    """What :func:`prepare_metrics` computed of a batch, and the Gram matrices still to solve.
+
+    Hold several (layers, micro-batches) and solve them all with one :func:`finish_metrics`
+    call: one batched eigensolve, one host synchronisation.
+    """
+
+    values: dict[str, Tensor]  # mnn and renyi2 (nats) per sequence, done
+    gram: Tensor  # (B, m, m)
+    lengths: Tensor
+    valid: Tensor
+    hidden_size: int
+    was_2d: bool
+
+    @property
+    def nbytes(self) -> int:
+        return self.gram.numel() * self.gram.element_size()
+
+
+@torch.no_grad()
+def prepare_metrics(
+    hidden: Tensor,
+    attention_mask: Tensor | None = None,
+    *,
+    top_d: int | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> PendingMetrics:
+    """The first half of ``compute_metrics(method="exact")``: everything but the eigensolve.
+
+    Computes MNN and the Rényi-2 entropy and keeps the Gram matrices; Z itself is dropped.
+    """
+    _check_options(top_d, "exact")
+    batch, mask, was_2d = _as_batch(hidden, attention_mask, dtype)
+    normalized = _normalize(batch, mask, dtype)
+    gram = _gram(normalized.z)
+    values = {"mnn": _mnn(normalized.z, normalized.lengths, top_d), "renyi2_nats": _renyi2_nats(gram)}
+    return PendingMetrics(values, gram, normalized.lengths, normalized.valid, batch.shape[-1], was_2d)
+
+
+@torch.no_grad()
+def finish_metrics(pending: list[PendingMetrics]) -> list[dict[str, Tensor]]:
+    """Solve the Gram matrices of all ``pending`` batches in ONE batched eigensolve; their metrics, in order.
+
+    Grams of different sizes are zero-padded to the largest (zero rows only add zero
+    eigenvalues). The results equal ``compute_metrics(method="exact")`` on each batch.
+    """
+    if not pending:
+        return []
+    side = max(item.gram.shape[-1] for item in pending)
+    padded = torch.cat(
+        [
+            torch.nn.functional.pad(item.gram, (0, side - item.gram.shape[-1], 0, side - item.gram.shape[-2]))
+            for item in pending
+        ]
+    )
+    eigenvalues, failed = _eigvalsh(padded)
+    _warn_failed(failed, padded.shape[0])
+    results, offset = [], 0
+    for item in pending:
+        count = item.gram.shape[0]
+        part = eigenvalues[offset : offset + count]
+        offset += count
+        # padding added zero eigenvalues; drop as many smallest ones to keep the item's own size
+        part = part[:, side - item.gram.shape[-1] :] if count else part[:, :0]
+        singular_sum, entropy_nats = _from_eigenvalues(part)
+        spectra = {
+            "singular_sum": singular_sum,
+            "entropy_nats": entropy_nats,
+            "renyi2_nats": item.values["renyi2_nats"],
+        }
+        values = {"mnn": item.values["mnn"], **_spectral_values(spectra, item.lengths, item.hidden_size)}
+        results.append(_finish(values, item.valid, item.was_2d))
+    return results
 
 
 @torch.no_grad()
@@ -291,7 +425,7 @@ def matrix_nuclear_norm(
 def _spectral_metric(hidden: Tensor, attention_mask: Tensor | None, dtype: torch.dtype) -> dict[str, Tensor]:
     batch, mask, was_2d = _as_batch(hidden, attention_mask, dtype)
     normalized = _normalize(batch, mask, dtype)
-    values = _spectral(_gram_eigenvalues(normalized.z), normalized.lengths, batch.shape[-1])
+    values = _spectral_values(_spectra(normalized.z, "exact"), normalized.lengths, batch.shape[-1])
     return _finish(values, normalized.valid, was_2d)
 
 
@@ -400,7 +534,8 @@ class MetricAccumulator:
     tensor, so shards of a data set summed across processes give exactly the single-pass result.
     Aggregation, as the MNN and Diff-eRank authors aggregate:
 
-    - ``mnn``, ``nuclear_norm``, ``matrix_entropy``, ``entropy_nats``: means over sequences, NaN ignored;
+    - ``mnn``, ``nuclear_norm``, ``matrix_entropy``, ``entropy_nats``, ``renyi2_entropy``: means over
+      sequences, NaN ignored;
     - ``erank = exp(mean of entropy_nats)``: a geometric mean of per-sequence eRanks.
 
     Example:
@@ -411,7 +546,7 @@ class MetricAccumulator:
         [3.0]
     """
 
-    FIELDS = ("mnn", "nuclear_norm", "matrix_entropy", "entropy_nats")
+    FIELDS = ("mnn", "nuclear_norm", "matrix_entropy", "entropy_nats", "renyi2_entropy")
 
     def __init__(self, num_groups: int = 1, device: torch.device | str | None = None) -> None:
         if num_groups < 1:

@@ -16,6 +16,7 @@ Works with Hugging Face transformers models (decoder-only and encoders) and any 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import inspect
 import json
@@ -33,11 +34,20 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mnn_callback.metrics import MetricAccumulator, MNNWarning, all_reduce_sum, compute_metrics
+from mnn_callback.metrics import (
+    METHODS,
+    MetricAccumulator,
+    MNNWarning,
+    PendingMetrics,
+    all_reduce_sum,
+    compute_metrics,
+    finish_metrics,
+    prepare_metrics,
+)
 
 __all__ = ["Probe", "ProbeResult", "preserved_training_state"]
 
-PER_LAYER_KEYS = ("mnn", "nuclear_norm", "matrix_entropy", "erank")
+PER_LAYER_KEYS = ("mnn", "nuclear_norm", "matrix_entropy", "erank", "renyi2_entropy")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -531,6 +541,12 @@ class Probe:
         dtype: compute dtype of the metrics, ``torch.float32`` or ``torch.float64``.
         compute_loss: compute the sample's next-token loss; None (default) does so for causal
             language models (class names ending in ``ForCausalLM`` or ``LMHeadModel``).
+        method: ``"exact"`` spectra (eigendecomposition) or ``"fast"`` (matmul only, for GPUs;
+            see :func:`~mnn_callback.metrics.compute_metrics`).
+        defer_spectra: exact method only: keep the Gram matrices of every layer and micro-batch
+            and solve them in ONE batched eigensolve at the end of the probe (one host
+            synchronisation; flushed early above 1 GiB of Grams). Default: on CUDA. Off, each
+            layer is solved as soon as it exists, which bounds the memory to about one layer.
 
     Sequences shorter than 2 tokens are dropped; if none remain, ``ValueError``.
     """
@@ -548,6 +564,8 @@ class Probe:
         text_column: str = "text",
         dtype: torch.dtype = torch.float32,
         compute_loss: bool | None = None,
+        method: str = "exact",
+        defer_spectra: bool | None = None,
     ) -> None:
         self.max_samples = _positive_int("max_samples", max_samples)
         self.max_length = _positive_int("max_length", max_length)
@@ -557,7 +575,11 @@ class Probe:
         self.layers = _validate_layers(layers)
         if dtype not in (torch.float32, torch.float64):
             raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         self.dtype = dtype
+        self.method = method
+        self.defer_spectra = defer_spectra
         self.seed = seed
         self.compute_loss = compute_loss
         self.sequences, truncated = _fixed_sample(data, tokenizer, text_column, max_samples, max_length, seed)
@@ -577,7 +599,8 @@ class Probe:
 
     def _fingerprint(self) -> str:
         content = json.dumps(
-            {"sequences": self.sequences, "layers": self.layers, "dtype": str(self.dtype)}, separators=(",", ":")
+            {"sequences": self.sequences, "layers": self.layers, "dtype": str(self.dtype), "method": self.method},
+            separators=(",", ":"),
         )
         return hashlib.sha256(content.encode()).hexdigest()[:16]
 
@@ -591,6 +614,7 @@ class Probe:
             "layers": self.layers if isinstance(self.layers, str) else list(self.layers),
             "seed": self.seed,
             "dtype": str(self.dtype).removeprefix("torch."),
+            "method": self.method,
             "sequences": len(self.sequences),
             "tokens": self.num_tokens,
             "fingerprint": self.fingerprint,
@@ -683,30 +707,37 @@ class Probe:
             use_hooks = streaming and all(emitters.modules[layer] is not None for layer in layers)
             wants_loss = self._wants_loss(forward_model)
             accumulator = MetricAccumulator(num_groups=len(layers), device=device)
-            # loss sum (nats), loss tokens, sequences, tokens, sequences with any NaN metric
+            defer = self.defer_spectra if self.defer_spectra is not None else device.type == "cuda"
+            pending = _PendingSpectra(accumulator) if defer and self.method == "exact" else None
+            # loss sum (nats), loss tokens, sequences, tokens, sequences with a NaN metric in any layer
             totals = torch.zeros(5, dtype=torch.float64, device=device)
             for indices in self._micro_batches(rank, world_size):
                 real = indices is not None
                 input_ids, attention_mask = self._tensors(indices if real else [0], device)
-                batch_metrics = self._forward(
-                    forward_model, emitters, layers, use_hooks, wants_loss, input_ids, attention_mask, kwargs
+                per_layer, (loss_sum, loss_tokens) = self._forward(
+                    forward_model, emitters, layers, use_hooks, wants_loss, input_ids, attention_mask, kwargs, pending
                 )
                 if not real:
+                    if pending is not None:
+                        pending.discard_last()
                     continue  # a dummy pass keeps the processes in step; its results are not counted
-                nan_any = torch.zeros(len(indices), dtype=torch.bool, device=device)
-                for group, values in enumerate(batch_metrics.pop("layers")):
-                    accumulator.update(values, group=group)
-                    nan_any |= torch.stack([values[key].isnan() for key in MetricAccumulator.FIELDS]).any(dim=0)
-                loss_sum, loss_tokens = batch_metrics["loss"]
+                if pending is None:
+                    nan_sequences = _accumulate(accumulator, per_layer)
+                else:
+                    pending.add_batch(per_layer)
+                    nan_sequences = torch.zeros((), dtype=torch.float64, device=device)
                 totals += torch.stack(
                     [
                         loss_sum.to(device, torch.float64),
                         loss_tokens.to(device, torch.float64),
                         torch.tensor(float(len(indices)), dtype=torch.float64, device=device),
                         attention_mask.sum().to(torch.float64),
-                        nan_any.sum().to(torch.float64),
+                        nan_sequences,
                     ]
                 )
+            if pending is not None:
+                pending.flush()
+                totals[4] += pending.nan_sequences.to(device)
             if world_size > 1:
                 combined = all_reduce_sum(torch.cat([accumulator.state.flatten(), totals]))
                 accumulator.state = combined[: accumulator.state.numel()].reshape(accumulator.state.shape)
@@ -743,9 +774,18 @@ class Probe:
         input_ids: Tensor,
         attention_mask: Tensor,
         kwargs: dict[str, Any],
-    ) -> dict[str, Any]:
-        """One micro-batch: per-layer metrics (list aligned with ``layers``) and (loss sum, loss tokens)."""
-        per_layer: list[dict[str, Tensor] | None] = [None] * len(layers)
+        pending: _PendingSpectra | None,
+    ) -> tuple[list[Any], tuple[Tensor, Tensor]]:
+        """One micro-batch: per-layer results (aligned with ``layers``: metric dicts, or pending
+        Gram matrices when ``pending``) and (loss sum, loss tokens)."""
+        per_layer: list[Any] = [None] * len(layers)
+
+        def measure(group: int, hidden: Tensor) -> None:
+            if pending is not None:
+                per_layer[group] = pending.prepare(hidden, attention_mask, self.dtype)
+            else:
+                per_layer[group] = compute_metrics(hidden, attention_mask, dtype=self.dtype, method=self.method)
+
         call_kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, **kwargs}
         if wants_loss:
             call_kwargs["labels"] = input_ids.masked_fill(attention_mask == 0, -100)
@@ -754,17 +794,14 @@ class Probe:
             if use_hooks:
                 modules = dict(model.named_modules())
                 for group, layer in enumerate(layers):
-                    handles.append(
-                        modules[emitters.modules[layer]].register_forward_hook(
-                            self._metrics_hook(per_layer, group, attention_mask)
-                        )
-                    )
+                    hook = functools.partial(_hook_adapter, measure, group)
+                    handles.append(modules[emitters.modules[layer]].register_forward_hook(hook))
                 output = model(**call_kwargs, output_hidden_states=False)
             else:
                 output = model(**call_kwargs, output_hidden_states=True)
                 hidden_states = _hidden_states_of(output, model)
                 for group, layer in enumerate(layers):
-                    per_layer[group] = compute_metrics(hidden_states[layer], attention_mask, dtype=self.dtype)
+                    measure(group, hidden_states[layer])
         finally:
             for handle in handles:
                 handle.remove()
@@ -777,13 +814,54 @@ class Probe:
             loss_sum = loss.detach().to(torch.float64) * loss_tokens
         elif wants_loss:
             loss_sum = torch.tensor(math.nan, dtype=torch.float64)
-        return {"layers": per_layer, "loss": (loss_sum, loss_tokens)}
+        return per_layer, (loss_sum, loss_tokens)
 
-    def _metrics_hook(
-        self, per_layer: list[dict[str, Tensor] | None], group: int, attention_mask: Tensor
-    ) -> Callable[..., None]:
-        def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
-            hidden = _first_tensor(output)
-            per_layer[group] = compute_metrics(hidden, attention_mask, dtype=self.dtype)
 
-        return hook
+def _hook_adapter(measure: Callable[[int, Tensor], None], group: int, _module: nn.Module, _inputs: Any, output: Any):
+    """A forward hook: hand the module's hidden-state output to ``measure`` (the output is left as it is)."""
+    measure(group, _first_tensor(output))
+
+
+def _accumulate(accumulator: MetricAccumulator, per_layer: list[dict[str, Tensor]]) -> Tensor:
+    """Add one micro-batch's per-layer metrics; return how many sequences have a NaN metric in any layer."""
+    for group, values in enumerate(per_layer):
+        accumulator.update(values, group=group)
+    nan_any = torch.stack([values[key].isnan() for values in per_layer for key in MetricAccumulator.FIELDS])
+    return nan_any.any(dim=0).sum().to(torch.float64)
+
+
+class _PendingSpectra:
+    """Gram matrices of a probe waiting for one batched eigensolve, flushed early above a memory budget."""
+
+    BUDGET_BYTES = 1 << 30
+
+    def __init__(self, accumulator: MetricAccumulator) -> None:
+        self.accumulator = accumulator
+        self.batches: list[list[PendingMetrics]] = []
+        self.nbytes = 0
+        self.nan_sequences = torch.zeros((), dtype=torch.float64)
+
+    def prepare(self, hidden: Tensor, attention_mask: Tensor, dtype: torch.dtype) -> PendingMetrics:
+        item = prepare_metrics(hidden, attention_mask, dtype=dtype)
+        self.nbytes += item.nbytes
+        return item
+
+    def add_batch(self, per_layer: list[PendingMetrics]) -> None:
+        self.batches.append(per_layer)
+        if self.nbytes > self.BUDGET_BYTES:
+            self.flush()
+
+    def discard_last(self) -> None:
+        """Forget a dummy pass's Grams (prepared, but never added): recount the bytes held."""
+        self.nbytes = sum(item.nbytes for batch in self.batches for item in batch)
+
+    def flush(self) -> None:
+        if not self.batches:
+            return
+        layers = len(self.batches[0])
+        solved = finish_metrics([item for batch in self.batches for item in batch])
+        for start in range(0, len(solved), layers):
+            self.nan_sequences = (
+                self.nan_sequences + _accumulate(self.accumulator, solved[start : start + layers]).cpu()
+            )
+        self.batches, self.nbytes = [], 0

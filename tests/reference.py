@@ -16,7 +16,9 @@ def reference_metrics(x: np.ndarray, top_d: int | None = None) -> dict[str, floa
     x = np.asarray(x, dtype=np.float64)
     n, d = x.shape
     if n < 2 or not np.isfinite(x).all():
-        return dict.fromkeys(["mnn", "nuclear_norm", "matrix_entropy", "entropy_nats", "erank"], math.nan)
+        return dict.fromkeys(
+            ["mnn", "nuclear_norm", "matrix_entropy", "entropy_nats", "erank", "renyi2_entropy"], math.nan
+        )
     centred = x - x.mean(axis=0)
     norms = np.linalg.norm(centred, axis=1, keepdims=True)
     z = np.divide(centred, norms, out=np.zeros_like(centred), where=norms > 0)
@@ -26,14 +28,16 @@ def reference_metrics(x: np.ndarray, top_d: int | None = None) -> dict[str, floa
     eigenvalues = np.clip(np.linalg.eigvalsh(z.T @ z / n), 0.0, None)
     if eigenvalues.sum() > 0:
         p = eigenvalues / eigenvalues.sum()
+        renyi2 = float(-np.log((p**2).sum()))
         p = p[p > 0]
         entropy = float(-(p * np.log(p)).sum())
     else:
-        entropy = 0.0
+        entropy = renyi2 = 0.0
     return {
         "mnn": float(columns[:top].sum() / n),
         "nuclear_norm": float(singular_values.sum() / n),
         "matrix_entropy": entropy / math.log(d) if d > 1 else 0.0,
         "entropy_nats": entropy,
         "erank": math.exp(entropy),
+        "renyi2_entropy": renyi2 / math.log(d) if d > 1 else 0.0,
     }

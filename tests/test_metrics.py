@@ -26,7 +26,7 @@ from mnn_callback.metrics import (
     nuclear_norm,
 )
 
-KEYS = ("mnn", "nuclear_norm", "matrix_entropy", "entropy_nats", "erank")
+KEYS = ("mnn", "nuclear_norm", "matrix_entropy", "entropy_nats", "erank", "renyi2_entropy")
 
 
 def make_hidden(kind: str, batch: int, length: int, d: int, seed: int = 0) -> torch.Tensor:
@@ -289,9 +289,10 @@ def test_eigensolver_that_keeps_failing_gives_nan_and_a_warning(monkeypatch):
 def test_gram_chunking_does_not_change_results():
     hidden = make_hidden("anisotropic", 5, 24, 16)
     normalized = metrics._normalize(*metrics._as_batch(hidden, None, torch.float32)[:2], torch.float32)
-    whole = metrics._gram_eigenvalues(normalized.z)
-    chunked = metrics._gram_eigenvalues(normalized.z, memory_share=0.0, min_chunk_elements=0)  # 1 per chunk
-    torch.testing.assert_close(chunked, whole)
+    whole = metrics._spectra(normalized.z, "exact")
+    chunked = metrics._spectra(normalized.z, "exact", memory_share=0.0, min_chunk_elements=0)  # 1 per chunk
+    for key, value in whole.items():
+        torch.testing.assert_close(chunked[key], value)
 
 
 def test_diff_erank_sign():

@@ -1,0 +1,194 @@
+"""Spectra: fast (matmul-only) vs exact, one batched solve vs per matrix, Rényi-2 against a reference."""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+import pytest
+import torch
+from conftest import DEVICES
+from helpers import minilm_path, shakespeare_tokenizer
+from reference import reference_metrics
+from test_metrics import make_hidden
+
+from mnn_callback import metrics
+from mnn_callback.metrics import compute_metrics, finish_metrics, prepare_metrics
+from mnn_callback.probe import Probe
+from mnn_callback.spectra import POLAR_COEFFICIENTS, polar_nuclear_norm, slq_entropy
+
+
+def with_spectrum(singular_values, rows: int = 320, columns: int = 400, seed: int = 0) -> torch.Tensor:
+    """A (rows x columns) float64 matrix with the given singular values and random singular vectors."""
+    g = torch.Generator().manual_seed(seed)
+    k = len(singular_values)
+    u, _ = torch.linalg.qr(torch.randn(rows, k, generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(columns, k, generator=g, dtype=torch.float64))
+    return (u * torch.tensor(singular_values, dtype=torch.float64)) @ v.T
+
+
+SPECTRA = {
+    "flat": [1.0] * 300,
+    "power_law": [(k + 1) ** -1.0 for k in range(300)],
+    "one_dominant": [40.0] + [0.1] * 299,
+    "rank_deficient": [1.0 + 0.05 * k for k in range(12)],
+}
+
+
+def shannon(singular_values) -> float:
+    lam = torch.tensor(singular_values, dtype=torch.float64) ** 2
+    p = lam / lam.sum()
+    return float(-(p * p.log()).sum())
+
+
+@pytest.mark.parametrize("name", list(SPECTRA))
+def test_polar_iteration_gives_the_nuclear_norm(name):
+    z = with_spectrum(SPECTRA[name])
+    got = polar_nuclear_norm(z[None].float()).item()
+    assert got == pytest.approx(sum(SPECTRA[name]), rel=1e-5)
+
+
+def test_polar_coefficients_map_small_singular_values_to_one():
+    x = torch.logspace(-4, 0, 200, dtype=torch.float64)
+    for a, b, c in POLAR_COEFFICIENTS:
+        x = a * x + b * x**3 + c * x**5
+    assert (x - 1).abs().max() < 1e-5
+    assert POLAR_COEFFICIENTS[-1] == pytest.approx((15 / 8, -10 / 8, 3 / 8))  # converged: the classical quintic
+
+
+@pytest.mark.parametrize(
+    ("name", "tolerance"), [("flat", 0.02), ("power_law", 0.01), ("one_dominant", 5e-3), ("rank_deficient", 1e-3)]
+)
+def test_slq_entropy_on_synthetic_spectra(name, tolerance):
+    z = with_spectrum(SPECTRA[name])
+    gram = (z @ z.T)[None].float()
+    assert slq_entropy(gram).item() == pytest.approx(shannon(SPECTRA[name]), abs=tolerance)
+
+
+def test_slq_entropy_is_exact_for_small_matrices_and_deterministic():
+    z = with_spectrum([(k + 1) ** -0.5 for k in range(100)], rows=200, columns=150)
+    gram = (z.T @ z)[None].float()  # 150 x 150 <= deflation + probes: the probes span everything
+    assert slq_entropy(gram).item() == pytest.approx(shannon([(k + 1) ** -0.5 for k in range(100)]), abs=1e-4)
+    state = torch.get_rng_state()
+    assert torch.equal(slq_entropy(gram), slq_entropy(gram))
+    assert torch.equal(torch.get_rng_state(), state)  # a private generator
+
+
+def real_activations():
+    """MiniLM hidden states of long held-out text (512 tokens: m = 512) and their masks."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from mnn_callback.demo import load_text, split_text
+
+    path = minilm_path()
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model = AutoModel.from_pretrained(path, local_files_only=True).eval()
+    words = split_text(load_text())[1].split()
+    texts = [" ".join(words[i * 400 : (i + 1) * 400]) for i in range(3)] + [" ".join(words[2000:2100])]
+    encoded = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=512)
+    with torch.no_grad():
+        hidden_states = model(**encoded, output_hidden_states=True).hidden_states
+    return [hidden_states[i] for i in (0, 3, 6)], encoded["attention_mask"]
+
+
+def test_fast_method_on_real_activations():
+    layers, mask = real_activations()
+    nuclear_errors, entropy_errors = [], []
+    for hidden in layers:
+        exact = compute_metrics(hidden, mask, dtype=torch.float64)
+        fast = compute_metrics(hidden, mask, method="fast")
+        nuclear_errors += (
+            ((fast["nuclear_norm"].double() - exact["nuclear_norm"]) / exact["nuclear_norm"]).abs().tolist()
+        )
+        entropy_errors += (fast["entropy_nats"].double() - exact["entropy_nats"]).abs().tolist()
+        torch.testing.assert_close(fast["mnn"].double(), exact["mnn"], rtol=1e-5, atol=0)
+        torch.testing.assert_close(fast["renyi2_entropy"].double(), exact["renyi2_entropy"], rtol=1e-5, atol=0)
+    assert max(nuclear_errors) < 1e-4
+    # measured: median 3.6e-3, max 1.2e-2 nats at m = 512; exact for m <= 256 (docs/benchmarks.md)
+    assert statistics.median(entropy_errors) < 6e-3
+    assert max(entropy_errors) < 2.5e-2
+
+
+def test_fast_method_on_a_trained_gpt2():
+    from transformers import GPT2LMHeadModel
+
+    from mnn_callback.demo import load_text, split_text, tiny_gpt2_config, token_chunks
+
+    tokenizer = shakespeare_tokenizer()
+    train, heldout = split_text(load_text())
+    chunks = torch.tensor(token_chunks(tokenizer(train[:120_000])["input_ids"], 160))
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(tiny_gpt2_config(len(tokenizer), n_layer=2, n_embd=192, n_head=4, n_positions=160))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for step in range(25):  # long enough to leave the random initialisation behind
+        batch = chunks[8 * step : 8 * step + 8]
+        model(input_ids=batch, labels=batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    probe_data = token_chunks(tokenizer(heldout)["input_ids"], 160)[:6]
+    exact = Probe(probe_data).run(model).metrics
+    fast = Probe(probe_data, method="fast").run(model).metrics
+    for layer in range(3):  # m = min(160, 192) <= deflation + probes: the SLQ probes span the space
+        assert fast[f"nuclear_norm/layer_{layer}"] == pytest.approx(exact[f"nuclear_norm/layer_{layer}"], rel=1e-4)
+        assert fast[f"matrix_entropy/layer_{layer}"] == pytest.approx(exact[f"matrix_entropy/layer_{layer}"], abs=1e-3)
+        assert fast[f"renyi2_entropy/layer_{layer}"] == pytest.approx(exact[f"renyi2_entropy/layer_{layer}"], rel=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_one_batched_solve_equals_per_matrix_results(device):
+    batches = [
+        (make_hidden("anisotropic", 3, 20, 16, seed=1), None),  # Gram 16 x 16
+        (make_hidden("random", 2, 9, 32, seed=2), torch.tensor([[1] * 9, [1] * 5 + [0] * 4])),  # 9 x 9, padded
+        (make_hidden("rank_deficient", 1, 30, 12, seed=3)[0], None),  # 2-D input
+    ]
+    pending = [prepare_metrics(h.to(device), None if m is None else m.to(device)) for h, m in batches]
+    calls = {"n": 0}
+    real = torch.linalg.eigvalsh
+
+    def counting(matrix):
+        calls["n"] += 1
+        return real(matrix)
+
+    torch.linalg.eigvalsh = counting
+    try:
+        together = finish_metrics(pending)
+    finally:
+        torch.linalg.eigvalsh = real
+    assert calls["n"] == 1  # one eigensolve for every matrix of every batch
+    for (hidden, mask), got in zip(batches, together, strict=True):
+        alone = compute_metrics(hidden.to(device), None if mask is None else mask.to(device))
+        for key, value in alone.items():
+            torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-6, equal_nan=True)
+
+
+@pytest.mark.parametrize("shape", [(12, 30), (40, 10)])
+def test_renyi2_against_float64_reference(shape):
+    hidden = make_hidden("anisotropic", 3, *shape, seed=4)
+    got = compute_metrics(hidden, dtype=torch.float64)["renyi2_entropy"]
+    for b in range(3):
+        expected = reference_metrics(hidden[b].double().numpy())["renyi2_entropy"]
+        assert got[b].item() == pytest.approx(expected, rel=1e-9)
+    shannon_entropy = compute_metrics(hidden)["matrix_entropy"]
+    assert (got.float() <= shannon_entropy + 1e-6).all()  # Rényi-2 never exceeds Shannon
+    eye = torch.eye(8, dtype=torch.float64)
+    assert compute_metrics(torch.cat([eye, -eye]))["renyi2_entropy"].item() == pytest.approx(1.0)
+
+
+def test_probe_fast_method_and_deferred_exact_solve_agree():
+    from helpers import random_sequences, tiny_model
+
+    model = tiny_model("gpt2", hidden=96)
+    sequences = random_sequences(9, 20, 60, seed=5)
+    immediate = Probe(sequences, batch_size=4).run(model).metrics
+    deferred = Probe(sequences, batch_size=4, defer_spectra=True).run(model).metrics
+    fast = Probe(sequences, batch_size=4, method="fast").run(model).metrics
+    for key, value in immediate.items():
+        if key != "probe/seconds":
+            assert deferred[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
+    for key in ("mnn/layer_2", "nuclear_norm/layer_2", "renyi2_entropy/layer_1"):
+        assert fast[key] == pytest.approx(immediate[key], rel=1e-4), key
+    assert fast["matrix_entropy/layer_2"] == pytest.approx(immediate["matrix_entropy/layer_2"], abs=1e-3)
+    assert math.isfinite(fast["erank/layer_0"])
+    with pytest.raises(ValueError, match="method"):
+        Probe(sequences, method="approximate")
+    assert metrics.METHODS == ("exact", "fast")
