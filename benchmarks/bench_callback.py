@@ -70,10 +70,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--every", type=int, default=100)
     parser.add_argument("--pairs", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: checks that the script runs")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
+    if args.quick:
+        args.steps, args.every, args.pairs = 20, 10, 1
     with tempfile.TemporaryDirectory() as tmp:
-        data = prepare_data(tmp, seq_len=128)
+        data = prepare_data(tmp, seq_len=128, max_train_chars=60_000 if args.quick else None)
         train_once(data, os.path.join(tmp, "warmup"), 20, None)
         without, with_callback, probe_share = [], [], []
         for pair in range(args.pairs):

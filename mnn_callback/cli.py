@@ -46,6 +46,7 @@ CSV_COLUMNS = (
     "perplexity",
     "sequences",
     "nan_sequences",
+    "renyi2_entropy",
     "error",
 )
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -187,6 +188,7 @@ def _rows(record: dict[str, Any]) -> list[dict[str, Any]]:
                 "params": record.get("params"),
                 "layer": layer,
                 **{key: result.per_layer[key][index] for key in ("mnn", "nuclear_norm", "matrix_entropy", "erank")},
+                "renyi2_entropy": result.per_layer.get("renyi2_entropy", [None] * len(result.layers))[index],
                 "diff_erank": diff.get(f"diff_erank/layer_{layer}"),
                 "loss": result.loss,
                 "perplexity": result.perplexity,
@@ -250,6 +252,7 @@ class Evaluation:
             "batch_size": args.batch_size,
             "layers": layers,
             "seed": args.seed,
+            "method": args.method,
         }
         if args.reference:
             self.reference_mode = [
@@ -435,6 +438,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate_parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     evaluate_parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
+    evaluate_parser.add_argument(
+        "--method", choices=["exact", "fast"], default="exact", help="spectra: eigendecomposition, or matmul only"
+    )
     reference = evaluate_parser.add_mutually_exclusive_group()
     reference.add_argument("--reference", help="Diff-eRank reference model (default: the first checkpoint)")
     reference.add_argument(

@@ -37,12 +37,13 @@ METRIC_LABELS = {
     "matrix_entropy": "Matrix Entropy H / ln d",
     "erank": "effective rank",
     "nuclear_norm": "exact nuclear norm / n",
+    "renyi2_entropy": "Rényi-2 entropy / ln d",
     "diff_erank": "Diff-eRank (reference - current)",
     "loss": "probe loss (nats / token)",
     "perplexity": "probe perplexity",
 }
 NUMERIC = ("step", "params", "layer", *METRIC_LABELS, "sequences", "nan_sequences")
-_LAYER_KEY = re.compile(r"^(mnn|nuclear_norm|matrix_entropy|erank|diff_erank)/layer_(\d+)$")
+_LAYER_KEY = re.compile(r"^(mnn|nuclear_norm|matrix_entropy|erank|diff_erank|renyi2_entropy)/layer_(\d+)$")
 
 
 def _pyplot():

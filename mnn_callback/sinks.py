@@ -37,7 +37,16 @@ __all__ = [
 JSONL_FILE = "mnn_metrics.jsonl"  # default name of the JSONL history, in the run's output directory
 
 # Key prefixes the sinks write; W&B plots them all against the trainer's global step.
-METRIC_PREFIXES = ("mnn", "nuclear_norm", "matrix_entropy", "erank", "diff_erank", "mnn_ratio", "probe")
+METRIC_PREFIXES = (
+    "mnn",
+    "nuclear_norm",
+    "matrix_entropy",
+    "erank",
+    "diff_erank",
+    "mnn_ratio",
+    "renyi2_entropy",
+    "probe",
+)
 # One headline pair for comparing runs: the final hidden state, the layer the MNN paper reports.
 HEADLINE_KEYS = ("mnn/last", "matrix_entropy/last")
 # Dashboard charts: (title, key prefix of the per-layer keys).
@@ -48,6 +57,7 @@ LAYOUT_CHARTS = (
     ("exact nuclear norm by layer", "nuclear_norm"),
     ("Diff-eRank by layer", "diff_erank"),
     ("MNN / exact nuclear norm (approximation ratio) by layer", "mnn_ratio"),
+    ("Rényi-2 entropy by layer", "renyi2_entropy"),
 )
 
 

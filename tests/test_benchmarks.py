@@ -1,0 +1,24 @@
+"""The benchmark scripts still run (at tiny sizes); their real figures are in docs/benchmarks.md."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+BENCHMARKS = os.path.join(os.path.dirname(__file__), "..", "benchmarks")
+
+
+@pytest.mark.parametrize("script", ["bench_metrics.py", "bench_probe.py", "bench_spectra.py", "bench_callback.py"])
+def test_benchmark_runs_at_a_tiny_size(script, tmp_path):
+    result = subprocess.run(
+        [sys.executable, os.path.join(BENCHMARKS, script), "--quick", "--json", str(tmp_path / "out.json")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "out.json").stat().st_size > 0
+    assert "machine" in result.stdout or "overhead" in result.stdout or "wall time" in result.stdout
