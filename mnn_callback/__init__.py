@@ -20,7 +20,7 @@ from mnn_callback.metrics import (
     nuclear_norm,
 )
 from mnn_callback.probe import Probe, ProbeResult
-from mnn_callback.sinks import JsonlSink, Sink, TensorBoardSink, WandbSink
+from mnn_callback.sinks import Dashboards, JsonlSink, Sink, TensorBoardSink, WandbSink
 
 __version__ = "0.1.0"
 
@@ -30,6 +30,7 @@ _LAZY = {
 }
 
 __all__ = [
+    "Dashboards",
     "JsonlSink",
     "MNNAccelerateHook",
     "MNNCallback",
