@@ -737,13 +737,16 @@ class Probe:
                 )
             if pending is not None:
                 pending.flush()
-                totals[4] += pending.nan_sequences.to(device)
+                totals[4] += pending.nan_sequences
             if world_size > 1:
                 combined = all_reduce_sum(torch.cat([accumulator.state.flatten(), totals]))
                 accumulator.state = combined[: accumulator.state.numel()].reshape(accumulator.state.shape)
                 totals = combined[accumulator.state.numel() :]
-            values = {key: value.tolist() for key, value in accumulator.compute().items()}  # one host sync
-            loss_sum, loss_tokens, sequences, tokens, nan_sequences = totals.tolist()
+            aggregated = accumulator.compute()
+            flat = torch.cat([*aggregated.values(), totals]).tolist()  # the probe's one host synchronisation
+            groups = len(layers)
+            values = {key: flat[i * groups : (i + 1) * groups] for i, key in enumerate(aggregated)}
+            loss_sum, loss_tokens, sequences, tokens, nan_sequences = flat[len(aggregated) * groups :]
         if nan_sequences:
             warnings.warn(
                 "some probe sequences have non-finite hidden states (a diverging run?); their metrics are NaN "
@@ -839,7 +842,7 @@ class _PendingSpectra:
         self.accumulator = accumulator
         self.batches: list[list[PendingMetrics]] = []
         self.nbytes = 0
-        self.nan_sequences = torch.zeros((), dtype=torch.float64)
+        self.nan_sequences = torch.zeros((), dtype=torch.float64, device=accumulator.state.device)
 
     def prepare(self, hidden: Tensor, attention_mask: Tensor, dtype: torch.dtype) -> PendingMetrics:
         item = prepare_metrics(hidden, attention_mask, dtype=dtype)
@@ -861,7 +864,5 @@ class _PendingSpectra:
         layers = len(self.batches[0])
         solved = finish_metrics([item for batch in self.batches for item in batch])
         for start in range(0, len(solved), layers):
-            self.nan_sequences = (
-                self.nan_sequences + _accumulate(self.accumulator, solved[start : start + layers]).cpu()
-            )
+            self.nan_sequences = self.nan_sequences + _accumulate(self.accumulator, solved[start : start + layers])
         self.batches, self.nbytes = [], 0
