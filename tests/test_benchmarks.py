@@ -22,3 +22,15 @@ def test_benchmark_runs_at_a_tiny_size(script, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "out.json").stat().st_size > 0
     assert "machine" in result.stdout or "overhead" in result.stdout or "wall time" in result.stdout
+
+
+def test_findings_report_runs_at_a_tiny_size(tmp_path):
+    script = os.path.join(BENCHMARKS, "findings.py")
+    result = subprocess.run(
+        [sys.executable, script, "--quick", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = (tmp_path / "docs" / "findings.md").read_text(encoding="utf-8")
+    for section in ("## 1.", "## 2.", "## 3.", "## 4.", "**Verdict"):
+        assert section in report
+    assert (tmp_path / "docs" / "images" / "findings_family.png").stat().st_size > 10_000
