@@ -15,31 +15,26 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
-import statistics
-import time
+import os
+import sys
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import machine, median_seconds
 
 from mnn_callback.metrics import compute_metrics
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def timed(fn, device: torch.device, repeats: int) -> tuple[float, object]:
     """Median wall time of ``fn()`` over ``repeats`` runs after one warm-up, and its last result."""
-    result = fn()
-    synchronize(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
+    last = [None]
+
+    def run() -> None:
+        last[0] = fn()
+
+    return median_seconds(run, device, repeats), last[0]
 
 
 def authors_approach(hidden: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -131,12 +126,8 @@ def main() -> None:
             bench_against_authors(device, 512, 4096, 2 if device.type == "cpu" else 8, repeats),
         ]
         forward = bench_against_forward(device, 8, 512, repeats)
-    machine = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-    }
-    print(f"machine: {machine}")
+    machine_info = machine(device)
+    print(f"machine: {machine_info}")
     print("compute_metrics vs the authors' d x d SVD (float32, per sequence):")
     for row in authors:
         print(
@@ -155,7 +146,7 @@ def main() -> None:
     )
     if args.json:
         with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump({"machine": machine, "authors": authors, "forward": forward}, handle, indent=2)
+            json.dump({"machine": machine_info, "authors": authors, "forward": forward}, handle, indent=2)
 
 
 if __name__ == "__main__":

@@ -15,12 +15,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
+import os
 import statistics
-import time
+import sys
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import machine, median_seconds, seconds
 
 from mnn_callback.probe import Probe
 
@@ -42,30 +46,6 @@ def peak_bytes(fn, device: torch.device) -> int:
         live += event.nbytes()
         peak = max(peak, live)
     return peak
-
-
-def seconds(fn, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
-
-
-def median_seconds(fn, device: torch.device, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -127,13 +107,9 @@ def main() -> None:
     base_streaming_peak = peak_bytes(lambda: probe.run(base), device)
     base_collected_peak = peak_bytes(lambda: probe.run(base, streaming=False), device)
 
-    machine = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-    }
+    machine_info = machine(device)
     results = {
-        "machine": machine,
+        "machine": machine_info,
         "shape": {"layers": n_layer + 1, "d": d, "batch": batch, "L": length, "samples": samples},
         "one_layer_activation_MB": layer_bytes / 1e6,
         "plain_forward_peak_MB": forward_peak / 1e6,
@@ -146,7 +122,7 @@ def main() -> None:
         "base_model_streaming_extra_layers": (base_streaming_peak - base_peak) / layer_bytes,
         "base_model_all_hidden_states_extra_layers": (base_collected_peak - base_peak) / layer_bytes,
     }
-    print(f"machine: {machine}")
+    print(f"machine: {machine_info}")
     print(
         f"GPT-2 shape, {n_layer + 1} hidden states, d={d}, micro-batch {batch} x {length}, {samples} sequences; "
         f"one layer's activations for one micro-batch = {layer_bytes / 1e6:.1f} MB"

@@ -15,28 +15,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import time
+import os
+import sys
 import warnings
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import machine, seconds, synchronize
+
 from mnn_callback.metrics import compute_metrics, finish_metrics, prepare_metrics
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def seconds(fn, device: torch.device, repeats: int = 1) -> float:
-    fn()  # warm-up
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    synchronize(device)
-    return (time.perf_counter() - start) / repeats
+def repeated_seconds(fn, device: torch.device, repeats: int = 1) -> float:
+    """Mean time of ``repeats`` calls after one warm-up call."""
+    fn()
+    return sum(seconds(fn, device) for _ in range(repeats)) / repeats
 
 
 def hidden_states(layers: int, batch: int, length: int, d: int, device: torch.device) -> list[torch.Tensor]:
@@ -66,7 +61,7 @@ def forward_seconds(device: torch.device, batch: int, length: int, d: int, inter
         with torch.no_grad():
             layer(x, position_embeddings=embeddings, position_ids=positions)
 
-    return seconds(run, device) * layers
+    return repeated_seconds(run, device) * layers
 
 
 def count_syncs(fn, device: torch.device) -> int | None:
@@ -107,7 +102,7 @@ def main() -> None:
         return [compute_metrics(h, method="fast") for h in states]
 
     times = {
-        name: seconds(fn, device) * scale
+        name: repeated_seconds(fn, device) * scale
         for name, fn in [("exact", exact_batched), ("loop", exact_loop), ("fast", fast)]
     }
     forward = forward_seconds(device, batch, length, d, intermediate, total_layers - 1)
@@ -121,13 +116,9 @@ def main() -> None:
         (f["entropy_nats"] - e["entropy_nats"]).abs().max().item()
         for f, e in zip(fast_values, exact_values, strict=True)
     )
-    machine = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-    }
+    machine_info = machine(device)
     results = {
-        "machine": machine,
+        "machine": machine_info,
         "shape": {
             "hidden_states": total_layers,
             "batch": batch,
@@ -141,7 +132,7 @@ def main() -> None:
         "fast_vs_exact": {"nuclear_norm_max_relative": nuclear_error, "entropy_max_nats": entropy_error},
         "host_syncs_per_probe": {"exact": count_syncs(exact_batched, device), "fast": count_syncs(fast, device)},
     }
-    print(f"machine: {machine}")
+    print(f"machine: {machine_info}")
     note = "" if timed_layers == total_layers else f" (timed on {timed_layers} hidden states, scaled to {total_layers})"
     print(f"{total_layers} hidden states x {batch} sequences x {length} tokens, d = {d}{note}")
     print(f"forward ({total_layers - 1} Llama-7B-shaped layers): {forward:.2f} s")

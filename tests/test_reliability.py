@@ -261,8 +261,7 @@ def test_sigkill_during_training_loses_nothing_before_the_last_checkpoint(tmp_pa
         for checkpoint in out.glob("checkpoint-*"):
             saved = checkpoint / "mnn_metrics.json"
             if saved.exists():
-                json.loads(saved.read_text())  # never a partial file
-            assert not list(checkpoint.glob(".mnn-*"))
+                json.loads(saved.read_text())  # never a partial file (a killed write can leave a .mnn-*.tmp beside)
         read_jsonl(out / "mnn_metrics.jsonl")  # readable: at most a cut-off last line
     completed = subprocess.run([sys.executable, script, str(out), "finish"], env=env, capture_output=True, text=True)
     assert completed.returncode == 0, completed.stderr[-2000:]
