@@ -11,15 +11,19 @@ Usage: ``python benchmarks/bench_callback.py [--steps 600] [--pairs 3]``
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 
 import torch
 from transformers import GPT2LMHeadModel, Trainer, TrainingArguments
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import benchmark_parser
 
 from mnn_callback import MNNCallback
 from mnn_callback.demo import _Chunks, prepare_data, tiny_gpt2_config
@@ -66,12 +70,10 @@ def train_once(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = benchmark_parser(__doc__.splitlines()[0], device=False)
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--every", type=int, default=100)
     parser.add_argument("--pairs", type=int, default=3)
-    parser.add_argument("--quick", action="store_true", help="tiny sizes: checks that the script runs")
-    parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
     if args.quick:
         args.steps, args.every, args.pairs = 20, 10, 1

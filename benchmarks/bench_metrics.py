@@ -12,7 +12,6 @@ Usage: ``python benchmarks/bench_metrics.py [--device cuda] [--quick]``
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -22,7 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import machine, median_seconds
+from common import benchmark_parser, machine, median_seconds
 
 from mnn_callback.metrics import compute_metrics
 
@@ -110,10 +109,7 @@ def bench_against_forward(device: torch.device, batch: int, length: int, repeats
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes: checks that the script runs")
-    parser.add_argument("--json", help="also write the results to this file")
+    parser = benchmark_parser(__doc__.splitlines()[0])
     args = parser.parse_args()
     device = torch.device(args.device)
     if args.quick:

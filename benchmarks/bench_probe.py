@@ -13,7 +13,6 @@ Usage: ``python benchmarks/bench_probe.py [--device cuda] [--quick]``
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -24,7 +23,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import machine, median_seconds, seconds
+from common import benchmark_parser, machine, median_seconds, seconds
 
 from mnn_callback.probe import Probe
 
@@ -49,10 +48,7 @@ def peak_bytes(fn, device: torch.device) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes: checks that the script runs")
-    parser.add_argument("--json", help="also write the results to this file")
+    parser = benchmark_parser(__doc__.splitlines()[0])
     args = parser.parse_args()
     device = torch.device(args.device)
 

@@ -13,7 +13,6 @@ Usage: ``python benchmarks/bench_spectra.py [--device cuda] [--quick]``
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -23,7 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import machine, seconds, synchronize
+from common import benchmark_parser, machine, seconds, synchronize
 
 from mnn_callback.metrics import compute_metrics, finish_metrics, prepare_metrics
 
@@ -79,10 +78,7 @@ def count_syncs(fn, device: torch.device) -> int | None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes: checks that the script runs")
-    parser.add_argument("--json", help="also write the results to this file")
+    parser = benchmark_parser(__doc__.splitlines()[0])
     args = parser.parse_args()
     device = torch.device(args.device)
     total_layers, batch, length, d, intermediate = 33, 8, 512, 4096, 11008

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import platform
 import statistics
 import time
@@ -36,3 +37,13 @@ def machine(device: torch.device) -> dict[str, Any]:
     """What the figures were measured on."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     return {"device": name, "threads": torch.get_num_threads(), "torch": torch.__version__}
+
+
+def benchmark_parser(description: str, *, device: bool = True) -> argparse.ArgumentParser:
+    """Options every benchmark takes: ``--quick`` (tiny sizes), ``--json`` and (unless device=False) ``--device``."""
+    parser = argparse.ArgumentParser(description=description)
+    if device:
+        parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: checks that the script runs")
+    parser.add_argument("--json", help="also write the results to this file")
+    return parser
