@@ -141,7 +141,7 @@ def _lanczos_quadrature(matrix: Tensor, start: Tensor, steps: int) -> Tensor:
 def slq_entropy(
     gram: Tensor,
     *,
-    deflation: int = 128,
+    deflation: int = 256,
     probes: int = 128,
     steps: int = 16,
     seed: int = 0,
@@ -153,8 +153,11 @@ def slq_entropy(
     eigenvectors, whose large eigenvalue ruins plain Hutchinson estimates), the trace of
     ``Q^T f(P) Q`` by Lanczos quadrature from each basis vector, and the trace on the rest from
     ``probes`` orthonormal random vectors of the complement of Q, scaled by its dimension over
-    their number (exact once they span it: for m <= deflation + probes). A zero matrix has
-    entropy 0. Errors measured on real activations: ``docs/benchmarks.md``.
+    their number (exact once they span it: for m <= deflation + probes, 384 with the
+    defaults, up to the quadrature's error). A zero matrix has entropy 0. The defaults are
+    measured, not derived: with 128 deflation vectors the largest error on 384 x 384 MiniLM Grams
+    was 9e-3 nats, with 256 it is below 2e-4, and at 7B shapes (m = 512) the fast method takes
+    ~7% longer (``docs/benchmarks.md``).
     """
     batch, m, _ = gram.shape
     trace = gram.diagonal(dim1=-2, dim2=-1).sum(dim=-1)

@@ -57,10 +57,23 @@ def test_polar_coefficients_map_small_singular_values_to_one():
 
 
 @pytest.mark.parametrize(
-    ("name", "tolerance"), [("flat", 0.02), ("power_law", 0.01), ("one_dominant", 5e-3), ("rank_deficient", 1e-3)]
+    ("name", "rows", "tolerance"),
+    [
+        # m = 320 <= deflation + probes = 384: every direction is probed, only the quadrature errs
+        ("flat", 320, 1e-4),
+        ("power_law", 320, 2e-4),
+        ("one_dominant", 320, 2e-4),
+        ("rank_deficient", 320, 1e-4),
+        # m = 512: the tail is a Hutch++ estimate (measured over 12 seeds: RMS 1.3e-2 flat,
+        # 1.3e-4 power law, 6.7e-5 one dominant, 3.7e-5 rank deficient)
+        ("flat", 512, 0.04),
+        ("power_law", 512, 1e-3),
+        ("one_dominant", 512, 5e-4),
+        ("rank_deficient", 512, 2e-4),
+    ],
 )
-def test_slq_entropy_on_synthetic_spectra(name, tolerance):
-    z = with_spectrum(SPECTRA[name])
+def test_slq_entropy_on_synthetic_spectra(name, rows, tolerance):
+    z = with_spectrum(SPECTRA[name], rows=rows, columns=2 * rows)
     gram = (z @ z.T)[None].float()
     assert slq_entropy(gram).item() == pytest.approx(shannon(SPECTRA[name]), abs=tolerance)
 
@@ -75,7 +88,7 @@ def test_slq_entropy_is_exact_for_small_matrices_and_deterministic():
 
 
 def real_activations():
-    """MiniLM hidden states of long held-out text (512 tokens: m = 512) and their masks."""
+    """MiniLM hidden states of long held-out text (512 tokens, d = 384: m = 384) and their masks."""
     from transformers import AutoModel, AutoTokenizer
 
     from mnn_callback.demo import load_text, split_text
@@ -104,9 +117,10 @@ def test_fast_method_on_real_activations():
         torch.testing.assert_close(fast["mnn"].double(), exact["mnn"], rtol=1e-5, atol=0)
         torch.testing.assert_close(fast["renyi2_entropy"].double(), exact["renyi2_entropy"], rtol=1e-5, atol=0)
     assert max(nuclear_errors) < 1e-4
-    # measured: median 3.6e-3, max 1.2e-2 nats at m = 512; exact for m <= 256 (docs/benchmarks.md)
-    assert statistics.median(entropy_errors) < 6e-3
-    assert max(entropy_errors) < 2.5e-2
+    # the spectra issue's figures for real activations: median 8e-4, max 5e-3 nats; measured
+    # here: median 7.5e-5, max 1.6e-4 (m = 384 is spanned by the deflation and the probes)
+    assert statistics.median(entropy_errors) < 8e-4
+    assert max(entropy_errors) < 1e-3
 
 
 def test_fast_method_on_a_trained_gpt2():
