@@ -11,7 +11,6 @@ Usage: ``python benchmarks/bench_callback.py [--steps 600] [--pairs 3]``
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import sys
@@ -23,7 +22,7 @@ from transformers import GPT2LMHeadModel, Trainer, TrainingArguments
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import benchmark_parser
+from common import benchmark_parser, save_results
 
 from mnn_callback import MNNCallback
 from mnn_callback.demo import _Chunks, prepare_data, tiny_gpt2_config
@@ -115,9 +114,7 @@ def main() -> None:
         f"{results['figures_ms_per_probe']:.0f} ms per probe = {results['with_figures_share']:.2%} of the wall time"
     )
     print(f"wall-time difference: {results['overhead']:+.2%}  (runs without: {without}, with: {with_callback})")
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump(results, handle, indent=2)
+    save_results(args.json, results)
 
 
 if __name__ == "__main__":

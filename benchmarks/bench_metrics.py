@@ -12,7 +12,6 @@ Usage: ``python benchmarks/bench_metrics.py [--device cuda] [--quick]``
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -21,7 +20,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import benchmark_parser, machine, median_seconds
+from common import benchmark_parser, machine, median_seconds, save_results
 
 from mnn_callback.metrics import compute_metrics
 
@@ -140,9 +139,7 @@ def main() -> None:
         f"{forward['L']}: forward {forward['forward_ms']:.0f} ms, metrics {forward['metrics_ms']:.0f} ms, "
         f"metrics / forward = {forward['metrics_over_forward']:.1%}"
     )
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump({"machine": machine_info, "authors": authors, "forward": forward}, handle, indent=2)
+    save_results(args.json, {"machine": machine_info, "authors": authors, "forward": forward})
 
 
 if __name__ == "__main__":

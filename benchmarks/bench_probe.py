@@ -13,7 +13,6 @@ Usage: ``python benchmarks/bench_probe.py [--device cuda] [--quick]``
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import sys
@@ -23,7 +22,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import benchmark_parser, machine, median_seconds, seconds
+from common import benchmark_parser, machine, median_seconds, save_results, seconds
 
 from mnn_callback.probe import Probe
 
@@ -137,9 +136,7 @@ def main() -> None:
         f"time: plain forward {forward_time:.2f} s, probe {probe_time:.2f} s, probe / forward = "
         f"{results['probe_over_forward']:.2f}x"
     )
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump(results, handle, indent=2)
+    save_results(args.json, results)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ Usage: ``python benchmarks/bench_spectra.py [--device cuda] [--quick]``
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import warnings
@@ -22,7 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import benchmark_parser, machine, seconds, synchronize
+from common import benchmark_parser, machine, save_results, seconds, synchronize
 
 from mnn_callback.metrics import compute_metrics, finish_metrics, prepare_metrics
 
@@ -143,9 +142,7 @@ def main() -> None:
         f"entropy max error {entropy_error:.1e} nats"
     )
     print(f"host synchronisations per probe: {results['host_syncs_per_probe']}")
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump(results, handle, indent=2)
+    save_results(args.json, results)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import statistics
 import time
@@ -47,3 +48,10 @@ def benchmark_parser(description: str, *, device: bool = True) -> argparse.Argum
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks that the script runs")
     parser.add_argument("--json", help="also write the results to this file")
     return parser
+
+
+def save_results(path: str | None, results: dict[str, Any]) -> None:
+    """Write the results as JSON to ``path`` (the ``--json`` option), if one was given."""
+    if path:
+        with open(path, "w", encoding="utf-8") as handle:
+            json.dump(results, handle, indent=2)
