@@ -65,7 +65,7 @@ def train_once(
     elapsed = time.perf_counter() - start
     if not callbacks:
         return elapsed, [], 0.0
-    return elapsed, [entry["probe/seconds"] for entry in callbacks[0].history], callbacks[0].sinks.figure_seconds
+    return elapsed, [entry["probe/seconds"] for entry in callbacks[0].history], callbacks[0].monitor.publish_seconds
 
 
 def main() -> None:

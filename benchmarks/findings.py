@@ -638,11 +638,13 @@ def cost_verdict(ratios: dict) -> str:
 
 
 def _figures(runs, main_size, sizes, seeds, layers, images: str) -> None:
-    from mnn_callback import plots
+    from matplotlib import colormaps
 
-    plt = plots._pyplot()
-    figure, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    colors = plt.cm.viridis(np.linspace(0, 1, len(layers)))
+    from mnn_callback import plots, schema
+
+    figure = plots.new_figure(12, 4.5)
+    axes = figure.subplots(1, 2)
+    colors = colormaps["viridis"](np.linspace(0, 1, len(layers)))
     for layer, color in zip(layers, colors, strict=True):
         for index, seed in enumerate(seeds):
             run = runs[(main_size, seed)]
@@ -669,9 +671,11 @@ def _figures(runs, main_size, sizes, seeds, layers, images: str) -> None:
     axes[1].set_ylabel("MNN")
     axes[1].set_title("MNN vs exact nuclear norm (all checkpoints and layers)")
     axes[1].grid(alpha=0.3)
+    figure.tight_layout()
     plots.save_figure(figure, os.path.join(images, "findings_approximation.png"))
 
-    figure, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    figure = plots.new_figure(15, 4.2)
+    axes = figure.subplots(1, 3)
     for seed in seeds:
         chosen = [runs[(size, seed)][-1] for size in sizes]
         params = [c.params for c in chosen]
@@ -682,10 +686,11 @@ def _figures(runs, main_size, sizes, seeds, layers, images: str) -> None:
     for axis, key in zip(axes, ("mnn", "matrix_entropy", "erank"), strict=True):
         axis.set_xscale("log")
         axis.set_xlabel("parameters")
-        axis.set_ylabel(plots.METRIC_LABELS[key])
-        axis.set_title(f"{plots.METRIC_LABELS[key].split(' (')[0]}, final hidden state, vs size")
+        axis.set_ylabel(schema.label(key))
+        axis.set_title(f"{schema.title(key)}, final hidden state, vs size")
         axis.grid(alpha=0.3, which="both")
         axis.legend(fontsize=8)
+    figure.tight_layout()
     plots.save_figure(figure, os.path.join(images, "findings_family.png"))
 
 

@@ -1,8 +1,8 @@
 """The paper's model-size experiment in miniature: a family of tiny GPT-2s, same data, same steps.
 
 Trains each size with the HF Trainer and MNNCallback, evaluates the final checkpoints with
-``mnn-callback evaluate`` on the same held-out sample, and plots each metric against parameter
-count (``OUT/plots/family.png``). Defaults take about 10 minutes on 2 CPU cores::
+:func:`mnn_callback.evaluate_models` on the same held-out sample, and plots each metric against
+parameter count (``OUT/plots/family.png``). Defaults take about 10 minutes on 2 CPU cores::
 
     python examples/scaling_family.py --out runs/family
 """
@@ -13,8 +13,9 @@ import argparse
 import os
 import sys
 
-from mnn_callback import cli, plots
+from mnn_callback import evaluate_models, plots
 from mnn_callback.demo import prepare_data, train_gpt2
+from mnn_callback.tables import write_csv
 
 # (n_layer, n_embd, n_head): about 0.05M to 3M parameters with the 512-token vocabulary
 DEFAULT_SIZES = ["2x32x2", "4x64x4", "4x128x4", "6x192x6"]
@@ -51,14 +52,15 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
         )
         runs.append(os.path.join(run_dir, f"checkpoint-{args.steps}"))
-    results = os.path.join(args.out, "family")
-    probe = ["--max-samples", str(args.probe_samples), "--max-length", str(args.seq_len)]
-    code = cli.main(["evaluate", *runs, "--data", data.heldout_path, "--out", results, "--reference-untrained", *probe])
-    figure = plots.plot_family(
-        plots.load_table(os.path.join(results, "metrics.csv")), os.path.join(args.out, "plots", "family.png")
+    rows = evaluate_models(
+        runs, data.heldout_path, reference="untrained", max_samples=args.probe_samples, max_length=args.seq_len
     )
+    results = os.path.join(args.out, "family")
+    os.makedirs(results, exist_ok=True)
+    write_csv(os.path.join(results, "metrics.csv"), rows)
+    figure = plots.plot_family(rows, os.path.join(args.out, "plots", "family.png"))
     print(f"family results: {os.path.join(results, 'metrics.csv')}; plot: {figure}")
-    return code
+    return 1 if any(row.get("error") for row in rows) else 0
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Watch how a language model's hidden representations compress while it trains.
 
-``import mnn_callback`` needs only torch and numpy: the Trainer callback and the Accelerate
-hook are imported on first use (``from mnn_callback import MNNCallback``).
+``import mnn_callback`` needs only torch and numpy: the Trainer callback, the Accelerate hook
+and post hoc evaluation are imported on first use (``from mnn_callback import MNNCallback``).
 """
 
 from __future__ import annotations
@@ -9,24 +9,28 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from mnn_callback import schema
+from mnn_callback.accumulator import MetricAccumulator
+from mnn_callback.errors import MNNWarning, UsageError
+from mnn_callback.figures import Dashboards
 from mnn_callback.metrics import (
-    MetricAccumulator,
-    MNNWarning,
     compute_metrics,
-    diff_erank,
     effective_rank,
     matrix_entropy,
     matrix_nuclear_norm,
     nuclear_norm,
 )
-from mnn_callback.probe import Probe, ProbeResult
-from mnn_callback.sinks import Dashboards, JsonlSink, Sink, TensorBoardSink, WandbSink
+from mnn_callback.monitor import Monitor
+from mnn_callback.probe import Probe
+from mnn_callback.results import Measurement, ProbeResult
+from mnn_callback.sinks import JsonlSink, MemorySink, Sink, TensorBoardSink, WandbSink
 
 __version__ = "0.1.0"
 
 _LAZY = {
     "MNNCallback": "mnn_callback.callback",
     "MNNAccelerateHook": "mnn_callback.accelerate_hook",
+    "evaluate_models": "mnn_callback.evaluation",
 }
 
 __all__ = [
@@ -35,18 +39,23 @@ __all__ = [
     "MNNAccelerateHook",
     "MNNCallback",
     "MNNWarning",
+    "Measurement",
+    "MemorySink",
     "MetricAccumulator",
+    "Monitor",
     "Probe",
     "ProbeResult",
     "Sink",
     "TensorBoardSink",
+    "UsageError",
     "WandbSink",
     "compute_metrics",
-    "diff_erank",
     "effective_rank",
+    "evaluate_models",
     "matrix_entropy",
     "matrix_nuclear_norm",
     "nuclear_norm",
+    "schema",
 ]
 
 

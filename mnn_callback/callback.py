@@ -4,42 +4,32 @@
 step 0, every ``every_n_steps`` steps and at the end of training, and logs MNN, Matrix
 Entropy, eRank, Diff-eRank, the exact nuclear norm and the sample's loss to TensorBoard,
 Weights & Biases and ``<output_dir>/mnn_metrics.jsonl``, into ``trainer_state.json``'s
-``log_history``, and into every checkpoint (``checkpoint-*/mnn_metrics.json``).
+``log_history``, and into every checkpoint (``checkpoint-*/mnn_metrics.json``). The work is
+done by a :class:`~mnn_callback.monitor.Monitor`; this module translates Trainer events.
 """
 
 from __future__ import annotations
 
-import inspect
+import glob
 import os
-import time
-import warnings
+import socket
 from collections.abc import Sequence
 from typing import Any
 
 from torch import nn
 from transformers import TrainerCallback
 
+from mnn_callback.figures import Dashboards
 from mnn_callback.files import atomic_write_json
 from mnn_callback.guard import Guard
-from mnn_callback.metrics import MNNWarning
-from mnn_callback.probe import Probe, ProbeResult
-from mnn_callback.sinks import (
-    JSONL_FILE,
-    SINKS,
-    Dashboards,
-    JsonlSink,
-    Sink,
-    SinkSet,
-    TensorBoardSink,
-    WandbSink,
-    require_package,
-)
+from mnn_callback.monitor import Monitor
+from mnn_callback.probe import Probe
+from mnn_callback.sinks import JSONL_FILE, SINKS, JsonlSink, Sink, TensorBoardSink, WandbSink, require_package
 
-__all__ = ["CHECKPOINT_FILE", "MNNCallback"]
+__all__ = ["CHECKPOINT_FILE", "MNNCallback", "trainer_tensorboard_dir"]
 
 CHECKPOINT_FILE = "mnn_metrics.json"
 STATE_KEY = "mnn_callback"  # our entry in TrainerState.stateful_callbacks (saved in trainer_state.json)
-OVERHEAD_WARNING_SHARE = 0.05
 
 
 def _report_to(args: Any) -> list[str]:
@@ -53,24 +43,40 @@ def _report_to(args: Any) -> list[str]:
     return [name for name in report_to if name != "none"]
 
 
-def _trainer_callback(owner: TrainerCallback, class_name: str) -> TrainerCallback | None:
-    """The Trainer's callback of class ``class_name``, or None.
+def _newest_writer_dir(root: str) -> str | None:
+    """The directory of the newest TensorBoard event file this process created under ``root``.
 
-    Trainer events do not pass the other callbacks, so this looks for the ``CallbackHandler``
-    calling ``owner`` among the calling frames (its ``self``).
+    Event file names end in ``.{host}.{pid}.{counter}`` (the counter grows with every writer
+    the process opens), so the largest counter is the writer created last.
     """
-    frame = inspect.currentframe()
-    try:
-        for _ in range(8):
-            frame = frame.f_back if frame is not None else None
-            if frame is None:
-                return None
-            callbacks = getattr(frame.f_locals.get("self"), "callbacks", None)
-            if isinstance(callbacks, list) and any(callback is owner for callback in callbacks):
-                return next((callback for callback in callbacks if type(callback).__name__ == class_name), None)
-        return None
-    finally:
-        del frame
+    suffix = f".{socket.gethostname()}.{os.getpid()}."
+    newest: tuple[int, str] | None = None
+    for path in glob.glob(os.path.join(glob.escape(root), "**", "events.out.tfevents.*"), recursive=True):
+        name = os.path.basename(path)
+        if suffix in name and name.rsplit(".", 1)[-1].isdigit():
+            candidate = (int(name.rsplit(".", 1)[-1]), os.path.dirname(path))
+            newest = candidate if newest is None or candidate > newest else newest
+    return None if newest is None else newest[1]
+
+
+def trainer_tensorboard_dir(args: Any) -> str:
+    """The directory the installed transformers' TensorBoard callback writes to for ``args``.
+
+    transformers 4.x: ``args.logging_dir``. transformers 5: ``TENSORBOARD_LOGGING_DIR``, else
+    ``output_dir/runs/<time>_<host>``, named when its callback starts training: found as the
+    directory of the newest event file this process wrote under ``output_dir/runs`` (a new
+    directory of that form when the Trainer does not report to TensorBoard).
+    """
+    if getattr(args, "logging_dir", None):  # transformers 4
+        return args.logging_dir
+    if os.environ.get("TENSORBOARD_LOGGING_DIR"):
+        return os.path.expanduser(os.environ["TENSORBOARD_LOGGING_DIR"])
+    found = _newest_writer_dir(os.path.join(args.output_dir, "runs")) if "tensorboard" in _report_to(args) else None
+    if found is not None:
+        return found
+    from transformers.integrations.integration_utils import default_logdir
+
+    return os.path.join(args.output_dir, default_logdir())
 
 
 class MNNCallback(TrainerCallback):
@@ -80,19 +86,19 @@ class MNNCallback(TrainerCallback):
         data: the held-out sample (see :class:`~mnn_callback.probe.Probe`): texts (with
             ``tokenizer``), token-id lists, a tensor of ids, a dataset, or a ``.txt``/``.jsonl`` path.
         every_n_steps: probe every this many optimizer steps (and at step 0 and at the end).
-        tokenizer: turns text data into ids.
+        tokenizer: turns text data into ids (or the directory of one).
         sinks: where to log: names from ``"tensorboard"``, ``"wandb"``, ``"jsonl"`` or
             :class:`~mnn_callback.sinks.Sink` objects. Default: those of
             ``TrainingArguments.report_to`` (tensorboard, wandb) plus JSONL, always.
-        log_dir: TensorBoard directory; default: the Trainer's (``TENSORBOARD_LOGGING_DIR``,
-            else the one its TensorBoardCallback writes to, else ``args.logging_dir``).
+        log_dir: TensorBoard directory; default: the one the Trainer's own TensorBoard callback
+            writes to (:func:`trainer_tensorboard_dir`).
         reference: the Diff-eRank reference: a model (e.g. the base model of a fine-tune,
             probed once at the start of training), a :class:`ProbeResult`, or a JSON file
             holding one. Default: the step-0 probe of the model being trained.
         on_evaluate: also probe at every evaluation.
         strict: raise errors instead of turning them into warnings.
         dashboards: the TensorBoard/W&B pictures besides the scalars (a
-            :class:`~mnn_callback.sinks.Dashboards`, or True/False for all or none).
+            :class:`~mnn_callback.figures.Dashboards`, or True/False for all or none).
         **probe_options: passed to :class:`~mnn_callback.probe.Probe` (``max_samples``,
             ``max_length``, ``batch_size``, ``layers``, ``seed``, ``dtype``, ...).
 
@@ -114,8 +120,6 @@ class MNNCallback(TrainerCallback):
         dashboards: Dashboards | bool = True,
         **probe_options: Any,
     ) -> None:
-        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
-            raise ValueError(f"every_n_steps must be an integer >= 1, got {every_n_steps!r}")
         if sinks is not None:
             for sink in sinks:
                 if isinstance(sink, str):
@@ -124,56 +128,25 @@ class MNNCallback(TrainerCallback):
                     require_package(sink)
                 elif not isinstance(sink, Sink):
                     raise TypeError(f"sinks must be names or Sink objects, got {type(sink).__name__}")
-        self.guard = Guard(strict)
-        with self.guard.warnings_as_errors():  # strict: a truncated sample is an error too
-            self.probe = Probe(data, tokenizer=tokenizer, **probe_options)
-        self.every_n_steps = every_n_steps
+        with Guard(strict).warnings_as_errors():  # strict: a truncated sample is an error too
+            probe = Probe(data, tokenizer=tokenizer, **probe_options)
+            self.monitor = Monitor(
+                probe, every_n_steps=every_n_steps, reference=reference, strict=strict, dashboards=dashboards
+            )
         self.sink_specs = None if sinks is None else list(sinks)
         self.log_dir = None if log_dir is None else os.fspath(log_dir)
         self.probe_on_evaluate = on_evaluate
-        if isinstance(dashboards, bool):
-            dashboards = Dashboards() if dashboards else Dashboards.off()
-        self.dashboards = dashboards
-        self._reference_model = reference if isinstance(reference, nn.Module) else None
-        self.reference: ProbeResult | None = None
-        if reference is not None and self._reference_model is None:
-            self.reference = ProbeResult.load(reference)
-            self._check_reference_sample(self.reference)
-        self.history: list[dict[str, Any]] = []
-        self._last_probed_step: int | None = None
-        self.sinks = SinkSet([], self.guard)
         self.tensorboard_dir: str | None = None
-        self._periodic_seconds = 0.0
-        self._periodic_probes = 0
-        self._periodic_start = time.perf_counter()
-        self._logging_seconds = 0.0
-        self._warned_overhead = False
 
-    # -- setup ------------------------------------------------------------------------------------
+    # what the monitor holds, under the names users and tests know
+    probe = property(lambda self: self.monitor.probe)
+    history = property(lambda self: self.monitor.history)
+    reference = property(lambda self: self.monitor.reference)
+    guard = property(lambda self: self.monitor.guard)
+    sinks = property(lambda self: self.monitor.sinks)
+    every_n_steps = property(lambda self: self.monitor.every_n_steps)
 
-    def _check_reference_sample(self, reference: ProbeResult) -> None:
-        if reference.fingerprint != self.probe.fingerprint:
-            warnings.warn(
-                "the Diff-eRank reference was measured on another probe sample or layer set "
-                f"(fingerprint {reference.fingerprint}, this probe {self.probe.fingerprint}); "
-                "its eRanks are not directly comparable",
-                MNNWarning,
-                stacklevel=3,
-            )
-
-    def _tensorboard_dir(self, args: Any) -> str:
-        if self.log_dir is not None:
-            return self.log_dir
-        if os.environ.get("TENSORBOARD_LOGGING_DIR"):
-            return os.path.expanduser(os.environ["TENSORBOARD_LOGGING_DIR"])
-        trainer_tensorboard = _trainer_callback(self, "TensorBoardCallback")
-        if getattr(trainer_tensorboard, "logging_dir", None):
-            return trainer_tensorboard.logging_dir
-        if getattr(args, "logging_dir", None):  # transformers 4
-            return args.logging_dir
-        return os.path.join(args.output_dir, "runs", "mnn_callback")
-
-    def _make_sinks(self, args: Any) -> SinkSet:
+    def _make_sinks(self, args: Any) -> list[Sink]:
         specs = self.sink_specs
         if specs is None:
             specs = [name for name in ("tensorboard", "wandb") if name in _report_to(args)] + ["jsonl"]
@@ -183,87 +156,40 @@ class MNNCallback(TrainerCallback):
                 sinks.append(spec)
                 continue
             if spec == "tensorboard":
-                self.tensorboard_dir = self._tensorboard_dir(args)
+                self.tensorboard_dir = self.log_dir or trainer_tensorboard_dir(args)
                 sink = self.guard.call("the tensorboard sink (setup)", TensorBoardSink, self.tensorboard_dir)
             elif spec == "wandb":
                 sink = self.guard.call("the wandb sink (setup)", WandbSink)
             else:
-                path = os.path.join(args.output_dir, JSONL_FILE)
-                sink = self.guard.call("the jsonl sink (setup)", JsonlSink, path)
+                sink = self.guard.call("the jsonl sink (setup)", JsonlSink, os.path.join(args.output_dir, JSONL_FILE))
             if sink is not None:
                 sinks.append(sink)
-        return SinkSet(sinks, self.guard, self.dashboards)
+        return sinks
 
     def _restore(self, state: Any) -> None:
         """Continue the history and the reference of the checkpoint the Trainer resumed from."""
-        saved = (getattr(state, "stateful_callbacks", None) or {}).get(STATE_KEY)
-        entries = [dict(entry) for entry in state.log_history if "probe/sequences" in entry]
-        if saved is not None and saved.get("fingerprint") != self.probe.fingerprint:
-            warnings.warn(
-                f"resumed at step {state.global_step} with a different probe configuration (sample, layers or "
-                "max_length): the curves before and after this step are not comparable; a new Diff-eRank "
-                "reference is taken now",
-                MNNWarning,
-                stacklevel=3,
-            )
-            self.history = entries
-            if self._reference_model is None:
-                self.reference = None
-            return
-        self.history = entries
-        if saved is not None and self.reference is None and self._reference_model is None:
-            self.reference = ProbeResult.from_dict(saved["reference"])
+        saved = (getattr(state, "stateful_callbacks", None) or {}).get(STATE_KEY) or {}
+        history = [dict(entry) for entry in state.log_history if "probe/sequences" in entry]
+        self.monitor.load_state_dict(
+            {
+                "fingerprint": saved.get("fingerprint", self.probe.fingerprint),
+                "reference": saved.get("reference"),
+                "history": history,
+                "last_step": history[-1]["step"] if history else None,
+            }
+        )
 
-    # -- measuring --------------------------------------------------------------------------------
-
-    def _measure(self, state: Any, model: nn.Module, optimizer: Any, *, periodic: bool) -> None:
-        step = int(state.global_step)
-        self._last_probed_step = step
-        result = self.guard.call("the probe", self.probe.run, model, optimizer=optimizer)
-        if result is None:
-            if state.is_world_process_zero:
-                self.sinks.log_metrics({"probe/errors": float(self.guard.errors)}, step, epoch=state.epoch)
+    def _measure(self, state: Any, model: nn.Module, optimizer: Any, *, scheduled: bool = False) -> None:
+        measurement = self.monitor.measure(
+            model, int(state.global_step), epoch=state.epoch, optimizer=optimizer, scheduled=scheduled
+        )
+        if measurement.result is None:
             return
-        if self.reference is None:
-            self.reference = result
-        metrics = {**result.metrics, **result.diff_erank(self.reference), "probe/errors": float(self.guard.errors)}
-        if periodic:
-            # the probe's time and the last probe's logging (figures included): the monitor's whole cost
-            cost = result.seconds + self._logging_seconds
-            metrics["probe/time_share"] = self._account(cost, warn=state.is_world_process_zero)
-        entry = {"step": step, "epoch": state.epoch, **metrics}
-        self.history.append(entry)
-        state.log_history.append(entry)
+        state.log_history.append(self.history[-1])
         state.stateful_callbacks[STATE_KEY] = {
             "fingerprint": self.probe.fingerprint,
             "reference": self.reference.to_dict(),
         }
-        if state.is_world_process_zero:
-            logging_started = time.perf_counter()
-            self.sinks.log_probe(metrics, step, self.history, epoch=state.epoch)
-            self._logging_seconds = time.perf_counter() - logging_started
-
-    def _account(self, seconds: float, *, warn: bool) -> float:
-        """Add a periodic probe's time and return the probes' share of the wall time; warn once above 5%."""
-        self._periodic_seconds += seconds
-        self._periodic_probes += 1
-        elapsed = max(time.perf_counter() - self._periodic_start, 1e-9)
-        share = self._periodic_seconds / elapsed
-        if warn and share > OVERHEAD_WARNING_SHARE and self._periodic_probes >= 2 and not self._warned_overhead:
-            self._warned_overhead = True
-            suggestion = int(self.every_n_steps * share / OVERHEAD_WARNING_SHARE * 2) + 1
-            warnings.warn(
-                f"mnn_callback probes and their logging took {share:.1%} of the training wall time so far "
-                f"({self._periodic_seconds:.2f} s in {self._periodic_probes} probes); "
-                f"consider every_n_steps={suggestion} or a smaller sample (max_samples, max_length)",
-                MNNWarning,
-                stacklevel=3,
-            )
-        return share
-
-    def _probed_at(self, step: int) -> bool:
-        """Whether this step was probed (or tried), so no step is measured twice."""
-        return self._last_probed_step == step
 
     # -- Trainer events ---------------------------------------------------------------------------
 
@@ -272,34 +198,24 @@ class MNNCallback(TrainerCallback):
         if resumed:
             self._restore(state)
         else:
-            self.history = []
-        self._last_probed_step = self.history[-1]["step"] if self.history else None
-        if state.is_world_process_zero:
-            self.sinks = self._make_sinks(args)
-            config = {**self.probe.config, "every_n_steps": self.every_n_steps}
-            self.sinks.log_config(config)
-            if resumed:
-                self.sinks.log_event("resume", int(state.global_step))
-        if self._reference_model is not None and self.reference is None:
-            reference = self.guard.call("probing the reference model", self.probe.run, self._reference_model)
-            self.reference = reference
-            self._reference_model = None  # do not keep a second model alive
+            self.monitor.history, self.monitor.last_step = [], None
+        self.monitor.open(lambda: self._make_sinks(args), is_main_process=state.is_world_process_zero)
+        if resumed:
+            self.monitor.log_event("resume", int(state.global_step))
+        self.monitor.take_reference()
         # A resumed run keeps the schedule of an uninterrupted one: it probes now only when it
         # needs a new reference (another probe configuration, or none was saved).
-        if not (resumed and self.reference is not None) and not self._probed_at(state.global_step):
-            self._measure(state, model, optimizer, periodic=False)
-        self._periodic_start = time.perf_counter()
-        self._periodic_seconds = 0.0
-        self._periodic_probes = 0
-        self._logging_seconds = 0.0  # the step-0 logging (first figures, imports) is not a periodic cost
+        if not (resumed and self.reference is not None) and self.monitor.last_step != state.global_step:
+            self._measure(state, model, optimizer)
+        self.monitor.start_clock()
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
-        if state.global_step % self.every_n_steps == 0 and not self._probed_at(state.global_step):
-            self._measure(state, model, optimizer, periodic=True)
+        if self.monitor.due(state.global_step):
+            self._measure(state, model, optimizer, scheduled=True)
 
     def on_evaluate(self, args, state, control, model=None, optimizer=None, **kwargs):
-        if self.probe_on_evaluate and not self._probed_at(state.global_step):
-            self._measure(state, model, optimizer, periodic=False)
+        if self.probe_on_evaluate and self.monitor.last_step != state.global_step:
+            self._measure(state, model, optimizer)
 
     def on_save(self, args, state, control, **kwargs):
         if not state.is_world_process_zero:
@@ -316,7 +232,6 @@ class MNNCallback(TrainerCallback):
             )
 
     def on_train_end(self, args, state, control, model=None, optimizer=None, **kwargs):
-        if not self._probed_at(state.global_step):
-            self._measure(state, model, optimizer, periodic=False)
-        if state.is_world_process_zero:
-            self.sinks.close()
+        if self.monitor.last_step != state.global_step:
+            self._measure(state, model, optimizer)
+        self.monitor.close()

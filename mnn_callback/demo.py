@@ -18,8 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mnn_callback.files import read_jsonl
-
 DATA_DIR = Path(__file__).resolve().parent / "data"
 SHAKESPEARE = DATA_DIR / "tinyshakespeare.txt"
 END_OF_TEXT = "<|endoftext|>"
@@ -143,6 +141,36 @@ class _Chunks:
         return {"input_ids": ids, "labels": ids}
 
 
+def _training_arguments(out_dir: str, *, tensorboard_dir: str | None, wandb: bool, every: int, **options: Any) -> Any:
+    """The demo's TrainingArguments (transformers 4 takes the TensorBoard directory as ``logging_dir``)."""
+    import transformers
+    from transformers import TrainingArguments
+
+    logging_dir = {}
+    if tensorboard_dir is not None and int(transformers.__version__.split(".")[0]) < 5:
+        logging_dir["logging_dir"] = tensorboard_dir
+    steps = options.pop("steps")
+    return TrainingArguments(
+        out_dir,
+        max_steps=steps,
+        per_device_train_batch_size=options["batch_size"],
+        learning_rate=options["learning_rate"],
+        lr_scheduler_type="cosine",
+        warmup_steps=max(1, steps // 20),
+        weight_decay=0.01,
+        logging_steps=max(1, every // 2),
+        save_strategy="steps",
+        save_steps=options["save_every"],
+        report_to=["tensorboard"] + (["wandb"] if wandb else []),
+        use_cpu=options["use_cpu"],
+        bf16=options["bf16"],
+        seed=options["seed"],
+        disable_tqdm=False,
+        run_name=os.path.basename(os.path.normpath(out_dir)),
+        **logging_dir,
+    )
+
+
 def train_gpt2(
     out_dir: str,
     data: DemoData,
@@ -160,10 +188,16 @@ def train_gpt2(
     wandb: bool = False,
     probe_samples: int = 32,
     seed: int = 0,
+    tensorboard_dir: str | None = None,
 ) -> Any:
-    """Train a GPT-2 from scratch with the HF Trainer and :class:`MNNCallback`; returns the Trainer."""
+    """Train a GPT-2 from scratch with the HF Trainer and :class:`MNNCallback`; returns the Trainer.
+
+    ``tensorboard_dir``: where the Trainer's and the callback's TensorBoard scalars go (one run);
+    default: the Trainer's own ``output_dir/runs/<time>_<host>``.
+    """
     import torch
-    from transformers import GPT2LMHeadModel, Trainer, TrainingArguments
+    import transformers
+    from transformers import GPT2LMHeadModel, Trainer
 
     from mnn_callback.callback import MNNCallback
 
@@ -171,38 +205,41 @@ def train_gpt2(
     torch.manual_seed(seed)
     model = GPT2LMHeadModel(tiny_gpt2_config(len(data.tokenizer), n_layer, n_embd, n_head, n_positions=seq_len))
     use_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
-    report_to = ["tensorboard"] + (["wandb"] if wandb else [])
-    args = TrainingArguments(
+    args = _training_arguments(
         out_dir,
-        max_steps=steps,
-        per_device_train_batch_size=batch_size,
+        steps=steps,
+        every=every,
+        save_every=save_every,
+        batch_size=batch_size,
         learning_rate=learning_rate,
-        lr_scheduler_type="cosine",
-        warmup_steps=max(1, steps // 20),
-        weight_decay=0.01,
-        logging_steps=max(1, every // 2),
-        save_strategy="steps",
-        save_steps=save_every,
-        report_to=report_to,
         use_cpu=use_cpu,
         bf16=bf16,
+        wandb=wandb,
         seed=seed,
-        disable_tqdm=False,
-        run_name=os.path.basename(os.path.normpath(out_dir)),
+        tensorboard_dir=tensorboard_dir,
     )
+    environment = {}
+    if tensorboard_dir is not None and int(transformers.__version__.split(".")[0]) >= 5:
+        environment["TENSORBOARD_LOGGING_DIR"] = tensorboard_dir  # transformers 5 reads it from the environment
     callback = MNNCallback(
-        data.heldout_path, every_n_steps=every, max_samples=probe_samples, max_length=seq_len, batch_size=16
+        data.heldout_path,
+        every_n_steps=every,
+        max_samples=probe_samples,
+        max_length=seq_len,
+        batch_size=16,
+        log_dir=tensorboard_dir,
     )
-    trainer = Trainer(
-        model=model,
-        args=args,
-        train_dataset=_Chunks(data.train_chunks),
-        processing_class=data.tokenizer,
-        callbacks=[callback],
-    )
-    # The untrained model as checkpoint-0, so post hoc evaluation starts where the callback did.
-    trainer.save_model(os.path.join(out_dir, "checkpoint-0"))
-    trainer.train()
+    with _environment(environment):
+        trainer = Trainer(
+            model=model,
+            args=args,
+            train_dataset=_Chunks(data.train_chunks),
+            processing_class=data.tokenizer,
+            callbacks=[callback],
+        )
+        # The untrained model as checkpoint-0, so post hoc evaluation starts where the callback did.
+        trainer.save_model(os.path.join(out_dir, "checkpoint-0"))
+        trainer.train()
     return trainer
 
 
@@ -234,14 +271,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """``mnn-callback demo``: train, evaluate the checkpoints post hoc, plot, and say where everything is."""
     args = parse_args(argv)
-    environment = {
-        "TENSORBOARD_LOGGING_DIR": os.environ.get("TENSORBOARD_LOGGING_DIR") or os.path.join(args.out, "tensorboard")
-    }
     if args.wandb and not os.environ.get("WANDB_API_KEY") and not os.environ.get("WANDB_MODE"):
-        environment["WANDB_MODE"] = "offline"
-        print("W&B: no API key configured, logging offline (wandb sync later to upload)")
-    with _environment(environment):
-        return _run(args)
+        print("W&B: no API key configured, logging offline (wandb sync later to upload); set WANDB_MODE to choose")
+        with _environment({"WANDB_MODE": "offline"}):
+            return _run(args)
+    return _run(args)
 
 
 @contextlib.contextmanager
@@ -259,10 +293,37 @@ def _environment(values: dict[str, str]):
                 os.environ[name] = value
 
 
+def _figures(out: str, posthoc: str, docs_images: str | None) -> list[str]:
+    """The demo's PNGs: from the run's history and from the post hoc results."""
+    from mnn_callback import plots
+    from mnn_callback.tables import load_table
+
+    plot_dir = os.path.join(out, "plots")
+    history = load_table(out)
+    figures = plots.plot_all(history, plot_dir)
+    profile = plots.layer_profile_figure(history)
+    figures.append(plots.save_figure(profile, os.path.join(plot_dir, "layer_profile.png")))
+    if os.path.isfile(os.path.join(posthoc, "metrics.csv")):
+        approximation = plots.plot_approximation(
+            load_table(os.path.join(posthoc, "metrics.csv")), os.path.join(plot_dir, "checkpoints_approximation.png")
+        )
+        figures += [approximation] if approximation else []
+    if docs_images:
+        os.makedirs(docs_images, exist_ok=True)
+        for figure in figures:
+            shutil.copy(figure, os.path.join(docs_images, "demo_" + os.path.basename(figure)))
+    return figures
+
+
 def _run(args: argparse.Namespace) -> int:
+    from mnn_callback.callback import MNNCallback
+    from mnn_callback.evaluation import evaluate_models, latest_rows
+    from mnn_callback.files import read_jsonl
+    from mnn_callback.tables import write_csv
+
     started = time.perf_counter()
     data = prepare_data(args.out, seq_len=args.seq_len, max_train_chars=args.max_train_chars)
-    train_gpt2(
+    trainer = train_gpt2(
         args.out,
         data,
         n_layer=args.n_layer,
@@ -278,42 +339,35 @@ def _run(args: argparse.Namespace) -> int:
         wandb=args.wandb,
         probe_samples=args.probe_samples,
         seed=args.seed,
+        tensorboard_dir=os.path.join(args.out, "tensorboard"),
     )
-    from mnn_callback import cli, plots
-
+    callback = next(c for c in trainer.callback_handler.callbacks if isinstance(c, MNNCallback))
     posthoc = os.path.join(args.out, "posthoc")
-    options = ["--max-samples", str(args.probe_samples), "--max-length", str(args.seq_len), "--batch-size", "16"]
-    code = cli.main(["evaluate", args.out, "--data", data.heldout_path, "--out", posthoc, *options])
-    plot_dir = os.path.join(args.out, "plots")
-    history_path = os.path.join(args.out, "mnn_metrics.jsonl")
-    figures = plots.plot_all(plots.load_table(history_path), plot_dir)
-    history = [record for record in read_jsonl(history_path) if "step" in record and "event" not in record]
-    figures.append(plots.save_figure(plots.layer_profile_figure(history), os.path.join(plot_dir, "layer_profile.png")))
-    if os.path.isfile(os.path.join(posthoc, "metrics.csv")):
-        approximation = plots.plot_approximation(
-            plots.load_table(os.path.join(posthoc, "metrics.csv")),
-            os.path.join(plot_dir, "checkpoints_approximation.png"),
-        )
-        figures += [approximation] if approximation else []
-    if args.docs_images:
-        os.makedirs(args.docs_images, exist_ok=True)
-        for figure in figures:
-            shutil.copy(figure, os.path.join(args.docs_images, "demo_" + os.path.basename(figure)))
-    tensorboard_dir = os.environ["TENSORBOARD_LOGGING_DIR"]
-    print(
-        "\n".join(
-            [
-                "",
-                f"Done in {time.perf_counter() - started:.0f} s. Everything is in {args.out}/:",
-                f"  TensorBoard logs   {tensorboard_dir}   (tensorboard --logdir {tensorboard_dir})",
-                f"  probe history      {os.path.join(args.out, 'mnn_metrics.jsonl')}",
-                f"  checkpoints        {os.path.join(args.out, 'checkpoint-*')}  (each with mnn_metrics.json)",
-                f"  post hoc metrics   {os.path.join(posthoc, 'metrics.csv')}",
-                f"  plots              {', '.join(figures)}",
-            ]
-        )
+    os.makedirs(posthoc, exist_ok=True)
+    results_file = os.path.join(posthoc, "metrics.jsonl")
+    rows = evaluate_models(
+        [args.out],
+        data.heldout_path,
+        results_file=results_file,
+        device=args.device,
+        max_samples=args.probe_samples,
+        max_length=args.seq_len,
+        batch_size=16,
     )
-    return code
+    write_csv(os.path.join(posthoc, "metrics.csv"), latest_rows(read_jsonl(results_file)))
+    figures = _figures(args.out, posthoc, args.docs_images)
+    tensorboard_dir = callback.tensorboard_dir
+    lines = [
+        "",
+        f"Done in {time.perf_counter() - started:.0f} s. Everything is in {args.out}/:",
+        f"  TensorBoard logs   {tensorboard_dir}   (tensorboard --logdir {tensorboard_dir})",
+        f"  probe history      {os.path.join(args.out, 'mnn_metrics.jsonl')}",
+        f"  checkpoints        {os.path.join(args.out, 'checkpoint-*')}  (each with mnn_metrics.json)",
+        f"  post hoc metrics   {os.path.join(posthoc, 'metrics.csv')}",
+        f"  plots              {', '.join(figures)}",
+    ]
+    print("\n".join(lines))
+    return 1 if any(row.get("error") for row in rows) else 0
 
 
 if __name__ == "__main__":

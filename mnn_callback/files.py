@@ -1,4 +1,4 @@
-"""Small file helpers: atomic JSON writes and tolerant JSONL reads."""
+"""Small file helpers: atomic JSON writes, JSONL appends that reach the disk, tolerant JSONL reads."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import os
 import tempfile
 from typing import Any
 
-__all__ = ["atomic_write_json", "json_safe", "read_jsonl"]
+__all__ = ["append_jsonl", "atomic_write_json", "json_safe", "read_jsonl"]
 
 
 def json_safe(value: Any) -> Any:
@@ -40,6 +40,15 @@ def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
         if os.path.exists(temporary):
             os.unlink(temporary)
         raise
+
+
+def append_jsonl(path: str | os.PathLike, record: Any) -> None:
+    """Append ``record`` as one line of strict JSON (non-finite floats as null), flushed and fsynced."""
+    line = json.dumps(json_safe(record), allow_nan=False)
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(line + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:

@@ -32,24 +32,25 @@ for those.
 from __future__ import annotations
 
 import math
-import warnings
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
 
-from mnn_callback.spectra import polar_nuclear_norm, slq_entropy
+from mnn_callback.spectra import (
+    eigvalsh_safely,
+    polar_nuclear_norm,
+    renyi2_nats,
+    slq_entropy,
+    smaller_gram,
+    spectral_sums,
+    warn_failed_solves,
+)
 
 __all__ = [
     "METHODS",
-    "MNNWarning",
-    "MetricAccumulator",
     "PendingMetrics",
-    "all_reduce_sum",
     "compute_metrics",
-    "diff_erank",
     "effective_rank",
     "finish_metrics",
     "matrix_entropy",
@@ -60,13 +61,6 @@ __all__ = [
 
 METHODS = ("exact", "fast")
 _COMPUTE_DTYPES = (torch.float32, torch.float64)
-
-
-class MNNWarning(UserWarning):
-    """A problem the monitor survived (NaN sequences, a failed eigensolve, an unwritable sink).
-
-    Strict mode (``strict=True`` in the callback and hook) turns these into errors.
-    """
 
 
 @dataclass(frozen=True)
@@ -146,76 +140,9 @@ def _mnn(z: Tensor, lengths: Tensor, top_d: int | None) -> Tensor:
     return (column_norms * in_top).sum(dim=-1) / lengths.clamp(min=1).to(z.dtype)
 
 
-def _eigvalsh(gram: Tensor) -> tuple[Tensor, int]:
-    """Eigenvalues of a batch of symmetric matrices and the number of failed matrices; never raises.
-
-    Retries a failed batched solve in float64 on the CPU, then matrix by matrix; matrices that
-    still fail get NaN eigenvalues.
-    """
-    try:
-        return torch.linalg.eigvalsh(gram), 0
-    except RuntimeError:  # torch.linalg.LinAlgError; ill-conditioned input, seen on CUDA
-        pass
-    gram64 = gram.to(device="cpu", dtype=torch.float64)
-    try:
-        return torch.linalg.eigvalsh(gram64).to(device=gram.device, dtype=gram.dtype), 0
-    except RuntimeError:
-        pass
-    eigenvalues = torch.full(gram.shape[:-1], math.nan, dtype=torch.float64)
-    failed = 0
-    for index in range(gram64.shape[0]):
-        try:
-            eigenvalues[index] = torch.linalg.eigvalsh(gram64[index])
-        except RuntimeError:
-            failed += 1
-    return eigenvalues.to(device=gram.device, dtype=gram.dtype), failed
-
-
-def _gram(z: Tensor) -> Tensor:
-    """The smaller Gram matrix of each sequence: Z Z^T (L x L) when L <= d, else Z^T Z (d x d)."""
-    return z @ z.mT if z.shape[1] <= z.shape[2] else z.mT @ z
-
-
-def _renyi2_nats(gram: Tensor) -> Tensor:
-    """Order-2 entropy of the spectrum, -ln(||G||_F^2 / tr(G)^2), from the Gram matrix alone (0 for G = 0)."""
-    trace = gram.diagonal(dim1=-2, dim2=-1).sum(dim=-1)
-    frobenius2 = gram.square().sum(dim=(-2, -1))
-    ratio = frobenius2 / torch.where(trace > 0, trace, 1.0).square()
-    return torch.where(trace > 0, -torch.log(ratio.clamp(min=torch.finfo(gram.dtype).tiny)), 0.0)
-
-
-def _from_eigenvalues(eigenvalues: Tensor) -> tuple[Tensor, Tensor]:
-    """Sum of singular values of Z and the Shannon entropy (nats) from Gram eigenvalues (B, m).
-
-    Rows with non-finite eigenvalues (a failed solve) give NaN.
-    """
-    dtype = eigenvalues.dtype
-    solved = torch.isfinite(eigenvalues).all(dim=-1)
-    if eigenvalues.shape[-1] == 0:  # no tokens: an empty spectrum, masked as NaN by the caller
-        eigenvalues = eigenvalues.new_zeros(eigenvalues.shape[0], 1)
-    lam = torch.nan_to_num(eigenvalues, nan=0.0, posinf=0.0, neginf=0.0).clamp(min=0.0)
-    # Zero eigenvalues come out of a float32 solve as +-(0.1 to 1.5) * eps * lambda_max (measured
-    # on rank-deficient Grams, m = 64..1024), and their square roots would bias the nuclear norm
-    # upwards: treat eigenvalues under sqrt(m) * eps * lambda_max as zero. A cutoff of
-    # m * eps * lambda_max also zeroed real eigenvalues of anisotropic (outlier-dimension) inputs.
-    cutoff = torch.finfo(dtype).eps * math.sqrt(lam.shape[-1]) * lam.amax(dim=-1, keepdim=True)
-    lam = torch.where(lam > cutoff, lam, 0.0)
-    singular_sum = lam.sqrt().sum(dim=-1)
-    total = lam.sum(dim=-1, keepdim=True)
-    p = lam / torch.where(total > 0, total, 1.0)
-    entropy_nats = 0.0 - torch.special.xlogy(p, p).sum(dim=-1)  # 0.0 - x: no -0.0
-    nan = torch.full_like(singular_sum, math.nan)
-    return torch.where(solved, singular_sum, nan), torch.where(solved, entropy_nats, nan)
-
-
-def _warn_failed(failed: int, total: int) -> None:
-    if failed:
-        warnings.warn(
-            f"the eigensolver failed on {failed} of {total} Gram matrices, also in float64 on the CPU; "
-            "their spectral metrics are NaN",
-            MNNWarning,
-            stacklevel=4,
-        )
+def _direct_values(normalized: _Normalized, top_d: int | None) -> dict[str, Tensor]:
+    """The per-sequence metrics computed from Z directly, without its spectrum (every method has them)."""
+    return {"mnn": _mnn(normalized.z, normalized.lengths, top_d)}
 
 
 def _spectra(z: Tensor, method: str, memory_share: float = 0.25, min_chunk_elements: int = 2**20) -> dict[str, Tensor]:
@@ -235,18 +162,18 @@ def _spectra(z: Tensor, method: str, memory_share: float = 0.25, min_chunk_eleme
     parts: dict[str, list[Tensor]] = {"singular_sum": [], "entropy_nats": [], "renyi2_nats": []}
     failed = 0
     for part in z.split(max(1, int(budget // (side * side)))):
-        gram = _gram(part)
-        parts["renyi2_nats"].append(_renyi2_nats(gram))
+        gram = smaller_gram(part)
+        parts["renyi2_nats"].append(renyi2_nats(gram))
         if method == "fast":
             parts["singular_sum"].append(polar_nuclear_norm(part))
             parts["entropy_nats"].append(slq_entropy(gram))
         else:
-            eigenvalues, part_failed = _eigvalsh(gram)
+            eigenvalues, part_failed = eigvalsh_safely(gram)
             failed += part_failed
-            singular_sum, entropy_nats = _from_eigenvalues(eigenvalues)
+            singular_sum, entropy_nats = spectral_sums(eigenvalues)
             parts["singular_sum"].append(singular_sum)
             parts["entropy_nats"].append(entropy_nats)
-    _warn_failed(failed, batch)
+    warn_failed_solves(failed, batch)
     return {key: torch.cat(values) for key, values in parts.items()}
 
 
@@ -314,7 +241,7 @@ def compute_metrics(
     _check_options(top_d, method)
     batch, mask, was_2d = _as_batch(hidden, attention_mask, dtype)
     normalized = _normalize(batch, mask, dtype)
-    values = {"mnn": _mnn(normalized.z, normalized.lengths, top_d)}
+    values = _direct_values(normalized, top_d)
     spectra = _spectra(normalized.z, method)
     values.update(_spectral_values(spectra, normalized.lengths, batch.shape[-1]))
     return _finish(values, normalized.valid, was_2d)
@@ -328,7 +255,7 @@ class PendingMetrics:
     call: one batched eigensolve, one host synchronisation.
     """
 
-    values: dict[str, Tensor]  # mnn and renyi2 (nats) per sequence, done
+    values: dict[str, Tensor]  # the direct values and renyi2 (nats) per sequence, done
     gram: Tensor  # (B, m, m)
     lengths: Tensor
     valid: Tensor
@@ -350,13 +277,14 @@ def prepare_metrics(
 ) -> PendingMetrics:
     """The first half of ``compute_metrics(method="exact")``: everything but the eigensolve.
 
-    Computes MNN and the Rényi-2 entropy and keeps the Gram matrices; Z itself is dropped.
+    Computes the metrics that need no eigensolve (MNN, Rényi-2) and keeps the Gram matrices; Z
+    itself is dropped.
     """
     _check_options(top_d, "exact")
     batch, mask, was_2d = _as_batch(hidden, attention_mask, dtype)
     normalized = _normalize(batch, mask, dtype)
-    gram = _gram(normalized.z)
-    values = {"mnn": _mnn(normalized.z, normalized.lengths, top_d), "renyi2_nats": _renyi2_nats(gram)}
+    gram = smaller_gram(normalized.z)
+    values = {**_direct_values(normalized, top_d), "renyi2_nats": renyi2_nats(gram)}
     return PendingMetrics(values, gram, normalized.lengths, normalized.valid, batch.shape[-1], was_2d)
 
 
@@ -376,8 +304,8 @@ def finish_metrics(pending: list[PendingMetrics]) -> list[dict[str, Tensor]]:
             for item in pending
         ]
     )
-    eigenvalues, failed = _eigvalsh(padded)
-    _warn_failed(failed, padded.shape[0])
+    eigenvalues, failed = eigvalsh_safely(padded)
+    warn_failed_solves(failed, padded.shape[0])
     results, offset = [], 0
     for item in pending:
         count = item.gram.shape[0]
@@ -385,13 +313,10 @@ def finish_metrics(pending: list[PendingMetrics]) -> list[dict[str, Tensor]]:
         offset += count
         # padding added zero eigenvalues; drop as many smallest ones to keep the item's own size
         part = part[:, side - item.gram.shape[-1] :] if count else part[:, :0]
-        singular_sum, entropy_nats = _from_eigenvalues(part)
-        spectra = {
-            "singular_sum": singular_sum,
-            "entropy_nats": entropy_nats,
-            "renyi2_nats": item.values["renyi2_nats"],
-        }
-        values = {"mnn": item.values["mnn"], **_spectral_values(spectra, item.lengths, item.hidden_size)}
+        singular_sum, entropy_nats = spectral_sums(part)
+        direct = dict(item.values)
+        spectra = {"singular_sum": singular_sum, "entropy_nats": entropy_nats, "renyi2_nats": direct.pop("renyi2_nats")}
+        values = {**direct, **_spectral_values(spectra, item.lengths, item.hidden_size)}
         results.append(_finish(values, item.valid, item.was_2d))
     return results
 
@@ -418,8 +343,7 @@ def matrix_nuclear_norm(
         raise ValueError(f"top_d must be a positive int or None, got {top_d!r}")
     batch, mask, was_2d = _as_batch(hidden, attention_mask, dtype)
     normalized = _normalize(batch, mask, dtype)
-    values = {"mnn": _mnn(normalized.z, normalized.lengths, top_d)}
-    return _finish(values, normalized.valid, was_2d)["mnn"]
+    return _finish(_direct_values(normalized, top_d), normalized.valid, was_2d)["mnn"]
 
 
 def _spectral_metric(hidden: Tensor, attention_mask: Tensor | None, dtype: torch.dtype) -> dict[str, Tensor]:
@@ -488,116 +412,3 @@ def effective_rank(
         2.0
     """
     return _spectral_metric(hidden, attention_mask, dtype)["erank"]
-
-
-def diff_erank(reference_erank: Tensor | float, erank: Tensor | float) -> Tensor | float:
-    """Diff-eRank: ``eRank(reference) - eRank(current)``, e.g. the untrained model minus the trained one.
-
-    Positive when the current model's representation is more compressed than the reference's.
-    Use data-set eRanks (:meth:`MetricAccumulator.compute`), not means of per-sequence eRanks.
-    """
-    return reference_erank - erank
-
-
-_LAST_COLLECTIVE: list[Any] = []
-
-
-def all_reduce_sum(tensor: Tensor, group: object | None = None) -> Tensor:
-    """Sum of ``tensor`` over the processes of a ``torch.distributed`` group, on ``tensor``'s device.
-
-    Returns ``tensor`` itself when no process group is initialised. Every process of the group
-    must call it. Communicates through a CUDA tensor under NCCL, a CPU tensor otherwise.
-    """
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return tensor
-    if dist.get_backend(group) == "nccl":
-        device = torch.device("cuda", torch.cuda.current_device())
-    else:
-        device = torch.device("cpu")
-    buffer = tensor.to(device, copy=True)
-    work = dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=group, async_op=True)
-    work.wait()
-    # Keep the finished work and its buffer alive until the next call. Otherwise gloo's worker
-    # thread may drop the last reference and need the GIL to free the buffer while the main
-    # thread, holding the GIL, tears the process group down: a deadlock at exit (torch 2.13).
-    _LAST_COLLECTIVE[:] = [work, buffer]
-    return buffer.to(tensor.device, copy=True)
-
-
-class MetricAccumulator:
-    """Data-set aggregation of per-sequence metrics, mergeable and all-reducible.
-
-    Keeps, per group (a layer, say), the sum and count of the finite values of each field in
-    :attr:`FIELDS`, the number of sequences and of sequences with any NaN metric, in one float64
-    tensor, so shards of a data set summed across processes give exactly the single-pass result.
-    Aggregation, as the MNN and Diff-eRank authors aggregate:
-
-    - ``mnn``, ``nuclear_norm``, ``matrix_entropy``, ``entropy_nats``, ``renyi2_entropy``: means over
-      sequences, NaN ignored;
-    - ``erank = exp(mean of entropy_nats)``: a geometric mean of per-sequence eRanks.
-
-    Example:
-        >>> import torch
-        >>> acc = MetricAccumulator(num_groups=1)
-        >>> acc.update(compute_metrics(torch.randn(3, 16, 8)), group=0)
-        >>> acc.compute()["sequences"].tolist()
-        [3.0]
-    """
-
-    FIELDS = ("mnn", "nuclear_norm", "matrix_entropy", "entropy_nats", "renyi2_entropy")
-
-    def __init__(self, num_groups: int = 1, device: torch.device | str | None = None) -> None:
-        if num_groups < 1:
-            raise ValueError(f"num_groups must be at least 1, got {num_groups}")
-        fields = len(self.FIELDS)
-        # columns: sums of the fields, counts of the fields, sequences, nan_sequences
-        self.state = torch.zeros(num_groups, 2 * fields + 2, dtype=torch.float64, device=device)
-
-    @property
-    def num_groups(self) -> int:
-        return self.state.shape[0]
-
-    def update(self, metrics: Mapping[str, Tensor], group: int = 0) -> None:
-        """Add a batch of per-sequence metrics (each ``(B,)`` or 0-d) to ``group``."""
-        missing = [field for field in self.FIELDS if field not in metrics]
-        if missing:
-            raise KeyError(f"metrics lack the fields {missing}; pass the output of compute_metrics")
-        values = torch.stack([metrics[field].detach().reshape(-1).to(torch.float64) for field in self.FIELDS])
-        if values.device != self.state.device:
-            self.state = self.state.to(values.device)
-        finite = torch.isfinite(values)
-        fields = len(self.FIELDS)
-        row = self.state[group]
-        row[:fields] += torch.where(finite, values, 0.0).sum(dim=-1)
-        row[fields : 2 * fields] += finite.sum(dim=-1)
-        row[-2] += values.shape[-1]
-        row[-1] += (~finite).any(dim=0).sum()
-
-    def merge(self, other: MetricAccumulator) -> MetricAccumulator:
-        """Add another accumulator's sums (same number of groups) into this one; returns self."""
-        if other.state.shape != self.state.shape:
-            raise ValueError(f"cannot merge accumulators of shapes {other.state.shape} and {self.state.shape}")
-        self.state += other.state.to(self.state.device)
-        return self
-
-    def all_reduce(self, group: object | None = None) -> MetricAccumulator:
-        """Sum the state across ``torch.distributed`` processes (see :func:`all_reduce_sum`); returns self."""
-        self.state = all_reduce_sum(self.state, group)
-        return self
-
-    def compute(self) -> dict[str, Tensor]:
-        """Data-set values per group, float64 tensors of shape ``(num_groups,)``.
-
-        Keys: the :attr:`FIELDS` (means), ``erank`` (exp of the mean entropy in nats),
-        ``sequences`` and ``nan_sequences``. A mean over no finite value is NaN.
-        """
-        fields = len(self.FIELDS)
-        sums, counts = self.state[:, :fields], self.state[:, fields : 2 * fields]
-        means = sums / counts.where(counts > 0, math.nan)
-        out = {field: means[:, index] for index, field in enumerate(self.FIELDS)}
-        out["erank"] = out["entropy_nats"].exp()
-        out["sequences"] = self.state[:, -2].clone()
-        out["nan_sequences"] = self.state[:, -1].clone()
-        return out

@@ -1,496 +1,48 @@
 """The probe: a fixed held-out sample through the current model, per-layer metrics in one pass.
 
-:class:`Probe` fixes its sample once, at construction; :meth:`Probe.run` sends it through a
-model in micro-batches and turns each chosen hidden state into data-set metrics as soon as
-that layer's activations exist (forward hooks), so the extra memory stays near one layer's
-activations for one micro-batch. Training is left untouched: module flags, gradient
-checkpointing and RNG states are restored, no autograd graph is built, hooks are always
-removed. Under ``torch.distributed`` the sample is sharded and the sums are all-reduced, so
-every process gets the single-process result.
-
-Works with Hugging Face transformers models (decoder-only and encoders) and any module whose
-``forward(input_ids=..., attention_mask=..., output_hidden_states=True)`` returns
-``hidden_states``; transformers itself is not imported here.
+:class:`Probe` fixes its sample once, at construction (:mod:`mnn_callback.sample`);
+:meth:`Probe.run` sends it through a model in micro-batches and turns each chosen hidden state
+into data-set metrics as soon as that layer's activations exist (forward hooks), so the extra
+memory stays near one layer's activations for one micro-batch. Training is left untouched
+(:mod:`mnn_callback.training_state`). Under ``torch.distributed`` the sample is sharded and the
+sums are all-reduced, so every process gets the single-process result.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import hashlib
-import inspect
-import json
 import math
-import os
-import random
-import sys
 import time
 import warnings
 import weakref
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from mnn_callback.metrics import (
-    METHODS,
-    MetricAccumulator,
-    MNNWarning,
-    PendingMetrics,
-    all_reduce_sum,
-    compute_metrics,
-    finish_metrics,
-    prepare_metrics,
+from mnn_callback import schema
+from mnn_callback.accumulator import MetricAccumulator
+from mnn_callback.distributed import all_reduce, world
+from mnn_callback.emitters import (
+    Emitters,
+    accepted_kwargs,
+    calibrate,
+    first_tensor,
+    hidden_states_of,
+    inspectable,
+    model_device,
 )
+from mnn_callback.errors import MNNWarning
+from mnn_callback.metrics import METHODS, PendingMetrics, compute_metrics, finish_metrics, prepare_metrics
+from mnn_callback.results import ProbeResult
+from mnn_callback.sample import fingerprint, fixed_sample, load_tokenizer
+from mnn_callback.training_state import preserved_training_state
 
 __all__ = ["Probe", "ProbeResult", "preserved_training_state"]
 
-PER_LAYER_KEYS = ("mnn", "nuclear_norm", "matrix_entropy", "erank", "renyi2_entropy")
-
-
-# ---------------------------------------------------------------------------------------------
-# The fixed sample
-# ---------------------------------------------------------------------------------------------
-
-
-def _read_text_paragraphs(path: str) -> list[str]:
-    """Paragraphs of a text file: blocks separated by blank lines, stripped, empty ones skipped."""
-    with open(path, encoding="utf-8") as handle:
-        text = handle.read()
-    paragraphs, current = [], []
-    for line in text.splitlines():
-        if line.strip():
-            current.append(line)
-        elif current:
-            paragraphs.append("\n".join(current))
-            current = []
-    if current:
-        paragraphs.append("\n".join(current))
-    return paragraphs
-
-
-def _read_jsonl(path: str, text_column: str) -> list[str | list[int]]:
-    """Records of a JSONL file: an object with ``input_ids`` or ``text_column``, or a bare string."""
-    records: list[str | list[int]] = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}, line {number}: not valid JSON ({error.msg})") from None
-            if isinstance(record, str):
-                records.append(record)
-            elif isinstance(record, dict) and "input_ids" in record:
-                records.append(list(record["input_ids"]))
-            elif isinstance(record, dict) and isinstance(record.get(text_column), str):
-                records.append(record[text_column])
-            else:
-                raise ValueError(
-                    f"{path}, line {number}: expected a string or an object with 'input_ids' or {text_column!r}"
-                )
-    return records
-
-
-def _rows_of_ids(input_ids: Any, attention_mask: Any = None) -> list[list[int]]:
-    """Rows of a 2-D id tensor or nested list, keeping the tokens the mask marks valid, in order."""
-    ids = torch.as_tensor(input_ids)
-    if ids.ndim != 2 or ids.is_floating_point():
-        raise ValueError(f"input_ids must be a 2-D integer tensor, got shape {tuple(ids.shape)} and {ids.dtype}")
-    if attention_mask is None:
-        return ids.tolist()
-    mask = torch.as_tensor(attention_mask)
-    if mask.shape != ids.shape:
-        raise ValueError(f"attention_mask shape {tuple(mask.shape)} does not match input_ids {tuple(ids.shape)}")
-    return [row[keep].tolist() for row, keep in zip(ids, mask.bool(), strict=True)]
-
-
-def _candidates(data: Any, text_column: str) -> Sequence[str | list[int]]:
-    """Turn any supported ``data`` into an indexable sequence of texts or token-id lists."""
-    if isinstance(data, (str, os.PathLike)):
-        path = os.fspath(data)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"probe data file not found: {path}")
-        if path.endswith(".txt"):
-            return _read_text_paragraphs(path)
-        if path.endswith(".jsonl"):
-            return _read_jsonl(path, text_column)
-        raise ValueError(f"probe data file must end in .txt or .jsonl, got {path}")
-    if isinstance(data, Tensor):
-        return _rows_of_ids(data)
-    if isinstance(data, Mapping):
-        if "input_ids" not in data:
-            raise ValueError("probe data given as a mapping must have 'input_ids' (and optionally 'attention_mask')")
-        return _rows_of_ids(data["input_ids"], data.get("attention_mask"))
-    column_names = getattr(data, "column_names", None)
-    if column_names is not None:  # a datasets.Dataset
-        if "input_ids" in column_names:
-            return data["input_ids"]
-        if text_column in column_names:
-            return data[text_column]
-        raise ValueError(f"the dataset has neither 'input_ids' nor a {text_column!r} column: {column_names}")
-    if isinstance(data, Sequence):
-        return data
-    raise TypeError(
-        "probe data must be a list of strings or of token-id lists, a 2-D tensor of input ids, a mapping with "
-        f"'input_ids', a datasets.Dataset, or a path to a .txt or .jsonl file; got {type(data).__name__}"
-    )
-
-
-def _encoder(tokenizer: Any) -> Callable[[str | Sequence[int]], list[int]]:
-    def encode(item: str | Sequence[int]) -> list[int]:
-        if isinstance(item, str):
-            if tokenizer is None:
-                raise ValueError("the probe data holds text: pass tokenizer= to turn it into token ids")
-            return list(tokenizer(item, add_special_tokens=True, truncation=False, verbose=False)["input_ids"])
-        if isinstance(item, Tensor):
-            item = item.tolist()
-        if not all(isinstance(token, int) and not isinstance(token, bool) for token in item):
-            raise ValueError("each sequence of the probe data must be a string or a list of integer token ids")
-        return list(item)
-
-    return encode
-
-
-def _fixed_sample(
-    data: Any, tokenizer: Any, text_column: str, max_samples: int, max_length: int, seed: int
-) -> tuple[list[list[int]], int]:
-    """A seeded choice of ``max_samples`` sequences of at least 2 tokens, truncated; and how many were cut.
-
-    Candidates are visited in a seeded random order (a private RNG: the global ones are not
-    touched) and encoded one by one until enough are found, so a large data set is not
-    tokenised whole. The chosen sequences keep their order in ``data``.
-    """
-    candidates = _candidates(data, text_column)
-    if len(candidates) == 0:
-        raise ValueError("the probe data is empty")
-    encode = _encoder(tokenizer)
-    order = list(range(len(candidates)))
-    random.Random(seed).shuffle(order)
-    chosen: list[tuple[int, list[int]]] = []
-    for index in order:
-        ids = encode(candidates[index])
-        if len(ids) >= 2:
-            chosen.append((index, ids))
-            if len(chosen) == max_samples:
-                break
-    if not chosen:
-        raise ValueError(
-            f"none of the {len(candidates)} probe sequences has at least 2 tokens after tokenisation; "
-            "the metrics need at least 2 tokens per sequence"
-        )
-    chosen.sort()
-    truncated = sum(len(ids) > max_length for _, ids in chosen)
-    return [ids[:max_length] for _, ids in chosen], truncated
-
-
-# ---------------------------------------------------------------------------------------------
-# Leaving training untouched
-# ---------------------------------------------------------------------------------------------
-
-
-def _rng_states() -> dict[str, Any]:
-    states: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    numpy = sys.modules.get("numpy")
-    if numpy is not None:
-        states["numpy"] = numpy.random.get_state()
-    return states
-
-
-def _restore_rng_states(states: dict[str, Any]) -> None:
-    torch.set_rng_state(states["torch"])
-    random.setstate(states["python"])
-    if "cuda" in states:
-        torch.cuda.set_rng_state_all(states["cuda"])
-    if "numpy" in states:
-        sys.modules["numpy"].random.set_state(states["numpy"])
-
-
-@contextlib.contextmanager
-def preserved_training_state(model: nn.Module, optimizer: Any = None) -> Iterator[None]:
-    """Put ``model`` in eval mode without gradient checkpointing; restore everything on exit.
-
-    Restores each module's own ``training`` flag (a frozen submodule kept in eval stays so),
-    each ``gradient_checkpointing`` attribute, and the torch (CPU and CUDA), Python and NumPy
-    RNG states; mirrors ``optimizer.eval()`` / ``optimizer.train()`` for optimizers that have
-    them (schedule-free ones). Runs its restore in ``finally``: an exception or a
-    KeyboardInterrupt leaves the model as it was.
-    """
-    modules = list(model.modules())
-    flags = [module.training for module in modules]
-    checkpointing = [
-        (module, module.gradient_checkpointing)
-        for module in modules
-        if isinstance(getattr(module, "gradient_checkpointing", None), bool)
-    ]
-    rng = _rng_states()
-    switch_optimizer = (
-        model.training and callable(getattr(optimizer, "eval", None)) and callable(getattr(optimizer, "train", None))
-    )
-    try:
-        for module, _ in checkpointing:
-            module.gradient_checkpointing = False
-        if switch_optimizer:
-            optimizer.eval()
-        model.eval()
-        yield
-    finally:
-        for module, flag in zip(modules, flags, strict=True):
-            module.training = flag
-        for module, value in checkpointing:
-            module.gradient_checkpointing = value
-        if switch_optimizer:
-            optimizer.train()
-        _restore_rng_states(rng)
-
-
-# ---------------------------------------------------------------------------------------------
-# Finding the modules that emit each hidden state
-# ---------------------------------------------------------------------------------------------
-
-
-def _first_tensor(output: Any) -> Tensor | None:
-    """The hidden-state tensor of a module's output: the tensor, or the first one of a tuple/ModelOutput."""
-    if isinstance(output, Tensor):
-        return output
-    if isinstance(output, Mapping):
-        output = tuple(output.values())
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
-        return output[0]
-    return None
-
-
-def _inspectable(model: nn.Module) -> nn.Module:
-    """The module whose class and config describe ``model``, looking through DDP/FSDP and compile wrappers."""
-    seen = set()
-    while id(model) not in seen:
-        seen.add(id(model))
-        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
-        if not isinstance(inner, nn.Module):
-            break
-        model = inner
-    return model
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    device = getattr(model, "device", None)
-    if isinstance(device, torch.device):
-        return device
-    for parameter in model.parameters():
-        return parameter.device
-    return torch.device("cpu")
-
-
-@dataclass(frozen=True)
-class _Emitters:
-    """Which module emits each hidden state (None: only available through ``output_hidden_states``)."""
-
-    num_hidden_states: int
-    modules: tuple[str | None, ...]
-
-
-def _accepted_kwargs(model: nn.Module, wanted: dict[str, Any]) -> dict[str, Any]:
-    """The subset of ``wanted`` that ``model.forward`` accepts (all of them if it takes ``**kwargs``)."""
-    try:
-        parameters = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return wanted
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
-        return wanted
-    return {key: value for key, value in wanted.items() if key in parameters}
-
-
-def _hidden_states_of(output: Any, model: nn.Module) -> tuple[Tensor, ...]:
-    hidden_states = getattr(output, "hidden_states", None)
-    if hidden_states is None and isinstance(output, Mapping):
-        hidden_states = output.get("hidden_states")
-    if not hidden_states:
-        raise TypeError(
-            f"{type(_inspectable(model)).__name__} did not return hidden states: the probe needs a model whose "
-            "forward(input_ids=..., attention_mask=..., output_hidden_states=True) returns `hidden_states` "
-            "(any Hugging Face transformers model does)"
-        )
-    return tuple(hidden_states)
-
-
-def _calibrate(model: nn.Module, forward_kwargs: dict[str, Any]) -> _Emitters:
-    """Match each hidden state to the module that outputs it, with one forward on a short input.
-
-    Records every module's output (hooks on all modules) and compares it exactly with
-    ``hidden_states[i]``. Among matching modules called exactly once, takes the deepest (it
-    returns a plain tensor), and among equally deep ones the last called.
-    """
-    records: dict[str, tuple[int, Tensor]] = {}
-    calls: dict[str, int] = {}
-    handles = []
-
-    def record(name: str) -> Callable[..., None]:
-        def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
-            calls[name] = calls.get(name, 0) + 1
-            tensor = _first_tensor(output)
-            if tensor is not None:
-                records[name] = (len(calls), tensor.detach().clone())
-
-        return hook
-
-    try:
-        for name, module in model.named_modules():
-            if name:
-                handles.append(module.register_forward_hook(record(name)))
-        output = model(**forward_kwargs, output_hidden_states=True)
-    finally:
-        for handle in handles:
-            handle.remove()
-    hidden_states = _hidden_states_of(output, model)
-    modules: list[str | None] = []
-    for hidden in hidden_states:
-        matches = [
-            (name.count("."), order, name)
-            for name, (order, tensor) in records.items()
-            if calls[name] == 1 and tensor.shape == hidden.shape and torch.equal(tensor, hidden)
-        ]
-        modules.append(max(matches)[2] if matches else None)
-    return _Emitters(num_hidden_states=len(hidden_states), modules=tuple(modules))
-
-
-# ---------------------------------------------------------------------------------------------
-# Results
-# ---------------------------------------------------------------------------------------------
-
-
-def _finite_or_none(value: float) -> float | None:
-    return value if math.isfinite(value) else None
-
-
-@dataclass
-class ProbeResult:
-    """Data-set metrics of one probe run.
-
-    ``per_layer[key][j]`` is the value of metric ``key`` (``mnn``, ``nuclear_norm``,
-    ``matrix_entropy``, ``entropy_nats``, ``erank``) at hidden-state index ``layers[j]``:
-    MNN, nuclear norm and normalised entropy are means over sequences, eRank is
-    ``exp(mean entropy in nats)``. ``loss`` is the token-weighted mean next-token NLL in nats
-    (None when the model has no language-model head).
-    """
-
-    layers: list[int]
-    per_layer: dict[str, list[float]]
-    loss: float | None
-    sequences: int
-    tokens: int
-    nan_sequences: int
-    seconds: float
-    fingerprint: str
-    num_hidden_states: int
-    config: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def perplexity(self) -> float | None:
-        """``exp(loss)``; inf when that overflows."""
-        if self.loss is None:
-            return None
-        return math.exp(self.loss) if self.loss < 700 else math.inf
-
-    @property
-    def metrics(self) -> dict[str, float]:
-        """Flat ``{key: float}``: ``mnn/layer_{i}`` and the like per layer, ``mnn_ratio/layer_{i}``
-        (MNN / nuclear norm), ``mnn/last`` and ``matrix_entropy/last`` (the final hidden state),
-        then ``probe/...``."""
-        out: dict[str, float] = {}
-        for key in PER_LAYER_KEYS:
-            for layer, value in zip(self.layers, self.per_layer[key], strict=True):
-                out[f"{key}/layer_{layer}"] = float(value)
-        for layer, mnn, nuclear in zip(self.layers, self.per_layer["mnn"], self.per_layer["nuclear_norm"], strict=True):
-            out[f"mnn_ratio/layer_{layer}"] = mnn / nuclear if nuclear > 0 else math.nan
-        final = self.num_hidden_states - 1
-        if final in self.layers:  # the headline pair: the final hidden state, as the MNN paper reports
-            out["mnn/last"] = out[f"mnn/layer_{final}"]
-            out["matrix_entropy/last"] = out[f"matrix_entropy/layer_{final}"]
-        if self.loss is not None:
-            out["probe/loss"] = float(self.loss)
-            out["probe/perplexity"] = float(self.perplexity)
-        out["probe/sequences"] = float(self.sequences)
-        out["probe/tokens"] = float(self.tokens)
-        out["probe/nan_sequences"] = float(self.nan_sequences)
-        out["probe/seconds"] = float(self.seconds)
-        return out
-
-    def diff_erank(self, reference: ProbeResult) -> dict[str, float]:
-        """``diff_erank/layer_{i}`` = eRank of ``reference`` minus eRank of this result, for shared layers.
-
-        Positive when this model's representation is more compressed than the reference's.
-        """
-        reference_erank = dict(zip(reference.layers, reference.per_layer["erank"], strict=True))
-        return {
-            f"diff_erank/layer_{layer}": float(reference_erank[layer] - erank)
-            for layer, erank in zip(self.layers, self.per_layer["erank"], strict=True)
-            if layer in reference_erank
-        }
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable dict (non-finite floats become None); inverse of :meth:`from_dict`."""
-        return {
-            "layers": list(self.layers),
-            "per_layer": {key: [_finite_or_none(v) for v in values] for key, values in self.per_layer.items()},
-            "loss": None if self.loss is None else _finite_or_none(self.loss),
-            "has_loss": self.loss is not None,
-            "sequences": self.sequences,
-            "tokens": self.tokens,
-            "nan_sequences": self.nan_sequences,
-            "seconds": self.seconds,
-            "fingerprint": self.fingerprint,
-            "num_hidden_states": self.num_hidden_states,
-            "config": dict(self.config),
-        }
-
-    @classmethod
-    def load(cls, source: ProbeResult | Mapping[str, Any] | str | os.PathLike) -> ProbeResult:
-        """A result from itself, its :meth:`to_dict`, or a JSON file holding one.
-
-        The JSON may also be a checkpoint's ``mnn_metrics.json``: its ``reference`` entry is used.
-        """
-        if isinstance(source, ProbeResult):
-            return source
-        if isinstance(source, (str, os.PathLike)):
-            with open(source, encoding="utf-8") as handle:
-                source = json.load(handle)
-        if isinstance(source, Mapping):
-            return cls.from_dict(source.get("reference", source))
-        raise TypeError(
-            "expected a model, a ProbeResult, its to_dict(), or the path of a JSON file holding one; "
-            f"got {type(source).__name__}"
-        )
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> ProbeResult:
-        def number(value: float | None) -> float:
-            return math.nan if value is None else float(value)
-
-        has_loss = data.get("has_loss", data.get("loss") is not None)
-        return cls(
-            layers=[int(layer) for layer in data["layers"]],
-            per_layer={key: [number(v) for v in values] for key, values in data["per_layer"].items()},
-            loss=number(data.get("loss")) if has_loss else None,
-            sequences=int(data["sequences"]),
-            tokens=int(data["tokens"]),
-            nan_sequences=int(data["nan_sequences"]),
-            seconds=float(data["seconds"]),
-            fingerprint=str(data["fingerprint"]),
-            num_hidden_states=int(data.get("num_hidden_states", max(data["layers"]) + 1)),
-            config=dict(data.get("config", {})),
-        )
-
-
-# ---------------------------------------------------------------------------------------------
-# The probe
-# ---------------------------------------------------------------------------------------------
-
 LayerSpec = str | int | Sequence[int]
+_TOTALS = ("loss_sum", "loss_tokens", "sequences", "tokens", "nan_sequences")
 
 
 def _validate_layers(layers: LayerSpec) -> str | tuple[int, ...]:
@@ -511,14 +63,6 @@ def _positive_int(name: str, value: Any) -> int:
     return value
 
 
-def _world() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 class Probe:
     """A fixed held-out sample and the per-layer compression metrics of a model on it.
 
@@ -529,14 +73,15 @@ class Probe:
             column; or a path to a ``.txt`` file (one sample per paragraph: blocks of lines
             separated by blank lines) or a ``.jsonl`` file (per line an object with
             ``input_ids`` or ``text_column``, or a string).
-        tokenizer: turns text into ids (``tokenizer(text)["input_ids"]``); needed for text.
+        tokenizer: turns text into ids (``tokenizer(text)["input_ids"]``), or the directory (or
+            hub id) of one; needed for text.
         max_samples: how many sequences to keep (a seeded choice, fixed at construction).
         max_length: tokens per sequence; longer ones are truncated (one warning with the count).
         batch_size: sequences per forward pass.
         layers: ``"all"``, ``"last"``, or indices into the model's hidden states (0 = the
             embedding output; the last one is after the final norm, like HF's
             ``hidden_states[-1]``); negative indices count from the end.
-        seed: seed of the choice of sequences.
+        seed: seed of the choice of sequences (an int).
         text_column: the text field of a dataset or JSONL record.
         dtype: compute dtype of the metrics, ``torch.float32`` or ``torch.float64``.
         compute_loss: compute the sample's next-token loss; None (default) does so for causal
@@ -582,27 +127,28 @@ class Probe:
         self.defer_spectra = defer_spectra
         self.seed = seed
         self.compute_loss = compute_loss
-        self.sequences, truncated = _fixed_sample(data, tokenizer, text_column, max_samples, max_length, seed)
-        if truncated:
+        chosen = fixed_sample(
+            data,
+            tokenizer=load_tokenizer(tokenizer),
+            text_column=text_column,
+            max_samples=self.max_samples,
+            max_length=self.max_length,
+            seed=seed,
+        )
+        self.sequences, self.sources = chosen.sequences, chosen.sources
+        if chosen.truncated:
             warnings.warn(
-                f"{truncated} of {len(self.sequences)} probe sequences were longer than max_length={max_length} "
-                "tokens and were truncated",
+                f"{chosen.truncated} of {len(self.sequences)} probe sequences were longer than "
+                f"max_length={max_length} tokens and were truncated",
                 MNNWarning,
                 stacklevel=2,
             )
-        self.fingerprint = self._fingerprint()
-        self._emitters: weakref.WeakKeyDictionary[nn.Module, _Emitters] = weakref.WeakKeyDictionary()
+        self.fingerprint = fingerprint(self.sequences, layers=self.layers, dtype=str(dtype), method=method)
+        self._emitters: weakref.WeakKeyDictionary[nn.Module, Emitters] = weakref.WeakKeyDictionary()
 
     @property
     def num_tokens(self) -> int:
         return sum(len(ids) for ids in self.sequences)
-
-    def _fingerprint(self) -> str:
-        content = json.dumps(
-            {"sequences": self.sequences, "layers": self.layers, "dtype": str(self.dtype), "method": self.method},
-            separators=(",", ":"),
-        )
-        return hashlib.sha256(content.encode()).hexdigest()[:16]
 
     @property
     def config(self) -> dict[str, Any]:
@@ -662,8 +208,16 @@ class Probe:
     def _wants_loss(self, model: nn.Module) -> bool:
         if self.compute_loss is not None:
             return self.compute_loss
-        name = type(_inspectable(model)).__name__
-        return name.endswith(("ForCausalLM", "LMHeadModel"))
+        return type(inspectable(model)).__name__.endswith(("ForCausalLM", "LMHeadModel"))
+
+    def _emitters_of(self, model: nn.Module, device: torch.device, kwargs: dict[str, Any]) -> Emitters:
+        """Which module emits each hidden state: one short calibration forward per model, then cached."""
+        emitters = self._emitters.get(model)
+        if emitters is None:
+            ids, mask = self._tensors([0], device)
+            emitters = calibrate(model, {"input_ids": ids[:, :16], "attention_mask": mask[:, :16], **kwargs})
+            self._emitters[model] = emitters
+        return emitters
 
     def run(
         self,
@@ -686,151 +240,164 @@ class Probe:
             streaming: compute each layer's metrics from a forward hook as soon as it exists
                 (bounded memory); False collects ``output_hidden_states`` per micro-batch.
         """
-        start = time.perf_counter()
+        started = time.perf_counter()
         forward_model = getattr(model, "_orig_mod", model)  # eager module of a torch.compile wrapper
         if not isinstance(forward_model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        rank, world_size = _world()
-        if distributed is False:
-            rank, world_size = 0, 1
-        device = _model_device(forward_model)
+        rank, world_size = (0, 1) if distributed is False else world()
+        device = model_device(forward_model)
         with preserved_training_state(forward_model, optimizer), torch.no_grad():
-            kwargs = _accepted_kwargs(_inspectable(forward_model), {"use_cache": False, "return_dict": True})
-            emitters = self._emitters.get(forward_model)
-            if emitters is None:
-                sample_ids, sample_mask = self._tensors([0], device)
-                emitters = _calibrate(
-                    forward_model, {"input_ids": sample_ids[:, :16], "attention_mask": sample_mask[:, :16], **kwargs}
-                )
-                self._emitters[forward_model] = emitters
-            layers = self.resolve_layers(emitters.num_hidden_states)
-            use_hooks = streaming and all(emitters.modules[layer] is not None for layer in layers)
-            wants_loss = self._wants_loss(forward_model)
-            accumulator = MetricAccumulator(num_groups=len(layers), device=device)
-            defer = self.defer_spectra if self.defer_spectra is not None else device.type == "cuda"
-            pending = _PendingSpectra(accumulator) if defer and self.method == "exact" else None
-            # loss sum (nats), loss tokens, sequences, tokens, sequences with a NaN metric in any layer
-            totals = torch.zeros(5, dtype=torch.float64, device=device)
+            kwargs = accepted_kwargs(inspectable(forward_model), {"use_cache": False, "return_dict": True})
+            emitters = self._emitters_of(forward_model, device, kwargs)
+            state = _RunState(self, forward_model, emitters, device, streaming, kwargs)
             for indices in self._micro_batches(rank, world_size):
-                real = indices is not None
-                input_ids, attention_mask = self._tensors(indices if real else [0], device)
-                per_layer, (loss_sum, loss_tokens) = self._forward(
-                    forward_model, emitters, layers, use_hooks, wants_loss, input_ids, attention_mask, kwargs, pending
-                )
-                if not real:
-                    if pending is not None:
-                        pending.discard_last()
-                    continue  # a dummy pass keeps the processes in step; its results are not counted
-                if pending is None:
-                    nan_sequences = _accumulate(accumulator, per_layer)
-                else:
-                    pending.add_batch(per_layer)
-                    nan_sequences = torch.zeros((), dtype=torch.float64, device=device)
-                totals += torch.stack(
-                    [
-                        loss_sum.to(device, torch.float64),
-                        loss_tokens.to(device, torch.float64),
-                        torch.tensor(float(len(indices)), dtype=torch.float64, device=device),
-                        attention_mask.sum().to(torch.float64),
-                        nan_sequences,
-                    ]
-                )
-            if pending is not None:
-                pending.flush()
-                totals[4] += pending.nan_sequences
+                state.forward(indices)
+            totals = state.totals()
             if world_size > 1:
-                combined = all_reduce_sum(torch.cat([accumulator.state.flatten(), totals]))
-                accumulator.state = combined[: accumulator.state.numel()].reshape(accumulator.state.shape)
-                totals = combined[accumulator.state.numel() :]
-            aggregated = accumulator.compute()
-            flat = torch.cat([*aggregated.values(), totals]).tolist()  # the probe's one host synchronisation
-            groups = len(layers)
-            values = {key: flat[i * groups : (i + 1) * groups] for i, key in enumerate(aggregated)}
-            loss_sum, loss_tokens, sequences, tokens, nan_sequences = flat[len(aggregated) * groups :]
-        if nan_sequences:
-            warnings.warn(
-                "some probe sequences have non-finite hidden states (a diverging run?); their metrics are NaN "
-                "and probe/nan_sequences counts them",
-                MNNWarning,
-                stacklevel=2,
-            )
-        return ProbeResult(
-            layers=layers,
-            per_layer={key: values[key] for key in (*MetricAccumulator.FIELDS, "erank")},
-            loss=(loss_sum / loss_tokens if loss_tokens > 0 else math.nan) if wants_loss else None,
-            sequences=int(sequences),
-            tokens=int(tokens),
-            nan_sequences=int(nan_sequences),
-            seconds=time.perf_counter() - start,
-            fingerprint=self.fingerprint,
-            num_hidden_states=emitters.num_hidden_states,
-            config=self.config,
+                totals = all_reduce(totals)
+            flat = totals.tolist()  # the probe's one host synchronisation
+        return state.result(flat, time.perf_counter() - started)
+
+
+class _RunState:
+    """One :meth:`Probe.run`: the plan (layers, hooks, loss), the sums so far, and the result."""
+
+    def __init__(
+        self,
+        probe: Probe,
+        model: nn.Module,
+        emitters: Emitters,
+        device: torch.device,
+        streaming: bool,
+        kwargs: dict[str, Any],
+    ) -> None:
+        self.probe, self.model, self.emitters, self.device, self.kwargs = probe, model, emitters, device, kwargs
+        self.layers = probe.resolve_layers(emitters.num_hidden_states)
+        self.use_hooks = streaming and all(emitters.modules[layer] is not None for layer in self.layers)
+        self.wants_loss = probe._wants_loss(model)
+        self.fields = schema.averaged_fields(spectral=True)
+        self.accumulator = MetricAccumulator(num_groups=len(self.layers), device=device, fields=self.fields)
+        defer = probe.defer_spectra if probe.defer_spectra is not None else device.type == "cuda"
+        self.pending = _PendingSpectra(self) if defer and probe.method == "exact" else None
+        self.sums = torch.zeros(len(_TOTALS), dtype=torch.float64, device=device)
+        self.nan_rows: list[Tensor] = []  # per micro-batch: which sequences have a NaN metric in some layer
+
+    def forward(self, indices: list[int] | None) -> None:
+        """One micro-batch (None: a dummy pass that keeps the processes in step, not counted)."""
+        real = indices is not None
+        input_ids, attention_mask = self.probe._tensors(indices if real else [0], self.device)
+        per_layer, loss_sum, loss_tokens = self._forward(input_ids, attention_mask)
+        if not real:
+            if self.pending is not None:
+                self.pending.discard_last()
+            return
+        if self.pending is None:
+            self.nan_rows.append(self.accumulate(per_layer))
+        else:
+            self.pending.add_batch(per_layer)
+        self.sums += torch.stack(
+            [
+                loss_sum.to(self.device, torch.float64),
+                loss_tokens.to(self.device, torch.float64),
+                torch.tensor(float(len(indices)), dtype=torch.float64, device=self.device),
+                attention_mask.sum().to(torch.float64),
+                torch.zeros((), dtype=torch.float64, device=self.device),
+            ]
         )
 
-    def _forward(
-        self,
-        model: nn.Module,
-        emitters: _Emitters,
-        layers: list[int],
-        use_hooks: bool,
-        wants_loss: bool,
-        input_ids: Tensor,
-        attention_mask: Tensor,
-        kwargs: dict[str, Any],
-        pending: _PendingSpectra | None,
-    ) -> tuple[list[Any], tuple[Tensor, Tensor]]:
-        """One micro-batch: per-layer results (aligned with ``layers``: metric dicts, or pending
-        Gram matrices when ``pending``) and (loss sum, loss tokens)."""
-        per_layer: list[Any] = [None] * len(layers)
+    def accumulate(self, per_layer: list[dict[str, Tensor]]) -> Tensor:
+        """Add one micro-batch's per-layer metrics; which of its sequences have a NaN metric in some layer."""
+        has_nan = None
+        for group, values in enumerate(per_layer):
+            row = self.accumulator.update(values, group=group)
+            has_nan = row if has_nan is None else has_nan | row
+        return has_nan
 
-        def measure(group: int, hidden: Tensor) -> None:
-            if pending is not None:
-                per_layer[group] = pending.prepare(hidden, attention_mask, self.dtype)
-            else:
-                per_layer[group] = compute_metrics(hidden, attention_mask, dtype=self.dtype, method=self.method)
+    def measure(self, attention_mask: Tensor, hidden: Tensor) -> Any:
+        if self.pending is not None:
+            return self.pending.prepare(hidden, attention_mask, self.probe.dtype)
+        return compute_metrics(hidden, attention_mask, dtype=self.probe.dtype, method=self.probe.method)
 
-        call_kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, **kwargs}
-        if wants_loss:
+    def _forward(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[list[Any], Tensor, Tensor]:
+        """Per-layer results (metric dicts, or pending Gram matrices) of one micro-batch, loss sum and tokens."""
+        per_layer: list[Any] = [None] * len(self.layers)
+        measure = functools.partial(self.measure, attention_mask)
+        call_kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, **self.kwargs}
+        if self.wants_loss:
             call_kwargs["labels"] = input_ids.masked_fill(attention_mask == 0, -100)
         handles = []
         try:
-            if use_hooks:
-                modules = dict(model.named_modules())
-                for group, layer in enumerate(layers):
-                    hook = functools.partial(_hook_adapter, measure, group)
-                    handles.append(modules[emitters.modules[layer]].register_forward_hook(hook))
-                output = model(**call_kwargs, output_hidden_states=False)
+            if self.use_hooks:
+                modules = dict(self.model.named_modules())
+                for group, layer in enumerate(self.layers):
+                    hook = functools.partial(_hook_adapter, measure, per_layer, group)
+                    handles.append(modules[self.emitters.modules[layer]].register_forward_hook(hook))
+                output = self.model(**call_kwargs, output_hidden_states=False)
             else:
-                output = model(**call_kwargs, output_hidden_states=True)
-                hidden_states = _hidden_states_of(output, model)
-                for group, layer in enumerate(layers):
-                    measure(group, hidden_states[layer])
+                output = self.model(**call_kwargs, output_hidden_states=True)
+                hidden_states = hidden_states_of(output, self.model)
+                for group, layer in enumerate(self.layers):
+                    per_layer[group] = measure(hidden_states[layer])
         finally:
             for handle in handles:
                 handle.remove()
         if any(values is None for values in per_layer):
             raise RuntimeError("a hooked layer did not run during the forward pass; rerun with streaming=False")
         loss_sum = loss_tokens = torch.zeros((), dtype=torch.float64)
-        loss = getattr(output, "loss", None) if wants_loss else None
+        loss = getattr(output, "loss", None) if self.wants_loss else None
         if loss is not None:
             loss_tokens = (attention_mask.sum(dim=1) - 1).clamp(min=0).sum().to(torch.float64)
             loss_sum = loss.detach().to(torch.float64) * loss_tokens
-        elif wants_loss:
+        elif self.wants_loss:
             loss_sum = torch.tensor(math.nan, dtype=torch.float64)
-        return per_layer, (loss_sum, loss_tokens)
+        return per_layer, loss_sum, loss_tokens
+
+    def totals(self) -> Tensor:
+        """The accumulator's state and the probe totals in one float64 vector (what is all-reduced)."""
+        if self.pending is not None:
+            self.pending.flush()
+        if self.nan_rows:
+            self.sums[_TOTALS.index("nan_sequences")] = torch.cat(self.nan_rows).sum().to(torch.float64)
+        return torch.cat([self.accumulator.state.flatten(), self.sums])
+
+    def result(self, flat: list[float], seconds: float) -> ProbeResult:
+        size = self.accumulator.state.numel()
+        self.accumulator.state = torch.tensor(flat[:size], dtype=torch.float64).reshape(self.accumulator.state.shape)
+        totals = dict(zip(_TOTALS, flat[size:], strict=True))
+        if totals["nan_sequences"]:
+            warnings.warn(
+                "some probe sequences have non-finite hidden states (a diverging run?); their metrics are NaN "
+                "and probe/nan_sequences counts them",
+                MNNWarning,
+                stacklevel=3,
+            )
+        aggregated = {key: value.tolist() for key, value in self.accumulator.compute().items()}
+        columns = [
+            schema.derive_layer({name: aggregated[name][group] for name in self.fields})
+            for group in range(len(self.layers))
+        ]
+        loss = totals["loss_sum"] / totals["loss_tokens"] if totals["loss_tokens"] > 0 else math.nan
+        return ProbeResult(
+            layers=self.layers,
+            per_layer={name: [column[name] for column in columns] for name in columns[0]},
+            standard_errors={name: aggregated[f"{name}_se"] for name in self.fields},
+            loss=loss if self.wants_loss else None,
+            sequences=int(totals["sequences"]),
+            tokens=int(totals["tokens"]),
+            nan_sequences=int(totals["nan_sequences"]),
+            seconds=seconds,
+            fingerprint=self.probe.fingerprint,
+            num_hidden_states=self.emitters.num_hidden_states,
+            config=self.probe.config,
+            hidden_size=self.emitters.hidden_size,
+        )
 
 
-def _hook_adapter(measure: Callable[[int, Tensor], None], group: int, _module: nn.Module, _inputs: Any, output: Any):
-    """A forward hook: hand the module's hidden-state output to ``measure`` (the output is left as it is)."""
-    measure(group, _first_tensor(output))
-
-
-def _accumulate(accumulator: MetricAccumulator, per_layer: list[dict[str, Tensor]]) -> Tensor:
-    """Add one micro-batch's per-layer metrics; return how many sequences have a NaN metric in any layer."""
-    for group, values in enumerate(per_layer):
-        accumulator.update(values, group=group)
-    nan_any = torch.stack([values[key].isnan() for values in per_layer for key in MetricAccumulator.FIELDS])
-    return nan_any.any(dim=0).sum().to(torch.float64)
+def _hook_adapter(
+    measure: Callable[[Tensor], Any], per_layer: list[Any], group: int, _module: nn.Module, _inputs: Any, output: Any
+) -> None:
+    """A forward hook: measure the module's hidden-state output (which is left as it is)."""
+    per_layer[group] = measure(first_tensor(output))
 
 
 class _PendingSpectra:
@@ -838,11 +405,10 @@ class _PendingSpectra:
 
     BUDGET_BYTES = 1 << 30
 
-    def __init__(self, accumulator: MetricAccumulator) -> None:
-        self.accumulator = accumulator
+    def __init__(self, run: _RunState) -> None:
+        self.run = run
         self.batches: list[list[PendingMetrics]] = []
         self.nbytes = 0
-        self.nan_sequences = torch.zeros((), dtype=torch.float64, device=accumulator.state.device)
 
     def prepare(self, hidden: Tensor, attention_mask: Tensor, dtype: torch.dtype) -> PendingMetrics:
         item = prepare_metrics(hidden, attention_mask, dtype=dtype)
@@ -864,5 +430,5 @@ class _PendingSpectra:
         layers = len(self.batches[0])
         solved = finish_metrics([item for batch in self.batches for item in batch])
         for start in range(0, len(solved), layers):
-            self.nan_sequences = self.nan_sequences + _accumulate(self.accumulator, solved[start : start + layers])
+            self.run.nan_rows.append(self.run.accumulate(solved[start : start + layers]))
         self.batches, self.nbytes = [], 0

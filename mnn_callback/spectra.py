@@ -1,6 +1,8 @@
-"""Matmul-only spectral estimators for ``method="fast"``: nuclear norm by polar iteration, entropy by SLQ.
+"""Spectra of Gram matrices: the exact eigensolve and the matmul-only estimators of ``method="fast"``.
 
-Pure torch on batches. Both avoid eigendecompositions, which GPUs run slowly and with host
+Pure torch on batches. The exact method (:func:`eigvalsh_safely`, :func:`spectral_sums`) solves
+the smaller Gram matrix of each sequence in one batched ``eigvalsh`` call and never raises. The
+fast estimators avoid eigendecompositions, which GPUs run slowly and with host
 synchronisation, at the price of a small, measured error (``tests/test_spectra.py``,
 ``benchmarks/bench_spectra.py``):
 
@@ -17,11 +19,24 @@ synchronisation, at the price of a small, measured error (``tests/test_spectra.p
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import Tensor
 
-__all__ = ["POLAR_COEFFICIENTS", "polar_coefficients", "polar_nuclear_norm", "slq_entropy"]
+from mnn_callback.errors import MNNWarning
+
+__all__ = [
+    "POLAR_COEFFICIENTS",
+    "eigvalsh_safely",
+    "polar_coefficients",
+    "polar_nuclear_norm",
+    "renyi2_nats",
+    "slq_entropy",
+    "smaller_gram",
+    "spectral_sums",
+    "warn_failed_solves",
+]
 
 
 def _minimax_quintic(low: float, high: float, iterations: int = 60) -> tuple[float, float, float]:
@@ -179,3 +194,80 @@ def slq_entropy(
         complement, _ = torch.linalg.qr(project_out(complement))  # again: round-off leaks back into Q
         total = total + _lanczos_quadrature(matrix, complement.mT, steps).sum(dim=-1) * (m - deflation) / probes
     return torch.where(trace > 0, total, 0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The exact method: one batched eigensolve of the smaller Gram matrices
+# ---------------------------------------------------------------------------------------------
+
+
+def eigvalsh_safely(gram: Tensor) -> tuple[Tensor, int]:
+    """Eigenvalues of a batch of symmetric matrices and the number of failed matrices; never raises.
+
+    Retries a failed batched solve in float64 on the CPU, then matrix by matrix; matrices that
+    still fail get NaN eigenvalues.
+    """
+    try:
+        return torch.linalg.eigvalsh(gram), 0
+    except RuntimeError:  # torch.linalg.LinAlgError; ill-conditioned input, seen on CUDA
+        pass
+    gram64 = gram.to(device="cpu", dtype=torch.float64)
+    try:
+        return torch.linalg.eigvalsh(gram64).to(device=gram.device, dtype=gram.dtype), 0
+    except RuntimeError:
+        pass
+    eigenvalues = torch.full(gram.shape[:-1], math.nan, dtype=torch.float64)
+    failed = 0
+    for index in range(gram64.shape[0]):
+        try:
+            eigenvalues[index] = torch.linalg.eigvalsh(gram64[index])
+        except RuntimeError:
+            failed += 1
+    return eigenvalues.to(device=gram.device, dtype=gram.dtype), failed
+
+
+def smaller_gram(z: Tensor) -> Tensor:
+    """The smaller Gram matrix of each sequence: Z Z^T (L x L) when L <= d, else Z^T Z (d x d)."""
+    return z @ z.mT if z.shape[1] <= z.shape[2] else z.mT @ z
+
+
+def renyi2_nats(gram: Tensor) -> Tensor:
+    """Order-2 entropy of the spectrum, -ln(||G||_F^2 / tr(G)^2), from the Gram matrix alone (0 for G = 0)."""
+    trace = gram.diagonal(dim1=-2, dim2=-1).sum(dim=-1)
+    frobenius2 = gram.square().sum(dim=(-2, -1))
+    ratio = frobenius2 / torch.where(trace > 0, trace, 1.0).square()
+    return torch.where(trace > 0, -torch.log(ratio.clamp(min=torch.finfo(gram.dtype).tiny)), 0.0)
+
+
+def spectral_sums(eigenvalues: Tensor) -> tuple[Tensor, Tensor]:
+    """Sum of singular values of Z and the Shannon entropy (nats) from Gram eigenvalues (B, m).
+
+    Rows with non-finite eigenvalues (a failed solve) give NaN.
+    """
+    dtype = eigenvalues.dtype
+    solved = torch.isfinite(eigenvalues).all(dim=-1)
+    if eigenvalues.shape[-1] == 0:  # no tokens: an empty spectrum, masked as NaN by the caller
+        eigenvalues = eigenvalues.new_zeros(eigenvalues.shape[0], 1)
+    lam = torch.nan_to_num(eigenvalues, nan=0.0, posinf=0.0, neginf=0.0).clamp(min=0.0)
+    # Zero eigenvalues come out of a float32 solve as +-(0.1 to 1.5) * eps * lambda_max (measured
+    # on rank-deficient Grams, m = 64..1024), and their square roots would bias the nuclear norm
+    # upwards: treat eigenvalues under sqrt(m) * eps * lambda_max as zero. A cutoff of
+    # m * eps * lambda_max also zeroed real eigenvalues of anisotropic (outlier-dimension) inputs.
+    cutoff = torch.finfo(dtype).eps * math.sqrt(lam.shape[-1]) * lam.amax(dim=-1, keepdim=True)
+    lam = torch.where(lam > cutoff, lam, 0.0)
+    singular_sum = lam.sqrt().sum(dim=-1)
+    total = lam.sum(dim=-1, keepdim=True)
+    p = lam / torch.where(total > 0, total, 1.0)
+    entropy_nats = 0.0 - torch.special.xlogy(p, p).sum(dim=-1)  # 0.0 - x: no -0.0
+    nan = torch.full_like(singular_sum, math.nan)
+    return torch.where(solved, singular_sum, nan), torch.where(solved, entropy_nats, nan)
+
+
+def warn_failed_solves(failed: int, total: int) -> None:
+    if failed:
+        warnings.warn(
+            f"the eigensolver failed on {failed} of {total} Gram matrices, also in float64 on the CPU; "
+            "their spectral metrics are NaN",
+            MNNWarning,
+            stacklevel=4,
+        )

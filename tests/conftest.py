@@ -17,12 +17,9 @@ for _name, _value in {
     os.environ.setdefault(_name, _value)
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 # Helper scripts run as subprocesses; importing them (doctest collection) would start training.
 collect_ignore = ["scripts"]
-
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
 
 
 @pytest.fixture(autouse=True)

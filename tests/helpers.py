@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import functools
 
+import pytest
 import torch
 
 VOCAB = 96
+# Subprocesses (training scripts, 2-process runs) get this long before a test fails as hung. It is
+# a hang guard, not a speed target: a loaded 2-core machine runs the suite 5x slower than idle.
+HANG_TIMEOUT = 1200
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
 
 
 def tiny_model(kind: str, seed: int = 0, vocab_size: int = VOCAB, layers: int = 2, hidden: int = 32):
@@ -40,6 +45,20 @@ def tiny_model(kind: str, seed: int = 0, vocab_size: int = VOCAB, layers: int = 
     raise ValueError(kind)
 
 
+def make_hidden(kind: str, batch: int, length: int, d: int, seed: int = 0) -> torch.Tensor:
+    """Synthetic hidden states: random, rank-deficient, or anisotropic like real LLM activations."""
+    g = torch.Generator().manual_seed(seed)
+    if kind == "random":
+        return torch.randn(batch, length, d, generator=g)
+    if kind == "rank_deficient":
+        return torch.randn(batch, length, 3, generator=g) @ torch.randn(batch, 3, d, generator=g)
+    if kind == "anisotropic":  # a few outlier dimensions and a large shared offset ("massive activations")
+        x = torch.randn(batch, length, d, generator=g)
+        x[..., : max(1, d // 16)] *= 40.0
+        return x + 30.0 * torch.randn(batch, 1, d, generator=g)
+    raise ValueError(kind)
+
+
 def random_sequences(count: int, min_length: int, max_length: int, seed: int = 0, vocab_size: int = VOCAB):
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(min_length, max_length + 1, (count,), generator=g).tolist()
@@ -60,3 +79,90 @@ def shakespeare_tokenizer():
 
     train, _ = split_text(load_text())
     return train_tokenizer(train[:200_000], vocab_size=512)
+
+
+# --- Trainer runs ----------------------------------------------------------------------------------
+
+PROBE_DATA = random_sequences(10, 4, 24, seed=3)
+
+TINY_DEMO = [
+    "--steps", "12", "--every", "3", "--save-every", "6", "--n-layer", "2", "--n-embd", "32", "--n-head", "2",
+    "--seq-len", "32", "--max-train-chars", "30000", "--probe-samples", "8", "--batch-size", "8",
+]  # fmt: skip
+
+
+def training_data(count: int = 64):
+    return [{"input_ids": ids, "labels": ids} for ids in random_sequences(count, 12, 12, seed=1)]
+
+
+def make_trainer(output_dir, callback=None, *, seed=0, model=None, eval_dataset=None, **overrides):
+    """A Trainer on a tiny GPT-2 (12 steps of batch 4 on CPU by default) with ``callback`` added."""
+    from transformers import Trainer, TrainingArguments
+
+    arguments = {
+        "max_steps": 12,
+        "per_device_train_batch_size": 4,
+        "report_to": "none",
+        "save_strategy": "no",
+        "logging_steps": 1,
+        "use_cpu": True,
+        "seed": seed,
+        "disable_tqdm": True,
+        "lr_scheduler_type": "constant",  # runs of different lengths train alike
+        **overrides,
+    }
+    trainer = Trainer(
+        model=model or tiny_model("gpt2", seed=seed),
+        args=TrainingArguments(str(output_dir), **arguments),
+        train_dataset=training_data(),
+        eval_dataset=eval_dataset,
+    )
+    if callback is not None:
+        trainer.add_callback(callback)
+    return trainer
+
+
+# --- reading back what was logged -----------------------------------------------------------------
+
+
+def probe_lines(path):
+    """The probe lines of a JSONL history (no event lines)."""
+    from mnn_callback.files import read_jsonl
+
+    return [record for record in read_jsonl(path) if "step" in record and "event" not in record]
+
+
+def event_accumulator(log_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
+    accumulator.Reload()
+    return accumulator
+
+
+def tensorboard_scalars(log_dir):
+    """{tag: {step: value}} of the scalars in one TensorBoard run directory."""
+    accumulator = event_accumulator(log_dir)
+    return {tag: {e.step: e.value for e in accumulator.Scalars(tag)} for tag in accumulator.Tags()["scalars"]}
+
+
+def read_csv(path):
+    import csv
+
+    with open(path, encoding="utf-8", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def assert_png(path_or_bytes, min_size=(300, 200)):
+    """A real, non-blank PNG of at least ``min_size`` pixels."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    source = io.BytesIO(path_or_bytes) if isinstance(path_or_bytes, bytes) else path_or_bytes
+    with Image.open(source) as image:
+        assert image.format == "PNG"
+        assert image.size[0] >= min_size[0] and image.size[1] >= min_size[1], image.size
+        pixels = np.asarray(image.convert("L"), dtype=float)
+    assert pixels.std() > 5  # not blank

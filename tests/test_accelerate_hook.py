@@ -9,8 +9,7 @@ import sys
 
 import pytest
 import torch
-from helpers import random_sequences, tiny_model
-from test_callback import probe_lines, tensorboard_scalars
+from helpers import HANG_TIMEOUT, event_accumulator, probe_lines, random_sequences, tensorboard_scalars, tiny_model
 
 from mnn_callback import MNNAccelerateHook, MNNWarning
 from mnn_callback.files import read_jsonl
@@ -25,7 +24,7 @@ def run_example(out, *extra, processes=1):
     if processes > 1:
         launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
     command = [*launcher, EXAMPLE, "--out", str(out), *TINY, *extra]
-    subprocess.run(command, check=True, env=env, timeout=240)
+    subprocess.run(command, check=True, env=env, timeout=HANG_TIMEOUT)
 
 
 @pytest.fixture
@@ -47,8 +46,6 @@ def test_example_loop_logs_to_tensorboard_and_jsonl(tmp_path):
         assert scalars[key] == pytest.approx({line["step"]: line[key] for line in lines}, rel=1e-6), key
     assert "train/loss" in scalars
     assert lines[-1]["mnn/layer_2"] < lines[0]["mnn/layer_2"]  # a real run compresses
-    from test_dashboards import event_accumulator
-
     dashboards = event_accumulator(tmp_path / "accelerate_loop")  # drawn into the tracker's own writer
     assert [image.step for image in dashboards.Images("mnn_callback/layer_profile")] == [0, 10, 20]
     assert "custom_scalars__config__" in dashboards.Tags()["tensors"]
@@ -90,7 +87,8 @@ def test_state_dict_round_trip(accelerator, tmp_path):
     with torch.no_grad():
         model.lm_head.weight.mul_(1.1)
         model.transformer.h[0].mlp.c_fc.weight.mul_(2.0)
-    hook.step(model, 5)
+    scheduled = hook.step(model, 5)
+    assert 0 < scheduled["probe/time_share"] < 1  # the wall time between calls, as the Trainer callback reports
     torch.save(hook.state_dict(), tmp_path / "state.pt")  # as accelerator.save_state does
     state = torch.load(tmp_path / "state.pt", weights_only=True)  # plain values: safe to load
     restored = MNNAccelerateHook(accelerator, data, every_n_steps=5)

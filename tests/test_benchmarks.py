@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from helpers import HANG_TIMEOUT
 
 BENCHMARKS = os.path.join(os.path.dirname(__file__), "..", "benchmarks")
 
@@ -17,7 +18,7 @@ def test_benchmark_runs_at_a_tiny_size(script, tmp_path):
         [sys.executable, os.path.join(BENCHMARKS, script), "--quick", "--json", str(tmp_path / "out.json")],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=HANG_TIMEOUT,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "out.json").stat().st_size > 0
@@ -27,7 +28,10 @@ def test_benchmark_runs_at_a_tiny_size(script, tmp_path):
 def test_findings_report_runs_at_a_tiny_size(tmp_path):
     script = os.path.join(BENCHMARKS, "findings.py")
     result = subprocess.run(
-        [sys.executable, script, "--quick", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300
+        [sys.executable, script, "--quick", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=HANG_TIMEOUT,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     report = (tmp_path / "docs" / "findings.md").read_text(encoding="utf-8")

@@ -10,8 +10,17 @@ import subprocess
 import sys
 
 import pytest
-from helpers import random_sequences, tiny_model
-from transformers import Trainer, TrainingArguments
+from helpers import (
+    HANG_TIMEOUT,
+    PROBE_DATA,
+    make_trainer,
+    probe_lines,
+    random_sequences,
+    tensorboard_scalars,
+    tiny_model,
+    training_data,
+)
+from transformers import TrainingArguments
 from wandb_reader import offline_runs, read_offline_run
 
 from mnn_callback import MNNCallback, MNNWarning
@@ -19,53 +28,11 @@ from mnn_callback.files import read_jsonl
 from mnn_callback.probe import Probe
 
 SCRIPTS = os.path.join(os.path.dirname(__file__), "scripts")
-PROBE_DATA = random_sequences(10, 4, 24, seed=3)
 
 
-def training_data(count: int = 64):
-    return [{"input_ids": ids, "labels": ids} for ids in random_sequences(count, 12, 12, seed=1)]
-
-
-def make_trainer(output_dir, callback=None, *, seed=0, model=None, eval_dataset=None, **overrides):
-    arguments = {
-        "max_steps": 12,
-        "per_device_train_batch_size": 4,
-        "report_to": "none",
-        "save_strategy": "no",
-        "logging_steps": 1,
-        "use_cpu": True,
-        "seed": seed,
-        "disable_tqdm": True,
-        "lr_scheduler_type": "constant",  # runs of different lengths train alike
-        **overrides,
-    }
-    trainer = Trainer(
-        model=model or tiny_model("gpt2", seed=seed),
-        args=TrainingArguments(str(output_dir), **arguments),
-        train_dataset=training_data(),
-        eval_dataset=eval_dataset,
-    )
-    if callback is not None:
-        trainer.add_callback(callback)
-    return trainer
-
-
-def probe_lines(path):
-    return [record for record in read_jsonl(path) if "step" in record and "event" not in record]
-
-
-def tensorboard_scalars(log_dir):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    accumulator = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
-    accumulator.Reload()
-    return {tag: {e.step: e.value for e in accumulator.Scalars(tag)} for tag in accumulator.Tags()["scalars"]}
-
-
-def test_tensorboard_wandb_and_jsonl_hold_the_same_values(tmp_path, monkeypatch):
+def test_tensorboard_wandb_and_jsonl_hold_the_same_values(tmp_path):
     import wandb
 
-    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))
     callback = MNNCallback(PROBE_DATA, every_n_steps=4, batch_size=4)
     trainer = make_trainer(tmp_path / "out", callback, report_to=["tensorboard", "wandb"], max_steps=10)
     trainer.train()
@@ -81,7 +48,7 @@ def test_tensorboard_wandb_and_jsonl_hold_the_same_values(tmp_path, monkeypatch)
         assert f"probe/{name}" in keys
     assert lines[0]["diff_erank/layer_2"] == 0.0  # the step-0 probe is the reference
 
-    scalars = tensorboard_scalars(tmp_path / "tb")
+    scalars = tensorboard_scalars(callback.tensorboard_dir)  # the Trainer's own directory
     for key in keys:
         expected = {line["step"]: line[key] for line in lines if key in line}
         got = scalars[key]
@@ -189,7 +156,7 @@ def test_default_sinks_follow_report_to(tmp_path):
     make_trainer(tmp_path, callback, max_steps=6).train()
     assert [sink.name for sink in callback.sinks.sinks] == []  # closed at train end
     sinks = callback._make_sinks(TrainingArguments(str(tmp_path), report_to="none", use_cpu=True))
-    assert [sink.name for sink in sinks.sinks] == ["jsonl"]
+    assert [sink.name for sink in sinks] == ["jsonl"]
     assert (tmp_path / "mnn_metrics.jsonl").exists()
     assert not (tmp_path / "runs").exists()
 
@@ -270,8 +237,8 @@ def test_two_process_ddp_has_one_writer_and_the_single_process_values(tmp_path):
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     script = os.path.join(SCRIPTS, "train_ddp.py")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    subprocess.run([*torchrun, script, str(tmp_path / "ddp")], check=True, env=env, timeout=240)
-    subprocess.run([sys.executable, script, str(tmp_path / "single")], check=True, env=env, timeout=240)
+    subprocess.run([*torchrun, script, str(tmp_path / "ddp")], check=True, env=env, timeout=HANG_TIMEOUT)
+    subprocess.run([sys.executable, script, str(tmp_path / "single")], check=True, env=env, timeout=HANG_TIMEOUT)
     ddp = probe_lines(tmp_path / "ddp" / "mnn_metrics.jsonl")
     single = probe_lines(tmp_path / "single" / "mnn_metrics.jsonl")
     assert [line["step"] for line in ddp] == [0, 4, 8]  # one line per probe: one writer

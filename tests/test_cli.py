@@ -2,24 +2,18 @@
 
 from __future__ import annotations
 
-import csv
 import os
 import shutil
 import subprocess
 import sys
 
-import numpy as np
 import pytest
-from PIL import Image
-from test_callback import probe_lines, tensorboard_scalars
+from helpers import TINY_DEMO, assert_png, probe_lines, read_csv, tensorboard_scalars
 
-from mnn_callback.cli import CSV_COLUMNS, discover, main
+from mnn_callback.cli import CSV_COLUMNS, main
 from mnn_callback.files import read_jsonl
+from mnn_callback.models import discover
 
-TINY_DEMO = [
-    "--steps", "12", "--every", "3", "--save-every", "6", "--n-layer", "2", "--n-embd", "32", "--n-head", "2",
-    "--seq-len", "32", "--max-train-chars", "30000", "--probe-samples", "8", "--batch-size", "8",
-]  # fmt: skip
 PROBE = ["--max-samples", "8", "--max-length", "32", "--batch-size", "16"]
 
 
@@ -38,11 +32,6 @@ def run_copy(demo_run, tmp_path):
     copy = tmp_path / "run"
     shutil.copytree(demo_run, copy, ignore=shutil.ignore_patterns("posthoc", "plots", "tensorboard"))
     return copy
-
-
-def read_csv(path):
-    with open(path, encoding="utf-8", newline="") as handle:
-        return list(csv.DictReader(handle))
 
 
 def evaluate(run, out, *extra):
@@ -177,18 +166,13 @@ def test_family_references_and_tensorboard(run_copy, tmp_path):
         assert float(row["diff_erank"]) == pytest.approx(expected, rel=1e-5, abs=1e-7)
 
 
-def assert_png(path, min_size=(300, 200)):
-    with Image.open(path) as image:
-        assert image.format == "PNG"
-        assert image.size[0] >= min_size[0] and image.size[1] >= min_size[1]
-        pixels = np.asarray(image.convert("L"), dtype=float)
-    assert pixels.std() > 5  # not blank
-
-
-def test_plot_writes_valid_pngs_from_csv_and_from_the_callbacks_jsonl(demo_run, tmp_path):
+def test_plot_reads_every_file_the_package_writes(demo_run, tmp_path):
     assert main(["plot", str(demo_run / "posthoc" / "metrics.csv"), "--out", str(tmp_path / "csv")]) == 0
     for name in ("dynamics.png", "heatmap_mnn.png", "heatmap_matrix_entropy.png", "approximation.png"):
         assert_png(tmp_path / "csv" / name)
+    assert main(["plot", str(demo_run / "posthoc" / "metrics.jsonl"), "--out", str(tmp_path / "evaluated")]) == 0
+    for name in ("dynamics.png", "heatmap_mnn.png", "approximation.png"):
+        assert_png(tmp_path / "evaluated" / name)
     assert main(["plot", str(demo_run / "mnn_metrics.jsonl"), "--out", str(tmp_path / "jsonl")]) == 0
     for name in ("dynamics.png", "heatmap_mnn.png", "approximation.png"):
         assert_png(tmp_path / "jsonl" / name)

@@ -9,8 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from test_callback import probe_lines, tensorboard_scalars
-from test_cli import TINY_DEMO, assert_png, read_csv
+from helpers import HANG_TIMEOUT, TINY_DEMO, assert_png, probe_lines, read_csv, tensorboard_scalars
 
 from mnn_callback.demo import load_text, split_text, train_tokenizer
 
@@ -40,7 +39,7 @@ def test_the_demo_command_at_a_tiny_setting(tmp_path):
     out = tmp_path / "demo"
     env = {key: value for key, value in os.environ.items() if key != "TENSORBOARD_LOGGING_DIR"}
     result = subprocess.run(
-        [script, "demo", "--out", str(out), *TINY_DEMO], capture_output=True, text=True, timeout=240, env=env
+        [script, "demo", "--out", str(out), *TINY_DEMO], capture_output=True, text=True, timeout=HANG_TIMEOUT, env=env
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"tensorboard --logdir {out / 'tensorboard'}" in result.stdout
@@ -69,13 +68,9 @@ def test_heldout_text_is_split_by_position_at_a_paragraph():
         split_text(text, 1.5)
 
 
-def test_tokenizer_trains_fast_and_round_trips():
-    import time
-
+def test_tokenizer_round_trips():
     train, heldout = split_text(load_text())
-    started = time.perf_counter()
     tokenizer = train_tokenizer(train[:300_000], vocab_size=512)
-    assert time.perf_counter() - started < 5.0
     assert len(tokenizer) == 512
     sample = heldout[:500]
     assert tokenizer.decode(tokenizer(sample)["input_ids"]) == sample
@@ -87,7 +82,7 @@ def test_scaling_family_example(tmp_path):
         "--sizes", "2x32x2", "3x48x2", "--steps", "8", "--max-train-chars", "40000", "--probe-samples", "6",
         "--seq-len", "32",
     ]  # fmt: skip
-    subprocess.run(command, check=True, timeout=240, capture_output=True)
+    subprocess.run(command, check=True, timeout=HANG_TIMEOUT, capture_output=True)
     rows = read_csv(tmp_path / "family" / "metrics.csv")
     assert len({row["params"] for row in rows}) == 2
     assert_png(tmp_path / "plots" / "family.png")

@@ -9,17 +9,12 @@ import warnings
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
-from conftest import DEVICES
+from helpers import DEVICES, make_hidden
 from reference import reference_metrics
 
-from mnn_callback import metrics
+from mnn_callback import MNNWarning, metrics
 from mnn_callback.metrics import (
-    MetricAccumulator,
-    MNNWarning,
     compute_metrics,
-    diff_erank,
     effective_rank,
     matrix_entropy,
     matrix_nuclear_norm,
@@ -27,20 +22,6 @@ from mnn_callback.metrics import (
 )
 
 KEYS = ("mnn", "nuclear_norm", "matrix_entropy", "entropy_nats", "erank", "renyi2_entropy")
-
-
-def make_hidden(kind: str, batch: int, length: int, d: int, seed: int = 0) -> torch.Tensor:
-    """Synthetic hidden states: random, rank-deficient, or anisotropic like real LLM activations."""
-    g = torch.Generator().manual_seed(seed)
-    if kind == "random":
-        return torch.randn(batch, length, d, generator=g)
-    if kind == "rank_deficient":
-        return torch.randn(batch, length, 3, generator=g) @ torch.randn(batch, 3, d, generator=g)
-    if kind == "anisotropic":  # a few outlier dimensions and a large shared offset ("massive activations")
-        x = torch.randn(batch, length, d, generator=g)
-        x[..., : max(1, d // 16)] *= 40.0
-        return x + 30.0 * torch.randn(batch, 1, d, generator=g)
-    raise ValueError(kind)
 
 
 def tolerance(key: str, kind: str, input_dtype: torch.dtype, compute_dtype: torch.dtype) -> float:
@@ -293,83 +274,6 @@ def test_gram_chunking_does_not_change_results():
     chunked = metrics._spectra(normalized.z, "exact", memory_share=0.0, min_chunk_elements=0)  # 1 per chunk
     for key, value in whole.items():
         torch.testing.assert_close(chunked[key], value)
-
-
-def test_diff_erank_sign():
-    assert diff_erank(10.0, 7.5) == 2.5  # compressed relative to the reference: positive
-
-
-def _metrics_of(seed: int, batch: int) -> dict[str, torch.Tensor]:
-    hidden = make_hidden("anisotropic", batch, 9, 6, seed=seed)
-    hidden[0, 0, 0] = math.nan  # one NaN sequence per batch
-    return compute_metrics(hidden)
-
-
-def test_accumulator_aggregates_like_the_authors():
-    first, second = _metrics_of(1, 4), _metrics_of(2, 3)
-    whole = MetricAccumulator(num_groups=2)
-    whole.update(first, group=0)
-    whole.update(second, group=0)
-    whole.update(second, group=1)
-    left, right = MetricAccumulator(num_groups=2), MetricAccumulator(num_groups=2)
-    left.update(first, group=0)
-    right.update(second, group=0)
-    right.update(second, group=1)
-    merged = left.merge(right).compute()
-    result = whole.compute()
-    for key in result:
-        torch.testing.assert_close(merged[key], result[key], equal_nan=True)
-    combined = {key: torch.cat([first[key], second[key]]).double() for key in KEYS}
-    finite = torch.isfinite(combined["mnn"])
-    assert result["sequences"][0].item() == 7
-    assert result["nan_sequences"][0].item() == 2
-    assert result["mnn"][0].item() == pytest.approx(combined["mnn"][finite].mean().item(), rel=1e-12)
-    assert result["erank"][0].item() == pytest.approx(
-        math.exp(combined["entropy_nats"][finite].mean().item()), rel=1e-12
-    )
-    assert result["erank"][0].item() != pytest.approx(combined["erank"][finite].mean().item(), rel=1e-6)
-    assert math.isnan(MetricAccumulator().compute()["mnn"][0].item())
-
-
-def test_accumulator_rejects_mismatched_input():
-    with pytest.raises(KeyError, match="compute_metrics"):
-        MetricAccumulator().update({"mnn": torch.ones(2)})
-    with pytest.raises(ValueError, match="merge"):
-        MetricAccumulator(2).merge(MetricAccumulator(3))
-    with pytest.raises(ValueError, match="num_groups"):
-        MetricAccumulator(0)
-
-
-def _all_reduce_worker(rank: int, world_size: int, init_file: str, out_file: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    try:
-        accumulator = MetricAccumulator(num_groups=2)
-        shards = {0: [(1, 4)], 1: [(2, 3), (3, 1)]}[rank]  # uneven split
-        for seed, batch in shards:
-            values = _metrics_of(seed, batch)
-            accumulator.update(values, group=0)
-            accumulator.update(values, group=1)
-        accumulator.all_reduce()
-        torch.save(accumulator.state, f"{out_file}.{rank}")
-    finally:
-        dist.destroy_process_group()
-
-
-def test_all_reduce_across_two_processes_equals_single_pass(tmp_path):
-    mp.spawn(
-        _all_reduce_worker,
-        args=(2, str(tmp_path / "init"), str(tmp_path / "state")),
-        nprocs=2,
-        join=True,
-    )
-    single = MetricAccumulator(num_groups=2)
-    for seed, batch in [(1, 4), (2, 3), (3, 1)]:
-        values = _metrics_of(seed, batch)
-        single.update(values, group=0)
-        single.update(values, group=1)
-    for rank in range(2):
-        state = torch.load(tmp_path / f"state.{rank}", weights_only=True)
-        torch.testing.assert_close(state, single.state)
 
 
 def test_metrics_module_imports_no_transformers():

@@ -11,10 +11,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import DEVICES
-from helpers import minilm_path, random_sequences, shakespeare_tokenizer, tiny_model
+from helpers import DEVICES, minilm_path, random_sequences, shakespeare_tokenizer, tiny_model
 
-from mnn_callback.metrics import MNNWarning, compute_metrics
+from mnn_callback import MNNWarning
+from mnn_callback.metrics import compute_metrics
 from mnn_callback.probe import Probe, ProbeResult
 
 ARCHITECTURES = ["gpt2", "llama", "neox", "bert"]

@@ -7,10 +7,8 @@ import statistics
 
 import pytest
 import torch
-from conftest import DEVICES
-from helpers import minilm_path, shakespeare_tokenizer
+from helpers import DEVICES, make_hidden, minilm_path, shakespeare_tokenizer
 from reference import reference_metrics
-from test_metrics import make_hidden
 
 from mnn_callback import metrics
 from mnn_callback.metrics import compute_metrics, finish_metrics, prepare_metrics

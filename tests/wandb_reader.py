@@ -12,6 +12,7 @@ import glob
 import json
 import os
 import struct
+import time
 import zlib
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +37,8 @@ def iter_payloads(path: str):
         if length == 0 and kind == 0:  # zero padding at the end of a block
             offset += left_in_block
             continue
+        if offset + HEADER + length > len(data):  # still being written
+            return
         payload = data[offset + HEADER : offset + HEADER + length]
         assert zlib.crc32(bytes([kind]) + payload) & 0xFFFFFFFF == checksum, "corrupt record"
         offset += HEADER + length
@@ -56,6 +59,7 @@ def _key(item: Any) -> str:
 
 @dataclass
 class OfflineRun:
+    finished: bool = False  # the run's exit record was written: nothing more will come
     history: list[dict[str, Any]] = field(default_factory=list)
     metrics: list[dict[str, Any]] = field(default_factory=list)  # define_metric records
     config: dict[str, Any] = field(default_factory=dict)
@@ -103,7 +107,31 @@ def read_offline_run(run_dir: str) -> OfflineRun:
                 run.summary[_key(item)] = json.loads(item.value_json)
         elif kind == "files":
             run.files.extend(file.path for file in record.files.files)
+        elif kind == "exit":
+            run.finished = True
     return run
+
+
+def wait_for_run(run_dir: str, timeout: float = 120.0) -> OfflineRun:
+    """The offline run once W&B has written all of it: its exit record and every media file it names.
+
+    W&B writes from a service process after ``wandb.finish()`` returns; reading earlier can miss
+    the last records. Polls the file (a bounded wait: fails the test rather than hang).
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        run = read_offline_run(run_dir)
+        media = [
+            os.path.join(run_dir, "files", value["path"])
+            for row in run.history
+            for value in row.values()
+            if isinstance(value, dict) and "path" in value
+        ]
+        if run.finished and all(os.path.isfile(path) for path in media):
+            return run
+        if time.monotonic() > deadline:
+            raise AssertionError(f"W&B did not finish writing {run_dir} within {timeout} s")
+        time.sleep(0.2)
 
 
 def offline_runs(wandb_dir: str) -> list[str]:

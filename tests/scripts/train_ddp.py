@@ -10,25 +10,32 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from helpers import random_sequences, tiny_model
-from transformers import Trainer, TrainingArguments
 
-from mnn_callback import MNNCallback
+def main(output_dir: str) -> None:
+    from helpers import random_sequences, tiny_model
+    from transformers import Trainer, TrainingArguments
 
-output_dir = sys.argv[1]
-os.environ["TENSORBOARD_LOGGING_DIR"] = os.path.join(output_dir, "tb")
-model = tiny_model("gpt2", seed=1)
-train = [{"input_ids": ids, "labels": ids} for ids in random_sequences(64, 12, 12, seed=1)]
-args = TrainingArguments(
-    output_dir,
-    max_steps=8,
-    per_device_train_batch_size=4,
-    learning_rate=0.0,
-    report_to=["tensorboard"],
-    save_strategy="no",
-    use_cpu=True,
-    seed=0,
-)
-trainer = Trainer(model=model, args=args, train_dataset=train)
-trainer.add_callback(MNNCallback(random_sequences(9, 3, 20, seed=3), every_n_steps=4, batch_size=2))
-trainer.train()
+    from mnn_callback import MNNCallback
+
+    model = tiny_model("gpt2", seed=1)
+    train = [{"input_ids": ids, "labels": ids} for ids in random_sequences(64, 12, 12, seed=1)]
+    args = TrainingArguments(
+        output_dir,
+        max_steps=8,
+        per_device_train_batch_size=4,
+        learning_rate=0.0,
+        report_to=["tensorboard"],
+        save_strategy="no",
+        use_cpu=True,
+        seed=0,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=train)
+    callback = MNNCallback(
+        random_sequences(9, 3, 20, seed=3), every_n_steps=4, batch_size=2, log_dir=os.path.join(output_dir, "tb")
+    )
+    trainer.add_callback(callback)
+    trainer.train()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -12,11 +12,6 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from helpers import random_sequences, tiny_model
-from transformers import Trainer, TrainingArguments
-
-from mnn_callback import MNNCallback
-
 
 def last_complete_checkpoint(output_dir):
     """The newest checkpoint whose trainer_state.json (the Trainer writes it last) is intact."""
@@ -32,25 +27,34 @@ def last_complete_checkpoint(output_dir):
     return best
 
 
-output_dir, limit = sys.argv[1], sys.argv[2]
-resume = last_complete_checkpoint(output_dir)
-max_steps = (resume[0] if resume else 0) + 10 if limit == "finish" else int(limit)
-args = TrainingArguments(
-    output_dir,
-    max_steps=max_steps,
-    per_device_train_batch_size=4,
-    save_strategy="steps",
-    save_steps=2,
-    save_total_limit=4,
-    report_to="none",
-    use_cpu=True,
-    disable_tqdm=True,
-    lr_scheduler_type="constant",
-    seed=0,
-)
-train = [{"input_ids": ids, "labels": ids} for ids in random_sequences(4000, 12, 12, seed=1)]
-callback = MNNCallback(random_sequences(6, 4, 16, seed=3), every_n_steps=2)
-trainer = Trainer(model=tiny_model("gpt2"), args=args, train_dataset=train, callbacks=[callback])
-trainer.train(resume_from_checkpoint=resume[1] if resume else None)
-steps = [entry["step"] for entry in callback.history]
-print(json.dumps({"resumed_from": resume[1] if resume else None, "steps": steps, "max_steps": max_steps}))
+def main(output_dir: str, limit: str) -> None:
+    from helpers import random_sequences, tiny_model
+    from transformers import Trainer, TrainingArguments
+
+    from mnn_callback import MNNCallback
+
+    resume = last_complete_checkpoint(output_dir)
+    max_steps = (resume[0] if resume else 0) + 10 if limit == "finish" else int(limit)
+    args = TrainingArguments(
+        output_dir,
+        max_steps=max_steps,
+        per_device_train_batch_size=4,
+        save_strategy="steps",
+        save_steps=2,
+        save_total_limit=4,
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        lr_scheduler_type="constant",
+        seed=0,
+    )
+    train = [{"input_ids": ids, "labels": ids} for ids in random_sequences(4000, 12, 12, seed=1)]
+    callback = MNNCallback(random_sequences(6, 4, 16, seed=3), every_n_steps=2)
+    trainer = Trainer(model=tiny_model("gpt2"), args=args, train_dataset=train, callbacks=[callback])
+    trainer.train(resume_from_checkpoint=resume[1] if resume else None)
+    steps = [entry["step"] for entry in callback.history]
+    print(json.dumps({"resumed_from": resume[1] if resume else None, "steps": steps, "max_steps": max_steps}))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

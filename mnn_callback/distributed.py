@@ -1,0 +1,77 @@
+"""The few collectives the probe needs, under an initialised ``torch.distributed`` process group.
+
+Every function here must be called by every process of the group at the same point; each is a
+no-op (or returns its input) without a process group.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["all_gather_object", "all_reduce", "broadcast_object", "world"]
+
+# The last all-reduce's work handle and buffer, referenced until the next all-reduce, module-wide
+# (they must outlive the probe that made them): otherwise gloo's worker thread may drop the last
+# reference and need the GIL to free the buffer while the main thread, holding the GIL, tears
+# the process group down, a deadlock at exit (seen with torch 2.13).
+_LAST_ALL_REDUCE: list[Any] = []
+
+
+def _initialized() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) of the default process group; (0, 1) without one."""
+    import torch.distributed as dist
+
+    if _initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_reduce(tensor: Tensor, *, op: str = "sum") -> Tensor:
+    """Elementwise ``op`` (``"sum"`` or ``"max"``) of ``tensor`` over the processes, on ``tensor``'s device.
+
+    ``tensor`` itself without a process group. Communicates through a CUDA tensor under NCCL, a
+    CPU tensor otherwise.
+    """
+    import torch.distributed as dist
+
+    if not _initialized():
+        return tensor
+    nccl = dist.get_backend() == "nccl"
+    device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+    buffer = tensor.to(device, copy=True)
+    operation = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op]
+    work = dist.all_reduce(buffer, op=operation, async_op=True)
+    work.wait()
+    _LAST_ALL_REDUCE[:] = [work, buffer]
+    return buffer.to(tensor.device, copy=True)
+
+
+def all_gather_object(value: Any) -> list[Any]:
+    """``value`` of every process, in rank order (``[value]`` alone)."""
+    import torch.distributed as dist
+
+    if not _initialized():
+        return [value]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def broadcast_object(value: Any, source: int = 0) -> Any:
+    """Process ``source``'s ``value`` on every process (``value`` alone)."""
+    import torch.distributed as dist
+
+    if not _initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=source)
+    return box[0]

@@ -1,0 +1,173 @@
+"""What the probe needs to know about a model: which module emits each hidden state, and its limits.
+
+Works with Hugging Face transformers models (decoder-only and encoders) and any module whose
+``forward(input_ids=..., attention_mask=..., output_hidden_states=True)`` returns
+``hidden_states``; transformers itself is not imported here.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "Emitters",
+    "accepted_kwargs",
+    "calibrate",
+    "check_supported",
+    "first_tensor",
+    "hidden_states_of",
+    "inspectable",
+    "model_device",
+    "position_limit",
+    "vocabulary_size",
+]
+
+
+def first_tensor(output: Any) -> Tensor | None:
+    """The hidden-state tensor of a module's output: the tensor, or the first one of a tuple/ModelOutput."""
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, Mapping):
+        output = tuple(output.values())
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+        return output[0]
+    return None
+
+
+def inspectable(model: nn.Module) -> nn.Module:
+    """The module whose class and config describe ``model``, looking through DDP/FSDP and compile wrappers."""
+    seen = set()
+    while id(model) not in seen:
+        seen.add(id(model))
+        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
+            break
+        model = inner
+    return model
+
+
+def model_device(model: nn.Module) -> torch.device:
+    device = getattr(model, "device", None)
+    if isinstance(device, torch.device):
+        return device
+    for parameter in model.parameters():
+        return parameter.device
+    return torch.device("cpu")
+
+
+def accepted_kwargs(model: nn.Module, wanted: dict[str, Any]) -> dict[str, Any]:
+    """The subset of ``wanted`` that ``model.forward`` accepts (all of them if it takes ``**kwargs``)."""
+    try:
+        parameters = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return wanted
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return wanted
+    return {key: value for key, value in wanted.items() if key in parameters}
+
+
+def check_supported(model: nn.Module) -> None:
+    """Refuse encoder-decoder models by name: their forward needs decoder inputs the probe does not have."""
+    inner = inspectable(model)
+    config = getattr(inner, "config", None)
+    if getattr(config, "is_encoder_decoder", False):
+        raise TypeError(
+            f"{type(inner).__name__} is an encoder-decoder model, which the probe does not support: probe its "
+            "encoder instead (model.get_encoder(), or an encoder-only class such as T5EncoderModel)"
+        )
+
+
+def hidden_states_of(output: Any, model: nn.Module) -> tuple[Tensor, ...]:
+    hidden_states = getattr(output, "hidden_states", None)
+    if hidden_states is None and isinstance(output, Mapping):
+        hidden_states = output.get("hidden_states")
+    if not hidden_states:
+        raise TypeError(
+            f"{type(inspectable(model)).__name__} did not return hidden states: the probe needs a model whose "
+            "forward(input_ids=..., attention_mask=..., output_hidden_states=True) returns `hidden_states` "
+            "(any Hugging Face transformers model does)"
+        )
+    return tuple(hidden_states)
+
+
+def _positive(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def position_limit(model: nn.Module) -> int | None:
+    """How many positions the model can embed (``max_position_embeddings`` / ``n_positions``), if it says."""
+    config = getattr(inspectable(model), "config", None)
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        limit = _positive(getattr(config, name, None))
+        if limit is not None:
+            return limit
+    return None
+
+
+def vocabulary_size(model: nn.Module) -> int | None:
+    """Rows of the input embedding (the largest valid token id plus one), if the model has one."""
+    inner = inspectable(model)
+    getter = getattr(inner, "get_input_embeddings", None)
+    try:
+        embedding = getter() if callable(getter) else None
+    except (NotImplementedError, AttributeError):
+        embedding = None
+    rows = getattr(embedding, "num_embeddings", None)
+    if _positive(rows) is not None:
+        return rows
+    return _positive(getattr(getattr(inner, "config", None), "vocab_size", None))
+
+
+@dataclass(frozen=True)
+class Emitters:
+    """Which module emits each hidden state (None: only available through ``output_hidden_states``)."""
+
+    num_hidden_states: int
+    modules: tuple[str | None, ...]
+    hidden_size: int
+
+
+def calibrate(model: nn.Module, forward_kwargs: dict[str, Any]) -> Emitters:
+    """Match each hidden state to the module that outputs it, with one forward on a short input.
+
+    Records every module's output (hooks on all modules) and compares it exactly with
+    ``hidden_states[i]``. Among matching modules called exactly once, takes the deepest (it
+    returns a plain tensor), and among equally deep ones the last called.
+    """
+    records: dict[str, tuple[int, Tensor]] = {}
+    calls: dict[str, int] = {}
+    handles = []
+
+    def record(name: str) -> Callable[..., None]:
+        def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
+            calls[name] = calls.get(name, 0) + 1
+            tensor = first_tensor(output)
+            if tensor is not None:
+                records[name] = (len(calls), tensor.detach().clone())
+
+        return hook
+
+    try:
+        for name, module in model.named_modules():
+            if name:
+                handles.append(module.register_forward_hook(record(name)))
+        output = model(**forward_kwargs, output_hidden_states=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+    hidden_states = hidden_states_of(output, model)
+    modules: list[str | None] = []
+    for hidden in hidden_states:
+        matches = [
+            (name.count("."), order, name)
+            for name, (order, tensor) in records.items()
+            if calls[name] == 1 and tensor.shape == hidden.shape and torch.equal(tensor, hidden)
+        ]
+        modules.append(max(matches)[2] if matches else None)
+    return Emitters(len(hidden_states), tuple(modules), int(hidden_states[-1].shape[-1]))

@@ -1,0 +1,251 @@
+"""Post hoc evaluation as a library: the probe on saved checkpoints, model families, hub models.
+
+``evaluate_models(["out/"], "heldout.txt")`` probes every ``checkpoint-*`` of a run, in step
+order, and returns one row per model x layer with the columns of ``metrics.csv``
+(:data:`~mnn_callback.schema.CSV_COLUMNS`). With ``results_file`` it is resumable: each model's
+result is appended as it finishes, and models already evaluated with the same configuration
+are read back instead of evaluated again.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from mnn_callback.errors import UsageError
+from mnn_callback.files import append_jsonl, read_jsonl
+from mnn_callback.models import Target, discover, find_tokenizer, load_model, model_config, model_dtype, untrained_model
+from mnn_callback.probe import Probe
+from mnn_callback.results import Measurement, ProbeResult
+from mnn_callback.sinks import Sink
+from mnn_callback.tables import evaluation_rows
+
+__all__ = ["UNTRAINED", "evaluate_models", "latest_rows"]
+
+UNTRAINED = "untrained"  # reference=UNTRAINED: each model's own config, randomly initialised with the seed
+_NOT_ARCHITECTURE = ("_name_or_path", "transformers_version", "torch_dtype", "dtype")  # config keys of no effect
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def latest_rows(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The long-table rows of a results file: the latest record of each model (references left out)."""
+    latest: dict[str, dict[str, Any]] = {}
+    for record in records:
+        if record.get("role") != "reference":
+            latest[record["path"]] = record
+    return [row for record in latest.values() for row in evaluation_rows(record)]
+
+
+class _Evaluation:
+    """One evaluation: models in order, their probes, the reference, the results file."""
+
+    def __init__(self, models: Sequence[Any], data: Any, options: dict[str, Any]) -> None:
+        self.targets = discover(models)
+        if isinstance(data, (str, os.PathLike)) and not os.path.isfile(data):
+            raise UsageError(f"data file not found: {os.fspath(data)}")
+        self.data = data
+        self.tokenizer = options.pop("tokenizer")
+        self.results_file = options.pop("results_file")
+        self.force = options.pop("force")
+        self.trust_remote_code = options.pop("trust_remote_code")
+        self.seed = options.pop("seed")
+        self.sinks: list[Sink] = list(options.pop("sinks"))
+        device = options.pop("device")
+        self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+        self.dtype = model_dtype(options.pop("dtype"), self.device)
+        reference = options.pop("reference")
+        self.reference_mode = self._reference_mode(reference)
+        self.probe_options = {**options, "seed": self.seed}
+        self.records = read_jsonl(self.results_file) if self.results_file and os.path.isfile(self.results_file) else []
+        self.first_result: ProbeResult | None = None
+        self._probes: dict[str, Probe] = {}
+
+    def _reference_mode(self, reference: Any) -> tuple[str, Any]:
+        if reference is None:
+            return ("first", None)
+        if isinstance(reference, str) and reference == UNTRAINED:
+            return ("untrained", self.seed)
+        (target,) = discover([reference])[-1:]  # a run directory stands for its last checkpoint
+        return ("model", target)
+
+    def probe_for(self, target: Target) -> Probe:
+        """The probe of ``target``'s tokenizer (one per distinct vocabulary): the same fixed sample."""
+        tokenizer = find_tokenizer(target, self.tokenizer, self.trust_remote_code)
+        key = "ids" if tokenizer is None else _digest(sorted(tokenizer.get_vocab().items()))
+        if key not in self._probes:
+            try:
+                self._probes[key] = Probe(self.data, tokenizer=tokenizer, **self.probe_options)
+            except (ValueError, FileNotFoundError, TypeError) as error:
+                if "tokenizer=" in str(error):
+                    raise UsageError("the data holds text and no tokenizer was found: pass a tokenizer") from None
+                raise UsageError(str(error)) from None
+        return self._probes[key]
+
+    def config_key(self, probe: Probe) -> str:
+        """What must match for a stored result to be reused: sample, layers, dtypes, reference choice."""
+        mode, detail = self.reference_mode
+        reference = detail.path if isinstance(detail, Target) else detail
+        return _digest([probe.fingerprint, str(self.dtype), [mode, reference]])
+
+    def _stored(self, role: str | None, path: str, key: str) -> dict[str, Any] | None:
+        if self.force:
+            return None
+        for record in reversed(self.records):
+            if record.get("role") == role and record.get("path") == path and record.get("config_key") == key:
+                return record if "result" in record else None
+        return None
+
+    def _append(self, record: dict[str, Any]) -> None:
+        if self.results_file:
+            append_jsonl(self.results_file, record)
+        self.records.append(record)
+
+    def reference_for(self, target: Target, probe: Probe) -> ProbeResult | None:
+        """The Diff-eRank reference of ``target``: a given model, its untrained twin, or the first result."""
+        mode, detail = self.reference_mode
+        if mode == "first":
+            return self.first_result
+        if mode == "model":
+            name, make = detail.path, lambda: self._load(detail)
+        else:  # untrained: one per architecture, so each model of a family has its own
+            config = model_config(target, self.trust_remote_code).to_dict()
+            architecture = {key: value for key, value in config.items() if key not in _NOT_ARCHITECTURE}
+            name = f"untrained:{_digest(architecture)}:seed={self.seed}"
+            make = lambda: untrained_model(  # noqa: E731
+                target, device=self.device, seed=self.seed, trust_remote_code=self.trust_remote_code
+            )
+        key = self.config_key(probe)
+        stored = self._stored("reference", name, key)
+        if stored is not None:
+            return ProbeResult.from_dict(stored["result"])
+        result = probe.run(make())
+        self._append({"role": "reference", "path": name, "config_key": key, "result": result.to_dict()})
+        return result
+
+    def _load(self, target: Target) -> nn.Module:
+        return load_model(target, device=self.device, dtype=self.dtype, trust_remote_code=self.trust_remote_code)
+
+    def evaluate(self, index: int, target: Target) -> dict[str, Any]:
+        """The record of one model: evaluated now, or read back from the results file."""
+        try:
+            probe = self.probe_for(target)
+            key = self.config_key(probe)
+            record = self._stored(None, target.path, key)
+            if record is None:
+                record = self._measure(index, target, probe, key)
+            if self.first_result is None:
+                self.first_result = ProbeResult.from_dict(record["result"])
+            return record
+        except UsageError:
+            raise
+        except Exception as error:
+            message = f"{type(error).__name__}: {error}".splitlines()[0][:500]
+            record = {"model": target.name, "path": target.path, "step": target.step, "error": message}
+            self._append(record)
+            return record
+        finally:
+            gc.collect()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    def _measure(self, index: int, target: Target, probe: Probe, key: str) -> dict[str, Any]:
+        started = time.perf_counter()
+        model = self._load(target)
+        params = sum(parameter.numel() for parameter in model.parameters())
+        result = probe.run(model)
+        del model  # one model in memory at a time
+        reference = self.reference_for(target, probe) or result
+        differences = result.differences(reference)
+        record = {
+            "model": target.name,
+            "path": target.path,
+            "step": target.step,
+            "params": params,
+            "config_key": key,
+            "seconds": time.perf_counter() - started,
+            "result": result.to_dict(),
+            "differences": differences,
+        }
+        self._append(record)
+        measurement = Measurement(target.step if target.step is not None else index, None, result, differences)
+        for sink in self.sinks:
+            sink.log_measurement(measurement)
+        return record
+
+
+def evaluate_models(
+    models: Sequence[str | os.PathLike | nn.Module],
+    data: Any,
+    *,
+    tokenizer: Any = None,
+    reference: Any = None,
+    results_file: str | os.PathLike | None = None,
+    force: bool = False,
+    device: str = "auto",
+    dtype: str = "auto",
+    seed: int = 0,
+    trust_remote_code: bool = False,
+    sinks: Sequence[Sink] = (),
+    progress: bool = False,
+    **probe_options: Any,
+) -> list[dict[str, Any]]:
+    """Probe each model on the same fixed sample; one row per model x layer (``metrics.csv``'s columns).
+
+    Args:
+        models: model directories, run directories (their ``checkpoint-*``, in step order), hub ids
+            (loaded through transformers, from its cache when offline) or ``nn.Module`` objects.
+        data: the held-out sample, as for :class:`~mnn_callback.probe.Probe`.
+        tokenizer: a tokenizer or the directory / id of one; default: each model's own (for text data).
+        reference: the Diff-eRank reference: None (the first model), ``"untrained"`` (each model's
+            config, randomly initialised with ``seed``), or a model (directory, hub id or module).
+        results_file: a JSONL file results are appended to and reused from (resumable).
+        force: evaluate again models found in ``results_file``.
+        device, dtype: where and in which dtype to load the models (``"auto"``: CUDA if available;
+            the checkpoint's dtype on CUDA, float32 on the CPU).
+        seed: the sample's seed and the untrained reference's.
+        trust_remote_code: allow models' own Python code (off: nothing of theirs runs).
+        sinks: also log each model's measurement, at its training step, to these sinks.
+        progress: show a progress bar over models.
+        **probe_options: passed to :class:`~mnn_callback.probe.Probe` (``max_samples``, ``layers``, ...).
+
+    A model that fails to load or probe gives one row with ``error`` set; the others are
+    evaluated. Bad input raises :class:`~mnn_callback.errors.UsageError`.
+    """
+    evaluation = _Evaluation(
+        models,
+        data,
+        {
+            **probe_options,
+            "tokenizer": tokenizer,
+            "reference": reference,
+            "results_file": None if results_file is None else os.fspath(results_file),
+            "force": force,
+            "device": device,
+            "dtype": dtype,
+            "seed": seed,
+            "trust_remote_code": trust_remote_code,
+            "sinks": sinks,
+        },
+    )
+    targets = evaluation.targets
+    if progress:
+        from tqdm.auto import tqdm
+
+        targets = tqdm(targets, desc="evaluating", unit="model", disable=None)  # None: only on a terminal
+    rows = []
+    for index, target in enumerate(targets):
+        if progress:
+            targets.set_postfix_str(os.path.basename(target.name.rstrip("/")))
+        rows.extend(evaluation_rows(evaluation.evaluate(index, target)))
+    return rows

@@ -1,0 +1,169 @@
+"""Models for post hoc evaluation: what to evaluate (directories, hub ids, modules) and loading them safely.
+
+Local files only for local paths; no remote code unless asked; transformers prefers safetensors
+and loads ``.bin`` weights with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from mnn_callback.errors import UsageError
+
+__all__ = ["Target", "discover", "find_tokenizer", "load_model", "untrained_model"]
+
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+@dataclass(frozen=True)
+class Target:
+    """One model to evaluate: a local directory, a hub id or a module, and its training step if known."""
+
+    name: str
+    path: str  # directory or hub id; for a module, its name
+    step: int | None
+    local: bool
+    module: nn.Module | None = None
+
+
+def _is_model_dir(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "config.json"))
+
+
+def _step_of(path: str) -> int | None:
+    state = os.path.join(path, "trainer_state.json")
+    if os.path.isfile(state):
+        try:
+            with open(state, encoding="utf-8") as handle:
+                return int(json.load(handle)["global_step"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    match = _CHECKPOINT.match(os.path.basename(os.path.normpath(path)))
+    return int(match.group(1)) if match else None
+
+
+def _directory_targets(path: str) -> list[Target]:
+    """A run directory's ``checkpoint-*`` (in step order), else the model directory itself."""
+    checkpoints = [
+        os.path.join(path, name)
+        for name in os.listdir(path)
+        if _CHECKPOINT.match(name) and _is_model_dir(os.path.join(path, name))
+    ]
+    if checkpoints:  # a final model saved beside them is normally the last checkpoint again
+        ordered = sorted(checkpoints, key=lambda p: (_step_of(p) or -1, p))
+        return [Target(checkpoint, os.path.abspath(checkpoint), _step_of(checkpoint), True) for checkpoint in ordered]
+    if not _is_model_dir(path):
+        raise UsageError(f"{path} holds neither a model (config.json) nor checkpoint-* directories")
+    return [Target(path, os.path.abspath(path), _step_of(path), True)]
+
+
+def discover(models: Sequence[str | os.PathLike | nn.Module]) -> list[Target]:
+    """Models to evaluate: model directories, run directories holding ``checkpoint-*`` (in step order),
+    hub ids, and modules."""
+    targets: list[Target] = []
+    for index, model in enumerate(models):
+        if isinstance(model, nn.Module):
+            name = str(getattr(getattr(model, "config", None), "name_or_path", "") or f"model {index}")
+            targets.append(Target(name, name, None, True, module=model))
+            continue
+        path = os.fspath(model)
+        if os.path.isdir(path):
+            targets.extend(_directory_targets(path))
+        elif os.path.exists(path):
+            raise UsageError(f"{path} is not a directory (expected a model or run directory)")
+        elif _HUB_ID.match(path) and not path.startswith((".", "/", "~")):
+            targets.append(Target(path, path, None, False))  # a hub model id: downloaded by transformers
+        else:
+            raise UsageError(f"no model or checkpoint found at {path}")
+    if not targets:
+        raise UsageError("no checkpoints or models found")
+    return targets
+
+
+def _load_tokenizer(source: str, local: bool, trust_remote_code: bool) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(source, local_files_only=local, trust_remote_code=trust_remote_code)
+
+
+def find_tokenizer(target: Target, tokenizer: Any, trust_remote_code: bool) -> Any:
+    """``tokenizer`` (an object, or a directory or id to load), else the model's own, else one saved
+    in its run directory; None if none is found."""
+    if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)):
+        return tokenizer
+    if tokenizer is not None:
+        source = os.fspath(tokenizer)
+        return _load_tokenizer(source, os.path.isdir(source), trust_remote_code)
+    if target.module is not None:
+        return None
+    candidates = [target.path] + ([os.path.dirname(target.path)] if target.local else [])
+    for candidate in candidates:
+        if target.local and not os.path.isfile(os.path.join(candidate, "tokenizer_config.json")):
+            continue
+        try:
+            return _load_tokenizer(candidate, target.local, trust_remote_code)
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def model_dtype(name: str, device: torch.device) -> torch.dtype | str:
+    """The dtype to load weights in: ``auto`` keeps the checkpoint's on CUDA, float32 on the CPU."""
+    if name == "auto":
+        return "auto" if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def _is_causal(config: Any) -> bool:
+    return any(name.endswith(("ForCausalLM", "LMHeadModel")) for name in (config.architectures or []))
+
+
+def load_model(target: Target, *, device: torch.device, dtype: torch.dtype | str, trust_remote_code: bool) -> nn.Module:
+    """A model for probing: the causal-LM class when the config names one (for the loss), else the base model."""
+    if target.module is not None:
+        return target.module
+    import transformers
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    options = {"local_files_only": target.local, "trust_remote_code": trust_remote_code}
+    config = AutoConfig.from_pretrained(target.path, **options)
+    model_class = AutoModelForCausalLM if _is_causal(config) else AutoModel
+    dtype_option = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+    model = model_class.from_pretrained(target.path, config=config, **{dtype_option: dtype}, **options)
+    return model.to(device).eval()
+
+
+def model_config(target: Target, trust_remote_code: bool) -> Any:
+    """The model's configuration (transformers ``PretrainedConfig``)."""
+    if target.module is not None:
+        return getattr(target.module, "config", None)
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(target.path, local_files_only=target.local, trust_remote_code=trust_remote_code)
+
+
+def untrained_model(target: Target, *, device: torch.device, seed: int, trust_remote_code: bool) -> nn.Module:
+    """A randomly initialised model from ``target``'s config with a fixed seed (the Diff-eRank paper's reference).
+
+    The global torch RNG is restored afterwards.
+    """
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    config = model_config(target, trust_remote_code)
+    generator_state = torch.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        model_class = AutoModelForCausalLM if _is_causal(config) else AutoModel
+        model = model_class.from_config(config, trust_remote_code=trust_remote_code)
+    finally:
+        torch.set_rng_state(generator_state)
+    return model.to(device).eval()

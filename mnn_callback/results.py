@@ -1,0 +1,226 @@
+"""ProbeResult: the data-set metrics of one probe, their flat keys, and their JSON form."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from mnn_callback import schema
+
+__all__ = ["DashboardImage", "Measurement", "ProbeResult"]
+
+
+def _finite_or_none(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None
+
+
+def _number(value: float | None) -> float:
+    return math.nan if value is None else float(value)
+
+
+@dataclass
+class ProbeResult:
+    """Data-set metrics of one probe run.
+
+    ``per_layer[name][j]`` is metric ``name`` (see :mod:`mnn_callback.schema`) at hidden-state
+    index ``layers[j]``: means over sequences (``mnn``, ``nuclear_norm``, ``matrix_entropy``,
+    ``entropy_nats``, ``renyi2_entropy``) and the values derived from them (``erank`` =
+    exp(mean entropy in nats), ``mnn_ratio``); ``standard_errors[name][j]`` the standard error of
+    each mean over sequences. A probe with ``method="cheap"`` has no spectral metrics. ``loss`` is
+    the token-weighted mean next-token NLL in nats (None when the model has no language-model head).
+    """
+
+    layers: list[int]
+    per_layer: dict[str, list[float]]
+    loss: float | None
+    sequences: int
+    tokens: int
+    nan_sequences: int
+    seconds: float
+    fingerprint: str
+    num_hidden_states: int
+    config: dict[str, Any] = field(default_factory=dict)
+    standard_errors: dict[str, list[float]] = field(default_factory=dict)
+    hidden_size: int | None = None
+
+    @property
+    def final_layer(self) -> int:
+        return self.num_hidden_states - 1
+
+    @property
+    def perplexity(self) -> float | None:
+        """``exp(loss)``; inf when that overflows, NaN for a NaN loss."""
+        if self.loss is None:
+            return None
+        return math.exp(self.loss) if not self.loss > 700 else math.inf
+
+    def probe_values(self) -> dict[str, float]:
+        """The probe-level fields of :data:`~mnn_callback.schema.PROBE_FIELDS` this result knows."""
+        values: dict[str, float] = {
+            "sequences": self.sequences,
+            "tokens": self.tokens,
+            "nan_sequences": self.nan_sequences,
+            "seconds": float(self.seconds),
+        }
+        if self.loss is not None:
+            values["loss"] = float(self.loss)
+            values["perplexity"] = float(self.perplexity)
+        return values
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        """Flat ``{key: float}``: ``mnn/layer_{i}`` and the like per layer, their standard errors
+        (``mnn_se/layer_{i}``), the headline keys of the final hidden state (``mnn/last``), then
+        ``probe/...``."""
+        return schema.flatten(self.layers, self.per_layer, self.standard_errors, self.probe_values(), self.final_layer)
+
+    def differences(self, reference: ProbeResult) -> dict[str, list[float]]:
+        """Per metric with a ``difference_of`` (Diff-eRank): reference minus now, per layer (NaN where the
+        reference lacks the layer or the metric)."""
+        index = {layer: position for position, layer in enumerate(reference.layers)}
+        out: dict[str, list[float]] = {}
+        for position, layer in enumerate(self.layers):
+            current = {name: values[position] for name, values in self.per_layer.items()}
+            ref = None
+            if layer in index:
+                ref = {name: values[index[layer]] for name, values in reference.per_layer.items()}
+            for name, value in schema.differences(current, ref).items():
+                out.setdefault(name, [math.nan] * len(self.layers))[position] = value
+        return out
+
+    def diff_erank(self, reference: ProbeResult) -> dict[str, float]:
+        """``diff_erank/layer_{i}`` = eRank of ``reference`` minus eRank of this result, for shared layers.
+
+        Positive when this model's representation is more compressed than the reference's.
+        """
+        values = self.differences(reference).get("diff_erank")
+        if values is None:
+            return {}
+        return {
+            schema.layer_key("diff_erank", layer): value
+            for layer, value in zip(self.layers, values, strict=True)
+            if layer in reference.layers
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict (non-finite floats become None); inverse of :meth:`from_dict`."""
+
+        def plain(table: Mapping[str, list[float]]) -> dict[str, list[float | None]]:
+            return {name: [_finite_or_none(v) for v in values] for name, values in table.items()}
+
+        return {
+            "layers": list(self.layers),
+            "per_layer": plain(self.per_layer),
+            "standard_errors": plain(self.standard_errors),
+            "loss": _finite_or_none(self.loss),
+            "has_loss": self.loss is not None,
+            "sequences": self.sequences,
+            "tokens": self.tokens,
+            "nan_sequences": self.nan_sequences,
+            "seconds": self.seconds,
+            "fingerprint": self.fingerprint,
+            "num_hidden_states": self.num_hidden_states,
+            "hidden_size": self.hidden_size,
+            "config": dict(self.config),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ProbeResult:
+        """The result a :meth:`to_dict` describes; ``KeyError``/``TypeError``/``ValueError`` when malformed."""
+        layers = [int(layer) for layer in data["layers"]]
+        means = {name: [_number(v) for v in values] for name, values in data["per_layer"].items()}
+        if any(len(values) != len(layers) for values in means.values()):
+            raise ValueError(f"per_layer lists must have one value per layer ({len(layers)})")
+        columns = [schema.derive_layer({name: values[i] for name, values in means.items()}) for i in range(len(layers))]
+        names = list(columns[0]) if columns else list(means)
+        has_loss = data.get("has_loss", data.get("loss") is not None)
+        return cls(
+            layers=layers,
+            per_layer={name: [column[name] for column in columns] for name in names},
+            loss=_number(data.get("loss")) if has_loss else None,
+            sequences=int(data["sequences"]),
+            tokens=int(data["tokens"]),
+            nan_sequences=int(data["nan_sequences"]),
+            seconds=float(data["seconds"]),
+            fingerprint=str(data["fingerprint"]),
+            num_hidden_states=int(data.get("num_hidden_states") or max(layers) + 1),
+            config=dict(data.get("config") or {}),
+            standard_errors={
+                name: [_number(v) for v in values] for name, values in (data.get("standard_errors") or {}).items()
+            },
+            hidden_size=data.get("hidden_size"),
+        )
+
+    @classmethod
+    def load(cls, source: ProbeResult | Mapping[str, Any] | str | os.PathLike) -> ProbeResult:
+        """A result from itself, its :meth:`to_dict`, or a JSON file holding one.
+
+        The JSON may also be a checkpoint's ``mnn_metrics.json``: its ``reference`` entry is used.
+        """
+        if isinstance(source, ProbeResult):
+            return source
+        if isinstance(source, (str, os.PathLike)):
+            with open(source, encoding="utf-8") as handle:
+                source = json.load(handle)
+        if isinstance(source, Mapping):
+            return cls.from_dict(source.get("reference", source))
+        raise TypeError(
+            "expected a model, a ProbeResult, its to_dict(), or the path of a JSON file holding one; "
+            f"got {type(source).__name__}"
+        )
+
+
+@dataclass
+class Measurement:
+    """What the monitor hands to the sinks for one probe: the result in context.
+
+    ``result`` is None when the probe failed (then only the ``monitor`` fields are known);
+    ``differences`` holds the metrics measured against the Diff-eRank reference, per layer;
+    ``monitor`` the monitor's own fields (``errors``, ``time_share``, ...).
+    """
+
+    step: int
+    epoch: float | None
+    result: ProbeResult | None
+    differences: dict[str, list[float]] = field(default_factory=dict)
+    monitor: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def layers(self) -> list[int]:
+        return [] if self.result is None else list(self.result.layers)
+
+    def layer_values(self) -> dict[str, list[float]]:
+        """Every per-layer metric with a key of its own (means, derived values, differences), by name."""
+        if self.result is None:
+            return {}
+        values = {**self.result.per_layer, **self.differences}
+        return {row.name: values[row.name] for row in schema.LAYER_METRICS if row.logged and row.name in values}
+
+    def probe_values(self) -> dict[str, float]:
+        """The probe-level fields: the result's and the monitor's."""
+        return {**({} if self.result is None else self.result.probe_values()), **self.monitor}
+
+    def scalars(self) -> dict[str, float]:
+        """Flat ``{key: float}`` of everything (the JSONL line, the Trainer's log entry)."""
+        if self.result is None:
+            return schema.flatten([], {}, {}, self.probe_values(), None)
+        return schema.flatten(
+            self.result.layers,
+            self.layer_values(),
+            self.result.standard_errors,
+            self.probe_values(),
+            self.result.final_layer,
+        )
+
+
+@dataclass(frozen=True)
+class DashboardImage:
+    """A rendered dashboard figure: PNG bytes, the tag it is logged under, the step it belongs to."""
+
+    tag: str
+    png: bytes
+    step: int

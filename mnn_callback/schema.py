@@ -1,0 +1,299 @@
+"""The metric schema: every logged quantity is declared once, here.
+
+The fields the probe accumulates, the flat keys of the sinks and of the JSONL history, the
+dashboard charts, the plots' labels and the CSV columns are all derived from the two tables
+below. Adding a metric means computing it per sequence in :mod:`mnn_callback.metrics` and
+adding a row to :data:`LAYER_METRICS`; nothing else.
+
+Flat keys: ``{name}/layer_{i}`` per hidden state ``i``, ``{name}_se/layer_{i}`` for standard
+errors, ``{name}/last`` for the headline metrics of the final hidden state, ``probe/{field}`` for
+the probe as a whole. This module is the only one that builds or reads those strings.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = [
+    "CSV_COLUMNS",
+    "IDENTITY_COLUMNS",
+    "LAYER_METRICS",
+    "PROBE_FIELDS",
+    "LayerMetric",
+    "ProbeField",
+    "averaged_fields",
+    "derive_layer",
+    "flatten",
+    "headline_key",
+    "label",
+    "layer_key",
+    "long_rows",
+    "metric",
+    "number",
+    "probe_key",
+    "se_key",
+    "title",
+]
+
+
+@dataclass(frozen=True)
+class LayerMetric:
+    """One value per probed hidden state.
+
+    ``averaged``: the mean over sequences of the per-sequence value of the same name returned by
+    :func:`~mnn_callback.metrics.compute_metrics`, logged with its standard error. Otherwise the
+    value comes from ``derive`` (the layer's other values) or is ``difference_of`` a metric
+    between the Diff-eRank reference and now.
+    """
+
+    name: str
+    title: str  # chart titles: "{title} by layer"
+    label: str  # axis labels
+    description: str
+    spectral: bool = False  # needs the spectrum: left out of method="cheap" probes
+    averaged: bool = True
+    derive: Callable[[Mapping[str, float]], float] | None = None
+    difference_of: str | None = None
+    logged: bool = True  # False: an ingredient of another metric, not a key of its own
+    headline: bool = False  # also logged as {name}/last: the final hidden state, the layer the MNN paper reports
+
+
+@dataclass(frozen=True)
+class ProbeField:
+    """One value per probe (``probe/{name}``)."""
+
+    name: str
+    label: str
+    description: str
+    csv: bool = True
+
+
+def _ratio(numerator: float, denominator: float) -> float:
+    return numerator / denominator if denominator > 0 else math.nan
+
+
+LAYER_METRICS: tuple[LayerMetric, ...] = (
+    LayerMetric(
+        "mnn",
+        "MNN",
+        "MNN",
+        "Matrix Nuclear-Norm: (1/n) x the min(n, d) largest column norms of Z; depends on n, d and the basis",
+        headline=True,
+    ),
+    LayerMetric(
+        "nuclear_norm",
+        "exact nuclear norm",
+        "exact nuclear norm / n",
+        "exact nuclear norm of the same Z, on MNN's scale",
+        spectral=True,
+    ),
+    LayerMetric(
+        "matrix_entropy",
+        "Matrix Entropy",
+        "Matrix Entropy H / ln d",
+        "Shannon entropy of the normalised spectrum of Z^T Z, divided by ln d (lower: fewer directions)",
+        spectral=True,
+        headline=True,
+    ),
+    LayerMetric("entropy_nats", "Matrix Entropy (nats)", "H (nats)", "H in nats", spectral=True, logged=False),
+    LayerMetric(
+        "erank",
+        "eRank",
+        "effective rank",
+        "data-set eRank exp(mean H)",
+        spectral=True,
+        averaged=False,
+        derive=lambda values: math.exp(values["entropy_nats"]),
+    ),
+    LayerMetric(
+        "diff_erank",
+        "Diff-eRank",
+        "Diff-eRank (reference - current)",
+        "eRank of the reference minus eRank now (positive: more compressed than the reference)",
+        spectral=True,
+        averaged=False,
+        difference_of="erank",
+    ),
+    LayerMetric(
+        "renyi2_entropy",
+        "Rényi-2 entropy",
+        "Rényi-2 entropy / ln d",
+        "order-2 spectral entropy, exact and nearly free; not the Shannon entropy",
+    ),
+    LayerMetric(
+        "mnn_ratio",
+        "MNN / exact nuclear norm (approximation ratio)",
+        "MNN / exact nuclear norm",
+        "MNN divided by the exact nuclear norm: how good the approximation is, layer by layer",
+        spectral=True,
+        averaged=False,
+        derive=lambda values: _ratio(values["mnn"], values["nuclear_norm"]),
+    ),
+)
+
+PROBE_FIELDS: tuple[ProbeField, ...] = (
+    ProbeField("loss", "probe loss (nats / token)", "token-weighted next-token NLL on the sample (causal LMs)"),
+    ProbeField("perplexity", "probe perplexity", "exp of the probe loss"),
+    ProbeField("sequences", "sequences", "sequences in the sample"),
+    ProbeField("tokens", "tokens", "valid tokens in the sample"),
+    ProbeField("nan_sequences", "NaN sequences", "sequences whose metrics are NaN in some layer"),
+    ProbeField("seconds", "probe seconds", "wall time of the probe", csv=False),
+    ProbeField("time_share", "probe time share", "share of the training wall time spent in probes", csv=False),
+    ProbeField("errors", "monitor errors", "probes or sinks that failed so far", csv=False),
+)
+
+IDENTITY_COLUMNS = ("model", "step", "params", "layer")
+
+_BY_NAME = {row.name: row for row in (*LAYER_METRICS, *PROBE_FIELDS)}
+_LAYER_KEY = re.compile(r"^(?P<name>\w+?)(?P<se>_se)?/layer_(?P<layer>\d+)$")
+
+
+def metric(name: str) -> LayerMetric | ProbeField:
+    """The schema row of ``name`` (``KeyError`` for an unknown one)."""
+    return _BY_NAME[name]
+
+
+def title(name: str) -> str:
+    """Chart title of a layer metric (its name for anything else)."""
+    row = _BY_NAME.get(name)
+    return row.title if isinstance(row, LayerMetric) else name
+
+
+def label(name: str) -> str:
+    """Axis label of a metric or probe field (a standard error ``{name}_se`` gets its metric's label)."""
+    base = name.removesuffix("_se")
+    if base not in _BY_NAME:
+        return name
+    return _BY_NAME[base].label + (" (standard error)" if name.endswith("_se") else "")
+
+
+def layer_key(name: str, layer: int) -> str:
+    return f"{name}/layer_{layer}"
+
+
+def se_key(name: str, layer: int) -> str:
+    return f"{name}_se/layer_{layer}"
+
+
+def headline_key(name: str) -> str:
+    return f"{name}/last"
+
+
+def probe_key(name: str) -> str:
+    return f"probe/{name}"
+
+
+def logged_layer_metrics(spectral: bool = True) -> tuple[LayerMetric, ...]:
+    """The layer metrics that have keys of their own; without the spectral ones for cheap probes."""
+    return tuple(row for row in LAYER_METRICS if row.logged and (spectral or not row.spectral))
+
+
+def averaged_fields(spectral: bool = True) -> tuple[str, ...]:
+    """Names of the per-sequence values the probe averages (the accumulator's fields)."""
+    return tuple(row.name for row in LAYER_METRICS if row.averaged and (spectral or not row.spectral))
+
+
+def derive_layer(values: Mapping[str, float]) -> dict[str, float]:
+    """``values`` (one layer's means) with every derived metric whose ingredients are present."""
+    out = dict(values)
+    for row in LAYER_METRICS:
+        if row.derive is not None:
+            try:
+                out[row.name] = float(row.derive(out))
+            except KeyError:  # an ingredient is absent (a cheap probe)
+                continue
+            except (OverflowError, ValueError):
+                out[row.name] = math.nan
+    return out
+
+
+def differences(current: Mapping[str, float], reference: Mapping[str, float] | None) -> dict[str, float]:
+    """The ``difference_of`` metrics of one layer: the reference's value minus the current one."""
+    if reference is None:
+        return {}
+    out = {}
+    for row in LAYER_METRICS:
+        if row.difference_of and row.difference_of in current and row.difference_of in reference:
+            out[row.name] = float(reference[row.difference_of] - current[row.difference_of])
+    return out
+
+
+def flatten(
+    layers: Sequence[int],
+    per_layer: Mapping[str, Sequence[float]],
+    standard_errors: Mapping[str, Sequence[float]],
+    probe: Mapping[str, float],
+    final_layer: int | None,
+) -> dict[str, float]:
+    """Flat ``{key: float}`` of one probe: per-layer values and standard errors, headline keys, probe fields."""
+    out: dict[str, float] = {}
+    for row in LAYER_METRICS:
+        if not row.logged or row.name not in per_layer:
+            continue
+        for layer, value in zip(layers, per_layer[row.name], strict=True):
+            out[layer_key(row.name, layer)] = float(value)
+    for name, values in standard_errors.items():
+        if metric(name).logged:
+            for layer, value in zip(layers, values, strict=True):
+                out[se_key(name, layer)] = float(value)
+    if final_layer is not None and final_layer in layers:
+        for row in LAYER_METRICS:
+            if row.headline and layer_key(row.name, final_layer) in out:
+                out[headline_key(row.name)] = out[layer_key(row.name, final_layer)]
+    for field in PROBE_FIELDS:
+        if field.name in probe and probe[field.name] is not None:
+            out[probe_key(field.name)] = float(probe[field.name])
+    return out
+
+
+def number(value: Any) -> float | None:
+    if value is None or value == "":
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def long_rows(record: Mapping[str, Any], identity: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The per-layer rows (CSV form) of one flat record (a history entry or a JSONL line).
+
+    Each row holds ``identity`` (model, step, ...), ``layer``, every layer metric and standard
+    error of that layer, and the probe fields. Records without layer keys give no rows.
+    """
+    per_layer: dict[int, dict[str, float | None]] = {}
+    for key, value in record.items():
+        match = _LAYER_KEY.match(key)
+        if match and match["name"] in _BY_NAME:
+            column = match["name"] + (match["se"] or "")
+            per_layer.setdefault(int(match["layer"]), {})[column] = number(value)
+    probe = {field.name: number(record.get(probe_key(field.name))) for field in PROBE_FIELDS}
+    return [{**identity, "layer": layer, **values, **probe} for layer, values in sorted(per_layer.items())]
+
+
+def result_columns() -> tuple[str, ...]:
+    """Metric columns of the long table: logged layer metrics, their standard errors, probe fields."""
+    values = [row.name for row in LAYER_METRICS if row.logged]
+    errors = [f"{row.name}_se" for row in LAYER_METRICS if row.logged and row.averaged]
+    probe = [field.name for field in PROBE_FIELDS if field.csv]
+    return (*values, *errors, *probe)
+
+
+CSV_COLUMNS: tuple[str, ...] = (*IDENTITY_COLUMNS, *result_columns(), "error")
+
+
+def numeric_columns() -> frozenset[str]:
+    """Columns of the long table that hold numbers (the rest are names)."""
+    return frozenset(column for column in CSV_COLUMNS if column not in ("model", "error"))
+
+
+def rows_by(rows: Iterable[Mapping[str, Any]], column: str) -> dict[Any, list[Mapping[str, Any]]]:
+    """Rows grouped by the value of ``column``, in first-seen order."""
+    groups: dict[Any, list[Mapping[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(row.get(column), []).append(row)
+    return groups

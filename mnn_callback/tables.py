@@ -1,0 +1,109 @@
+"""The long table: one row per model x step x layer, from results, histories and files.
+
+Its columns are :data:`~mnn_callback.schema.CSV_COLUMNS`. Plots and the CSV writer take these
+rows; every file the package writes can be read back into them (:func:`load_table`).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from mnn_callback import schema
+from mnn_callback.errors import UsageError
+from mnn_callback.files import json_safe, read_jsonl
+from mnn_callback.results import ProbeResult
+
+__all__ = ["evaluation_rows", "history_rows", "load_table", "result_rows", "write_csv"]
+
+RUN_HISTORY = "mnn_metrics.jsonl"  # the callback's and the hook's history, in the run's output directory
+
+
+def result_rows(
+    result: ProbeResult, identity: Mapping[str, Any], differences: Mapping[str, list[float]] | None = None
+) -> list[dict[str, Any]]:
+    """One row per layer of ``result``, holding the CSV columns: ``identity`` (model, step, ...), metrics,
+    standard errors, probe fields (None where this result has no value)."""
+    probe = result.probe_values()
+    rows = []
+    for position, layer in enumerate(result.layers):
+        values: dict[str, Any] = {**identity, "layer": layer, **probe}
+        values.update({name: column[position] for name, column in {**result.per_layer, **(differences or {})}.items()})
+        values.update({f"{name}_se": column[position] for name, column in result.standard_errors.items()})
+        rows.append({column: values.get(column) for column in schema.CSV_COLUMNS if column != "error"})
+    return rows
+
+
+def history_rows(records: Iterable[Mapping[str, Any]], model: str = "run") -> list[dict[str, Any]]:
+    """Rows of a run's history: the callback's ``log_history`` entries or ``mnn_metrics.jsonl`` lines."""
+    rows = []
+    for record in records:
+        if "step" not in record or "event" in record:
+            continue
+        rows.extend(schema.long_rows(record, {"model": model, "step": record["step"], "params": None}))
+    return rows
+
+
+def evaluation_rows(record: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The rows of one ``metrics.jsonl`` record written by post hoc evaluation: per layer, or one error row."""
+    identity = {column: record.get(column) for column in schema.IDENTITY_COLUMNS if column != "layer"}
+    if record.get("error"):
+        return [{**identity, "error": record["error"]}]
+    result = ProbeResult.from_dict(record["result"])
+    differences = {
+        name: [math.nan if value is None else value for value in values]
+        for name, values in (record.get("differences") or {}).items()
+    }
+    return [{**row, "error": ""} for row in result_rows(result, identity, differences)]
+
+
+def _csv_rows(path: str) -> list[dict[str, Any]]:
+    with open(path, encoding="utf-8-sig", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    numeric = schema.numeric_columns()
+    table = []
+    for row in rows:
+        if row.get("error"):
+            continue
+        table.append({key: (schema.number(value) if key in numeric else value) for key, value in row.items()})
+    return table
+
+
+def load_table(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Rows of ``metrics.csv``, of the ``metrics.jsonl`` that evaluation writes, or of a run's history.
+
+    A run directory stands for its ``mnn_metrics.jsonl``. ``UsageError`` for anything else.
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, RUN_HISTORY)):
+            raise UsageError(f"{path} is a directory without a {RUN_HISTORY}: pass a metrics.csv or a .jsonl file")
+        path = os.path.join(path, RUN_HISTORY)
+    if not os.path.isfile(path):
+        raise UsageError(f"file not found: {path}")
+    if path.endswith(".csv"):
+        return _csv_rows(path)
+    if not path.endswith(".jsonl"):
+        raise UsageError(f"{path}: expected a .csv or .jsonl file written by mnn_callback")
+    records = read_jsonl(path)
+    if any("result" in record or "error" in record for record in records):  # post hoc evaluation
+        return [row for record in records if record.get("role") != "reference" for row in evaluation_rows(record)]
+    model = os.path.basename(os.path.dirname(os.path.abspath(path))) or "run"
+    return history_rows(records, model=model)
+
+
+def write_csv(path: str, rows: Iterable[Mapping[str, Any]]) -> int:
+    """Write the rows to ``path`` (atomically) with the schema's columns; returns the row count."""
+    temporary = path + ".tmp"
+    count = 0
+    with open(temporary, "w", encoding="utf-8", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=schema.CSV_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({key: "" if value is None else value for key, value in json_safe(dict(row)).items()})
+            count += 1
+    os.replace(temporary, path)
+    return count

@@ -1,0 +1,56 @@
+"""evaluate_models: post hoc evaluation as a library, on modules and saved model directories."""
+
+from __future__ import annotations
+
+import pytest
+from helpers import random_sequences, tiny_model
+
+from mnn_callback import Probe, UsageError, evaluate_models, schema
+from mnn_callback.files import read_jsonl
+
+DATA = random_sequences(6, 5, 20, seed=4)
+
+
+def saved(tmp_path, name, seed):
+    path = tmp_path / name
+    tiny_model("gpt2", seed=seed).save_pretrained(path)
+    return path
+
+
+def test_rows_of_modules_equal_the_probe_and_carry_the_csv_columns():
+    first, second = tiny_model("gpt2", seed=1), tiny_model("gpt2", seed=2)
+    rows = evaluate_models([first, second], DATA, batch_size=4)
+    assert len(rows) == 2 * 3  # models x hidden states
+    assert set(rows[0]) <= set(schema.CSV_COLUMNS)
+    expected = Probe(DATA, batch_size=4).run(second)
+    for row in rows[3:]:
+        layer = row["layer"]
+        assert row["mnn"] == pytest.approx(expected.per_layer["mnn"][layer], rel=1e-12)
+        assert row["erank"] == pytest.approx(expected.per_layer["erank"][layer], rel=1e-12)
+        assert row["loss"] == pytest.approx(expected.loss, rel=1e-12)
+        assert row["params"] == sum(p.numel() for p in second.parameters())
+    reference_erank = Probe(DATA, batch_size=4).run(first).per_layer["erank"]
+    assert rows[5]["diff_erank"] == pytest.approx(reference_erank[2] - expected.per_layer["erank"][2])
+    assert all(row["diff_erank"] == 0.0 for row in rows[:3])  # the first model is the reference
+
+
+def test_directories_results_file_resume_and_untrained_reference(tmp_path):
+    models = [saved(tmp_path, "a", 1), saved(tmp_path, "b", 2)]
+    results = tmp_path / "metrics.jsonl"
+    rows = evaluate_models(models, DATA, results_file=results, reference="untrained", layers="last")
+    assert [row["layer"] for row in rows] == [2, 2]
+    assert all(row["diff_erank"] != 0.0 for row in rows)
+    records = read_jsonl(results)
+    assert [record.get("role") for record in records].count("reference") == 1  # one architecture
+    again = evaluate_models(models, DATA, results_file=results, reference="untrained", layers="last")
+    assert read_jsonl(results) == records  # read back, nothing evaluated again
+    assert again == rows
+
+
+def test_bad_input_is_a_usage_error(tmp_path):
+    with pytest.raises(UsageError, match="no model or checkpoint found"):
+        evaluate_models([str(tmp_path / "missing")], DATA)
+    with pytest.raises(UsageError, match="data file not found"):
+        evaluate_models([tiny_model("gpt2")], str(tmp_path / "missing.txt"))
+    with pytest.raises(UsageError, match="at least 2 tokens"):
+        evaluate_models([tiny_model("gpt2")], [[1]])

@@ -1,0 +1,37 @@
+"""Figures build on matplotlib's object API: the user's backend, rcParams and pyplot figures are left alone."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from helpers import HANG_TIMEOUT
+
+SCRIPT = """
+import sys, matplotlib
+matplotlib.use("pdf")
+matplotlib.rcParams["font.size"] = 7.5
+before = dict(matplotlib.rcParams)
+from mnn_callback import plots
+from mnn_callback.figures import render_dashboard
+rows = [
+    {"model": m, "step": s, "params": p, "layer": l, "mnn": 0.5 + 0.01 * s - 0.02 * l, "nuclear_norm": 0.3,
+     "matrix_entropy": 0.6 - 0.01 * s, "erank": 10.0, "loss": 3.0}
+    for m, p in (("a/checkpoint-1", 10), ("b", 20)) for s in (0, 1, 2) for l in (0, 1, 2)
+]
+paths = plots.plot_all(rows, sys.argv[1])
+images = render_dashboard(rows[:9], 2, layer_profile=True, heatmaps=True)
+assert len(paths) >= 4 and len(images) == 3, (paths, images)
+assert matplotlib.get_backend() == "pdf", matplotlib.get_backend()
+assert dict(matplotlib.rcParams) == before
+assert "matplotlib.pyplot" not in sys.modules
+print("untouched")
+"""
+
+
+def test_figures_leave_global_matplotlib_state_alone(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(tmp_path)], capture_output=True, text=True, timeout=HANG_TIMEOUT
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "untouched"
