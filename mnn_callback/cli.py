@@ -46,11 +46,20 @@ def _sinks(args: argparse.Namespace) -> list[Any]:
     return sinks
 
 
+def _output_directory(path: str) -> None:
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"--out {path} is a file; expected a directory (it is created if missing)")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as error:
+        raise UsageError(f"cannot create --out {path}: {error.strerror}") from None
+
+
 def evaluate(args: argparse.Namespace) -> int:
     from mnn_callback.evaluation import UNTRAINED, evaluate_models, latest_rows
     from mnn_callback.tables import write_csv
 
-    os.makedirs(args.out, exist_ok=True)
+    _output_directory(args.out)
     results_file = os.path.join(args.out, "metrics.jsonl")
     csv_path = os.path.join(args.out, "metrics.csv")
     sinks = _sinks(args)
@@ -74,11 +83,14 @@ def evaluate(args: argparse.Namespace) -> int:
             layers=_layers(args.layers),
             method=args.method,
         )
+    except KeyboardInterrupt:  # what finished is in the results file: the CSV too
+        if os.path.isfile(results_file):
+            write_csv(csv_path, latest_rows(read_jsonl(results_file)))
+        raise
     finally:
         for sink in sinks:
             sink.close()
-        if os.path.isfile(results_file):
-            write_csv(csv_path, latest_rows(read_jsonl(results_file)))
+    write_csv(csv_path, latest_rows(read_jsonl(results_file)))
     failed = {row["model"]: row["error"] for row in rows if row.get("error")}
     for model, error in failed.items():
         print(f"mnn-callback: {model} failed: {error}", file=sys.stderr)
@@ -94,7 +106,11 @@ def plot(args: argparse.Namespace) -> int:
     rows = load_table(args.table)
     if not rows:
         raise UsageError(f"{args.table} holds no metric rows")
-    for path in plot_all(rows, args.out):
+    _output_directory(args.out)
+    paths = plot_all(rows, args.out)
+    if not paths:
+        raise UsageError(f"{args.table}: nothing to draw (no metric has values at two steps, models or layers)")
+    for path in paths:
         print(path)
     return 0
 

@@ -22,7 +22,16 @@ from torch import nn
 
 from mnn_callback.errors import UsageError
 from mnn_callback.files import append_jsonl, read_jsonl
-from mnn_callback.models import Target, discover, find_tokenizer, load_model, model_config, model_dtype, untrained_model
+from mnn_callback.models import (
+    Target,
+    discover,
+    find_tokenizer,
+    load_model,
+    looks_local,
+    model_config,
+    model_dtype,
+    untrained_model,
+)
 from mnn_callback.probe import Probe
 from mnn_callback.results import Measurement, ProbeResult
 from mnn_callback.sinks import Sink
@@ -47,6 +56,22 @@ def latest_rows(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return [row for record in latest.values() for row in evaluation_rows(record)]
 
 
+def _read_results(path: str | None) -> list[dict[str, Any]]:
+    """The records of a results file (none when it does not exist); ``UsageError`` for a foreign file."""
+    if path is None or not os.path.isfile(path):
+        return []
+    try:
+        records = read_jsonl(path)
+    except ValueError as error:
+        raise UsageError(f"{error}; choose another output directory") from None
+    for number, record in enumerate(records, start=1):
+        if not isinstance(record, dict) or "path" not in record:
+            raise UsageError(
+                f"{path}: record {number} was not written by mnn-callback evaluate; choose another output directory"
+            )
+    return records
+
+
 class _Evaluation:
     """One evaluation: models in order, their probes, the reference, the results file."""
 
@@ -56,6 +81,10 @@ class _Evaluation:
             raise UsageError(f"data file not found: {os.fspath(data)}")
         self.data = data
         self.tokenizer = options.pop("tokenizer")
+        if isinstance(self.tokenizer, (str, os.PathLike)):
+            source = os.fspath(self.tokenizer)
+            if not os.path.isdir(source) and (os.path.exists(source) or looks_local(source)):
+                raise UsageError(f"tokenizer directory not found: {source}")
         self.results_file = options.pop("results_file")
         self.force = options.pop("force")
         self.trust_remote_code = options.pop("trust_remote_code")
@@ -67,7 +96,7 @@ class _Evaluation:
         reference = options.pop("reference")
         self.reference_mode = self._reference_mode(reference)
         self.probe_options = {**options, "seed": self.seed}
-        self.records = read_jsonl(self.results_file) if self.results_file and os.path.isfile(self.results_file) else []
+        self.records = _read_results(self.results_file)
         self.first_result: ProbeResult | None = None
         self._probes: dict[str, Probe] = {}
 

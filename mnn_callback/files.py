@@ -6,9 +6,12 @@ import json
 import math
 import os
 import tempfile
+import warnings
 from typing import Any
 
-__all__ = ["append_jsonl", "atomic_write_json", "json_safe", "read_jsonl"]
+from mnn_callback.errors import MNNWarning
+
+__all__ = ["append_jsonl", "atomic_write_json", "json_safe", "read_jsonl", "repair_last_line"]
 
 
 def json_safe(value: Any) -> Any:
@@ -42,30 +45,83 @@ def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
         raise
 
 
+def repair_last_line(path: str | os.PathLike) -> str | None:
+    """Make ``path`` end with a complete line before anything is appended to it.
+
+    A crash or a full disk can leave a last line without its newline. If that line is a
+    complete JSON value it is completed (a newline appended); otherwise it is dropped (the file
+    truncated after the last newline). Returns what was done, or None when nothing was needed.
+    """
+    path = os.fspath(path)
+    try:
+        size = os.path.getsize(path)
+    except OSError:
+        return None
+    if size == 0:
+        return None
+    with open(path, "rb+") as handle:
+        handle.seek(size - 1)
+        if handle.read(1) == b"\n":
+            return None
+        start = max(0, size - 65536)
+        while True:  # find the last newline, reading backwards in blocks
+            handle.seek(start)
+            block = handle.read(size - start)
+            cut = block.rfind(b"\n")
+            if cut >= 0 or start == 0:
+                break
+            start = max(0, start - 65536)
+        keep = start + cut + 1 if cut >= 0 else 0
+        handle.seek(keep)
+        tail = handle.read()
+        try:
+            json.loads(tail.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            handle.truncate(keep)
+            return f"dropped a cut-off last line ({len(tail)} bytes) of {path}"
+        handle.seek(size)
+        handle.write(b"\n")
+        return f"completed the last line of {path}"
+
+
 def append_jsonl(path: str | os.PathLike, record: Any) -> None:
-    """Append ``record`` as one line of strict JSON (non-finite floats as null), flushed and fsynced."""
+    """Append ``record`` as one line of strict JSON (non-finite floats as null), flushed and fsynced.
+
+    First repairs a cut-off last line (:func:`repair_last_line`, with a warning), so no record
+    is glued onto a partial one.
+    """
     line = json.dumps(json_safe(record), allow_nan=False)
+    repaired = repair_last_line(path)
+    if repaired:
+        warnings.warn(f"mnn_callback {repaired} before appending", MNNWarning, stacklevel=2)
     with open(path, "a", encoding="utf-8") as handle:
         handle.write(line + "\n")
         handle.flush()
         os.fsync(handle.fileno())
 
 
-def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """The records of a JSONL file; skips blank lines and a cut-off last line (a crash mid-write).
+def read_jsonl(path: str | os.PathLike) -> list[Any]:
+    """The records of a JSONL file (UTF-8, a byte-order mark allowed); blank lines skipped.
 
-    A broken line anywhere else raises ``ValueError`` naming it.
+    Lines that are not valid JSON (a line cut by a crash, a hand edit) are skipped with one
+    :class:`~mnn_callback.errors.MNNWarning` naming them. A file that is not UTF-8 text raises
+    ``ValueError``.
     """
-    with open(path, encoding="utf-8") as handle:
-        lines = handle.read().split("\n")
-    last = max((number for number, line in enumerate(lines) if line.strip()), default=-1)
-    records = []
-    for number, line in enumerate(lines):
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8-sig") as handle:
+            lines = handle.read().split("\n")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not a UTF-8 text file") from None
+    records, broken = [], []
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError:
-            if number != last:
-                raise ValueError(f"{os.fspath(path)}, line {number + 1}: not valid JSON") from None
+            broken.append(number)
+    if broken:
+        shown = ", ".join(map(str, broken[:5])) + (f" and {len(broken) - 5} more" if len(broken) > 5 else "")
+        warnings.warn(f"{path}: skipped {len(broken)} line(s) that are not valid JSON (line {shown})", MNNWarning, 2)
     return records

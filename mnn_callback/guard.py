@@ -25,6 +25,7 @@ class Guard:
 
     def __init__(self, strict: bool = False) -> None:
         self.strict = strict
+        self.quiet = False  # count without warning (processes other than the main one: it warns for all)
         self.errors = 0
         self._reported: set[tuple[str, str]] = set()
 
@@ -55,7 +56,7 @@ class Guard:
             raise error
         self.errors += 1
         kind = (what, type(error).__name__)
-        if kind in self._reported:
+        if self.quiet or kind in self._reported:
             return
         self._reported.add(kind)
         warnings.warn(

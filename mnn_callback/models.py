@@ -18,7 +18,7 @@ from torch import nn
 
 from mnn_callback.errors import UsageError
 
-__all__ = ["Target", "discover", "find_tokenizer", "load_model", "untrained_model"]
+__all__ = ["Target", "discover", "find_tokenizer", "load_model", "looks_local", "untrained_model"]
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -66,6 +66,19 @@ def _directory_targets(path: str) -> list[Target]:
     return [Target(path, os.path.abspath(path), _step_of(path), True)]
 
 
+def looks_local(path: str) -> bool:
+    """Whether ``path`` is meant as a local path rather than a hub id ``org/name``.
+
+    ``./``, ``../``, ``/``, ``~``, a Windows separator, more than one ``/``, or a first part that
+    exists here (``runs/typo`` when ``runs/`` exists): such a path that does not exist is a
+    typo, never a hub lookup.
+    """
+    if path.startswith((".", "/", "~")) or "\\" in path or path.count("/") > 1:
+        return True
+    parent = os.path.dirname(path)
+    return bool(parent) and os.path.exists(parent)
+
+
 def discover(models: Sequence[str | os.PathLike | nn.Module]) -> list[Target]:
     """Models to evaluate: model directories, run directories holding ``checkpoint-*`` (in step order),
     hub ids, and modules."""
@@ -80,10 +93,10 @@ def discover(models: Sequence[str | os.PathLike | nn.Module]) -> list[Target]:
             targets.extend(_directory_targets(path))
         elif os.path.exists(path):
             raise UsageError(f"{path} is not a directory (expected a model or run directory)")
-        elif _HUB_ID.match(path) and not path.startswith((".", "/", "~")):
-            targets.append(Target(path, path, None, False))  # a hub model id: downloaded by transformers
+        elif looks_local(path) or not _HUB_ID.match(path):
+            raise UsageError(f"no model or checkpoint found at {path} (a local path: not looked up on the hub)")
         else:
-            raise UsageError(f"no model or checkpoint found at {path}")
+            targets.append(Target(path, path, None, False))  # a hub model id: downloaded by transformers
     if not targets:
         raise UsageError("no checkpoints or models found")
     return targets

@@ -98,6 +98,7 @@ class Monitor:
     def open(self, make_sinks: Callable[[], Sequence[Sink]], *, is_main_process: bool) -> None:
         """Start logging. Only the main process writes: ``make_sinks`` is called there and nowhere else."""
         self.is_main_process = is_main_process
+        self.guard.quiet = not is_main_process
         self.sinks = SinkSet(self._made(make_sinks), self.guard)
         self._layout_logged = False
         self.sinks.log_config(self.config)
@@ -114,8 +115,23 @@ class Monitor:
     def take_reference(self) -> None:
         """Probe the reference model, if one was given and no reference is known yet (every process)."""
         if self._reference_model is not None and self.reference is None:
-            self.reference = self.guard.call("probing the reference model", self.probe.run, self._reference_model)
+            self.reference = self.guard.call("probing the reference model", self._run_probe, self._reference_model)
         self._reference_model = None  # do not keep a second model alive
+
+    def _run_probe(self, model: nn.Module, optimizer: Any = None) -> ProbeResult:
+        """The probe, after making sure every process measures the same sample (the first time)."""
+        fingerprints = self.probe.agree_across_processes()
+        if fingerprints:
+            message = (
+                f"the probe samples differ across processes (fingerprints {', '.join(fingerprints)}: other data, "
+                f"or a seed that differs per process); every process now uses process 0's sample "
+                f"({self.probe.fingerprint})"
+            )
+            if self.guard.strict:
+                raise ValueError(message)  # on every process alike: they all saw the same fingerprints
+            if self.is_main_process:
+                warnings.warn(message, MNNWarning, stacklevel=4)
+        return self.probe.run(model, optimizer=optimizer)
 
     def start_clock(self) -> None:
         """Start timing the training wall time the probes' share is measured against."""
@@ -148,13 +164,12 @@ class Monitor:
         """
         started = time.perf_counter()
         self.last_step = step
-        result = self.guard.call("the probe", self.probe.run, model, optimizer=optimizer)
+        result = self.guard.call("the probe", self._run_probe, model, optimizer)
         monitor: dict[str, float] = {"errors": float(self.guard.errors)}
         if result is None:
             measurement = Measurement(step, epoch, None, monitor=monitor)
         else:
-            if self.reference is None:
-                self.reference = result
+            self._keep_reference(result, step)
             if scheduled:
                 monitor["time_share"] = self._account(time.perf_counter() - started)
             measurement = Measurement(step, epoch, result, result.differences(self.reference), monitor)
@@ -169,6 +184,20 @@ class Monitor:
         if self._clock_start is None:
             self.start_clock()
         return measurement
+
+    def _keep_reference(self, result: ProbeResult, step: int) -> None:
+        """``result`` becomes the reference when there is none, or when the reference has no finite eRank."""
+        if self.reference is None:
+            self.reference = result
+        elif not _finite_erank(self.reference) and _finite_erank(result):
+            self.reference = result
+            if self.is_main_process:
+                warnings.warn(
+                    f"the Diff-eRank reference has no finite eRank (non-finite hidden states when it was measured); "
+                    f"the probe at step {step} is the reference from now on",
+                    MNNWarning,
+                    stacklevel=4,
+                )
 
     def _publish(self, measurement: Measurement) -> None:
         """Scalars to every sink, then (once) the layout and the dashboard pictures."""
@@ -239,20 +268,45 @@ class Monitor:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> bool:
-        """Continue the curves of a saved run; False (and a warning, a new reference) for another configuration."""
-        self.history = [dict(entry) for entry in state.get("history", [])]
-        self.last_step = state.get("last_step")
-        if state.get("fingerprint") != self.probe.fingerprint:
-            warnings.warn(
-                "resumed from a run with a different probe configuration (sample, layers or max_length): "
-                "the curves before and after are not comparable; a new Diff-eRank reference is taken at the "
-                "next probe",
-                MNNWarning,
-                stacklevel=3,
-            )
-            if self._reference_model is None:
-                self.reference = None
+        """Continue the curves of a saved run; False (and a warning, a new reference) when they cannot continue.
+
+        That is when the probe configuration differs, or when the saved state is unreadable (hand
+        edited, or from another version): then the history restarts as far as it is unreadable.
+        """
+        try:
+            history = [dict(entry) for entry in state.get("history") or []]
+            last_step = state.get("last_step")
+            if not all(isinstance(entry.get("step"), int) for entry in history) or not isinstance(
+                last_step, (int, type(None))
+            ):
+                raise ValueError("the history needs integer steps")
+        except (AttributeError, TypeError, ValueError) as error:
+            self.history, self.last_step = [], None
+            self._forget(f"the saved MNN history is unreadable ({type(error).__name__}: {error})")
             return False
-        if state.get("reference") is not None and self._reference_model is None:
-            self.reference = ProbeResult.from_dict(state["reference"])
+        self.history, self.last_step = history, last_step
+        try:
+            reference = None if state.get("reference") is None else ProbeResult.from_dict(state["reference"])
+        except (AttributeError, KeyError, TypeError, ValueError) as error:
+            self._forget(f"the saved Diff-eRank reference is unreadable ({type(error).__name__}: {error})")
+            return False
+        if state.get("fingerprint") != self.probe.fingerprint:
+            self._forget("resumed from a run with a different probe configuration (sample, layers or max_length)")
+            return False
+        if reference is not None and self._reference_model is None:
+            self.reference = reference
         return True
+
+    def _forget(self, why: str) -> None:
+        warnings.warn(
+            f"{why}: the curves before and after are not comparable; a new Diff-eRank reference is taken at the "
+            "next probe",
+            MNNWarning,
+            stacklevel=4,
+        )
+        if self._reference_model is None:
+            self.reference = None
+
+
+def _finite_erank(result: ProbeResult) -> bool:
+    return any(math.isfinite(value) for value in result.per_layer.get("erank", []))

@@ -10,39 +10,36 @@ sums are all-reduced, so every process gets the single-process result.
 
 from __future__ import annotations
 
-import functools
 import math
 import time
 import warnings
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from mnn_callback import schema
-from mnn_callback.accumulator import MetricAccumulator
-from mnn_callback.distributed import all_reduce, world
+from mnn_callback.distributed import all_gather_object, all_reduce, broadcast_object, world
 from mnn_callback.emitters import (
     Emitters,
     accepted_kwargs,
     calibrate,
-    first_tensor,
-    hidden_states_of,
+    check_supported,
     inspectable,
     model_device,
+    vocabulary_size,
 )
 from mnn_callback.errors import MNNWarning
-from mnn_callback.metrics import METHODS, PendingMetrics, compute_metrics, finish_metrics, prepare_metrics
+from mnn_callback.measuring import RunState, raise_if_failed_anywhere
+from mnn_callback.metrics import METHODS
 from mnn_callback.results import ProbeResult
-from mnn_callback.sample import fingerprint, fixed_sample, load_tokenizer
+from mnn_callback.sample import check_token_range, fingerprint, fixed_sample, load_tokenizer
 from mnn_callback.training_state import preserved_training_state
 
 __all__ = ["Probe", "ProbeResult", "preserved_training_state"]
 
 LayerSpec = str | int | Sequence[int]
-_TOTALS = ("loss_sum", "loss_tokens", "sequences", "tokens", "nan_sequences")
 
 
 def _validate_layers(layers: LayerSpec) -> str | tuple[int, ...]:
@@ -143,8 +140,12 @@ class Probe:
                 MNNWarning,
                 stacklevel=2,
             )
-        self.fingerprint = fingerprint(self.sequences, layers=self.layers, dtype=str(dtype), method=method)
+        self.fingerprint = self._fingerprint()
         self._emitters: weakref.WeakKeyDictionary[nn.Module, Emitters] = weakref.WeakKeyDictionary()
+        self._agreed = False
+
+    def _fingerprint(self) -> str:
+        return fingerprint(self.sequences, layers=self.layers, dtype=str(self.dtype), method=self.method)
 
     @property
     def num_tokens(self) -> int:
@@ -210,10 +211,33 @@ class Probe:
             return self.compute_loss
         return type(inspectable(model)).__name__.endswith(("ForCausalLM", "LMHeadModel"))
 
+    def agree_across_processes(self) -> list[str] | None:
+        """Make every process use the same sample (every process calls this, once; later calls do nothing).
+
+        Compares the fingerprints of all processes; when they differ (other data, or a seed that
+        differs per process), every process adopts process 0's sample, and the distinct
+        fingerprints are returned (None when they agree).
+        """
+        if self._agreed:
+            return None
+        self._agreed = True
+        fingerprints = all_gather_object(self.fingerprint)
+        if len(set(fingerprints)) == 1:
+            return None
+        self.sequences, self.sources = broadcast_object((self.sequences, self.sources))
+        self.fingerprint = self._fingerprint()
+        return list(dict.fromkeys(fingerprints))
+
+    def _check_model(self, model: nn.Module) -> None:
+        """Refuse, on every process alike, a model the sample cannot go through (before any collective)."""
+        check_supported(model)
+        check_token_range(self.sequences, self.sources, vocabulary_size(model), type(inspectable(model)).__name__)
+
     def _emitters_of(self, model: nn.Module, device: torch.device, kwargs: dict[str, Any]) -> Emitters:
         """Which module emits each hidden state: one short calibration forward per model, then cached."""
         emitters = self._emitters.get(model)
         if emitters is None:
+            self._check_model(model)
             ids, mask = self._tensors([0], device)
             emitters = calibrate(model, {"input_ids": ids[:, :16], "attention_mask": mask[:, :16], **kwargs})
             self._emitters[model] = emitters
@@ -245,190 +269,22 @@ class Probe:
         if not isinstance(forward_model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         rank, world_size = (0, 1) if distributed is False else world()
+        if world_size > 1 and self.agree_across_processes() and rank == 0:
+            warnings.warn(
+                "the probe samples differ across processes; every process now uses process 0's sample",
+                MNNWarning,
+                stacklevel=2,
+            )
         device = model_device(forward_model)
         with preserved_training_state(forward_model, optimizer), torch.no_grad():
             kwargs = accepted_kwargs(inspectable(forward_model), {"use_cache": False, "return_dict": True})
             emitters = self._emitters_of(forward_model, device, kwargs)
-            state = _RunState(self, forward_model, emitters, device, streaming, kwargs)
-            for indices in self._micro_batches(rank, world_size):
-                state.forward(indices)
-            totals = state.totals()
+            state = RunState(self, forward_model, emitters, device, streaming, kwargs)
+            totals, failure = state.run(self._micro_batches(rank, world_size), keep_in_step=world_size > 1)
             if world_size > 1:
+                raise_if_failed_anywhere(failure)
                 totals = all_reduce(totals)
+            elif failure is not None:
+                raise failure
             flat = totals.tolist()  # the probe's one host synchronisation
         return state.result(flat, time.perf_counter() - started)
-
-
-class _RunState:
-    """One :meth:`Probe.run`: the plan (layers, hooks, loss), the sums so far, and the result."""
-
-    def __init__(
-        self,
-        probe: Probe,
-        model: nn.Module,
-        emitters: Emitters,
-        device: torch.device,
-        streaming: bool,
-        kwargs: dict[str, Any],
-    ) -> None:
-        self.probe, self.model, self.emitters, self.device, self.kwargs = probe, model, emitters, device, kwargs
-        self.layers = probe.resolve_layers(emitters.num_hidden_states)
-        self.use_hooks = streaming and all(emitters.modules[layer] is not None for layer in self.layers)
-        self.wants_loss = probe._wants_loss(model)
-        self.fields = schema.averaged_fields(spectral=True)
-        self.accumulator = MetricAccumulator(num_groups=len(self.layers), device=device, fields=self.fields)
-        defer = probe.defer_spectra if probe.defer_spectra is not None else device.type == "cuda"
-        self.pending = _PendingSpectra(self) if defer and probe.method == "exact" else None
-        self.sums = torch.zeros(len(_TOTALS), dtype=torch.float64, device=device)
-        self.nan_rows: list[Tensor] = []  # per micro-batch: which sequences have a NaN metric in some layer
-
-    def forward(self, indices: list[int] | None) -> None:
-        """One micro-batch (None: a dummy pass that keeps the processes in step, not counted)."""
-        real = indices is not None
-        input_ids, attention_mask = self.probe._tensors(indices if real else [0], self.device)
-        per_layer, loss_sum, loss_tokens = self._forward(input_ids, attention_mask)
-        if not real:
-            if self.pending is not None:
-                self.pending.discard_last()
-            return
-        if self.pending is None:
-            self.nan_rows.append(self.accumulate(per_layer))
-        else:
-            self.pending.add_batch(per_layer)
-        self.sums += torch.stack(
-            [
-                loss_sum.to(self.device, torch.float64),
-                loss_tokens.to(self.device, torch.float64),
-                torch.tensor(float(len(indices)), dtype=torch.float64, device=self.device),
-                attention_mask.sum().to(torch.float64),
-                torch.zeros((), dtype=torch.float64, device=self.device),
-            ]
-        )
-
-    def accumulate(self, per_layer: list[dict[str, Tensor]]) -> Tensor:
-        """Add one micro-batch's per-layer metrics; which of its sequences have a NaN metric in some layer."""
-        has_nan = None
-        for group, values in enumerate(per_layer):
-            row = self.accumulator.update(values, group=group)
-            has_nan = row if has_nan is None else has_nan | row
-        return has_nan
-
-    def measure(self, attention_mask: Tensor, hidden: Tensor) -> Any:
-        if self.pending is not None:
-            return self.pending.prepare(hidden, attention_mask, self.probe.dtype)
-        return compute_metrics(hidden, attention_mask, dtype=self.probe.dtype, method=self.probe.method)
-
-    def _forward(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[list[Any], Tensor, Tensor]:
-        """Per-layer results (metric dicts, or pending Gram matrices) of one micro-batch, loss sum and tokens."""
-        per_layer: list[Any] = [None] * len(self.layers)
-        measure = functools.partial(self.measure, attention_mask)
-        call_kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, **self.kwargs}
-        if self.wants_loss:
-            call_kwargs["labels"] = input_ids.masked_fill(attention_mask == 0, -100)
-        handles = []
-        try:
-            if self.use_hooks:
-                modules = dict(self.model.named_modules())
-                for group, layer in enumerate(self.layers):
-                    hook = functools.partial(_hook_adapter, measure, per_layer, group)
-                    handles.append(modules[self.emitters.modules[layer]].register_forward_hook(hook))
-                output = self.model(**call_kwargs, output_hidden_states=False)
-            else:
-                output = self.model(**call_kwargs, output_hidden_states=True)
-                hidden_states = hidden_states_of(output, self.model)
-                for group, layer in enumerate(self.layers):
-                    per_layer[group] = measure(hidden_states[layer])
-        finally:
-            for handle in handles:
-                handle.remove()
-        if any(values is None for values in per_layer):
-            raise RuntimeError("a hooked layer did not run during the forward pass; rerun with streaming=False")
-        loss_sum = loss_tokens = torch.zeros((), dtype=torch.float64)
-        loss = getattr(output, "loss", None) if self.wants_loss else None
-        if loss is not None:
-            loss_tokens = (attention_mask.sum(dim=1) - 1).clamp(min=0).sum().to(torch.float64)
-            loss_sum = loss.detach().to(torch.float64) * loss_tokens
-        elif self.wants_loss:
-            loss_sum = torch.tensor(math.nan, dtype=torch.float64)
-        return per_layer, loss_sum, loss_tokens
-
-    def totals(self) -> Tensor:
-        """The accumulator's state and the probe totals in one float64 vector (what is all-reduced)."""
-        if self.pending is not None:
-            self.pending.flush()
-        if self.nan_rows:
-            self.sums[_TOTALS.index("nan_sequences")] = torch.cat(self.nan_rows).sum().to(torch.float64)
-        return torch.cat([self.accumulator.state.flatten(), self.sums])
-
-    def result(self, flat: list[float], seconds: float) -> ProbeResult:
-        size = self.accumulator.state.numel()
-        self.accumulator.state = torch.tensor(flat[:size], dtype=torch.float64).reshape(self.accumulator.state.shape)
-        totals = dict(zip(_TOTALS, flat[size:], strict=True))
-        if totals["nan_sequences"]:
-            warnings.warn(
-                "some probe sequences have non-finite hidden states (a diverging run?); their metrics are NaN "
-                "and probe/nan_sequences counts them",
-                MNNWarning,
-                stacklevel=3,
-            )
-        aggregated = {key: value.tolist() for key, value in self.accumulator.compute().items()}
-        columns = [
-            schema.derive_layer({name: aggregated[name][group] for name in self.fields})
-            for group in range(len(self.layers))
-        ]
-        loss = totals["loss_sum"] / totals["loss_tokens"] if totals["loss_tokens"] > 0 else math.nan
-        return ProbeResult(
-            layers=self.layers,
-            per_layer={name: [column[name] for column in columns] for name in columns[0]},
-            standard_errors={name: aggregated[f"{name}_se"] for name in self.fields},
-            loss=loss if self.wants_loss else None,
-            sequences=int(totals["sequences"]),
-            tokens=int(totals["tokens"]),
-            nan_sequences=int(totals["nan_sequences"]),
-            seconds=seconds,
-            fingerprint=self.probe.fingerprint,
-            num_hidden_states=self.emitters.num_hidden_states,
-            config=self.probe.config,
-            hidden_size=self.emitters.hidden_size,
-        )
-
-
-def _hook_adapter(
-    measure: Callable[[Tensor], Any], per_layer: list[Any], group: int, _module: nn.Module, _inputs: Any, output: Any
-) -> None:
-    """A forward hook: measure the module's hidden-state output (which is left as it is)."""
-    per_layer[group] = measure(first_tensor(output))
-
-
-class _PendingSpectra:
-    """Gram matrices of a probe waiting for one batched eigensolve, flushed early above a memory budget."""
-
-    BUDGET_BYTES = 1 << 30
-
-    def __init__(self, run: _RunState) -> None:
-        self.run = run
-        self.batches: list[list[PendingMetrics]] = []
-        self.nbytes = 0
-
-    def prepare(self, hidden: Tensor, attention_mask: Tensor, dtype: torch.dtype) -> PendingMetrics:
-        item = prepare_metrics(hidden, attention_mask, dtype=dtype)
-        self.nbytes += item.nbytes
-        return item
-
-    def add_batch(self, per_layer: list[PendingMetrics]) -> None:
-        self.batches.append(per_layer)
-        if self.nbytes > self.BUDGET_BYTES:
-            self.flush()
-
-    def discard_last(self) -> None:
-        """Forget a dummy pass's Grams (prepared, but never added): recount the bytes held."""
-        self.nbytes = sum(item.nbytes for batch in self.batches for item in batch)
-
-    def flush(self) -> None:
-        if not self.batches:
-            return
-        layers = len(self.batches[0])
-        solved = finish_metrics([item for batch in self.batches for item in batch])
-        for start in range(0, len(solved), layers):
-            self.run.nan_rows.append(self.run.accumulate(solved[start : start + layers]))
-        self.batches, self.nbytes = [], 0

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["FixedSample", "fingerprint", "fixed_sample", "load_tokenizer"]
+__all__ = ["FixedSample", "check_seed", "check_token_range", "fingerprint", "fixed_sample", "load_tokenizer"]
 
 
 @dataclass(frozen=True)
@@ -248,3 +248,19 @@ def fingerprint(sequences: Sequence[Sequence[int]], **settings: Any) -> str:
     """A short hash of the sequences and the settings that fix what is measured on them."""
     content = json.dumps({"sequences": sequences, **settings}, separators=(",", ":"), sort_keys=True, default=str)
     return hashlib.sha256(content.encode()).hexdigest()[:16]
+
+
+def check_token_range(
+    sequences: Sequence[Sequence[int]], sources: Sequence[str], vocabulary: int | None, model_name: str
+) -> None:
+    """``ValueError`` naming the first sequence with a token id the model cannot embed (``>= vocabulary``)."""
+    if vocabulary is None:
+        return
+    bad = [(source, max(ids)) for ids, source in zip(sequences, sources, strict=True) if max(ids) >= vocabulary]
+    if bad:
+        source, token = bad[0]
+        others = f" (and {len(bad) - 1} more sequences)" if len(bad) > 1 else ""
+        raise ValueError(
+            f"{source}: token id {token} is out of range for {model_name}, whose vocabulary has {vocabulary} tokens "
+            f"(ids 0 to {vocabulary - 1}){others}; was the sample tokenised with another tokenizer?"
+        )

@@ -10,16 +10,19 @@ run on: the monitor creates them on the main process only.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, ClassVar
 
 from mnn_callback import schema
+from mnn_callback.errors import MNNWarning
 from mnn_callback.files import append_jsonl
 from mnn_callback.guard import Guard
 from mnn_callback.results import DashboardImage, Measurement
@@ -86,7 +89,9 @@ class TensorBoardSink(Sink):
     """Scalars via ``SummaryWriter.add_scalar(key, value, step)``, figures as image summaries; flushed per probe.
 
     Pass ``log_dir`` to own a writer (closed by :meth:`close`), or an existing ``writer``
-    (e.g. Accelerate's TensorBoard tracker), which is flushed but left open.
+    (e.g. Accelerate's TensorBoard tracker), which is flushed but left open. A writer that
+    failed (its background thread dies on a full disk and every later write fails) is replaced
+    by a new event file in the same directory at the next call, with one warning.
     """
 
     name = "tensorboard"
@@ -96,20 +101,49 @@ class TensorBoardSink(Sink):
         if writer is None:
             if log_dir is None:
                 raise ValueError("TensorBoardSink needs log_dir or writer")
-            require_package("tensorboard")
-            from torch.utils.tensorboard import SummaryWriter
-
-            writer = SummaryWriter(log_dir=os.fspath(log_dir))
+            writer = self._new_writer(os.fspath(log_dir))
             self._owns_writer = True
         else:
             self._owns_writer = False
         self.writer = writer
         self.log_dir = getattr(writer, "log_dir", None) or os.fspath(log_dir)
+        self._failed = False
+
+    @staticmethod
+    def _new_writer(log_dir: str) -> Any:
+        require_package("tensorboard")
+        from torch.utils.tensorboard import SummaryWriter
+
+        return SummaryWriter(log_dir=log_dir)
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[Any]:
+        """The writer (a new one if the last failed); a failure marks it for replacement and propagates."""
+        if self._failed:
+            self._replace_writer()
+        try:
+            yield self.writer
+        except Exception:
+            self._failed = True
+            raise
+
+    def _replace_writer(self) -> None:
+        old, self.writer = self.writer, self._new_writer(self.log_dir)
+        if self._owns_writer:
+            with contextlib.suppress(Exception):  # its thread is dead: closing may fail again
+                old.close()
+        self._owns_writer, self._failed = True, False
+        warnings.warn(
+            f"the TensorBoard writer of {self.log_dir} had failed (disk full?); writing to a new event file there",
+            MNNWarning,
+            stacklevel=4,
+        )
 
     def log_measurement(self, measurement: Measurement) -> None:
-        for key, value in measurement.scalars().items():
-            self.writer.add_scalar(key, value, measurement.step)
-        self.writer.flush()
+        with self._writing() as writer:
+            for key, value in measurement.scalars().items():
+                writer.add_scalar(key, value, measurement.step)
+            writer.flush()
 
     def log_layout(self, layers: Sequence[int]) -> None:
         """A custom-scalars layout: one multi-line chart per metric holding every probed layer."""
@@ -118,26 +152,30 @@ class TensorBoardSink(Sink):
             for row in schema.logged_layer_metrics()
         }
         charts["probe loss and perplexity"] = ["Multiline", ["^probe/loss$", "^probe/perplexity$"]]
-        self.writer.add_custom_scalars({"mnn_callback": charts})
-        self.writer.flush()
+        with self._writing() as writer:
+            writer.add_custom_scalars({"mnn_callback": charts})
+            writer.flush()
 
     def log_images(self, images: Sequence[DashboardImage]) -> None:
         from tensorboard.compat.proto.summary_pb2 import Summary
 
-        file_writer = self.writer._get_file_writer()  # image summaries from PNG bytes: no decoding, no re-encoding
-        for image in images:
-            width, height = _png_size(image.png)
-            encoded = Summary.Image(height=height, width=width, colorspace=4, encoded_image_string=image.png)
-            file_writer.add_summary(Summary(value=[Summary.Value(tag=image.tag, image=encoded)]), image.step)
-        self.writer.flush()
+        with self._writing() as writer:
+            file_writer = writer._get_file_writer()  # summaries from PNG bytes: no decoding, no re-encoding
+            for image in images:
+                width, height = _png_size(image.png)
+                encoded = Summary.Image(height=height, width=width, colorspace=4, encoded_image_string=image.png)
+                file_writer.add_summary(Summary(value=[Summary.Value(tag=image.tag, image=encoded)]), image.step)
+            writer.flush()
 
     def log_config(self, config: Mapping[str, Any]) -> None:
         text = "```json\n" + json.dumps(dict(config), indent=2, default=str) + "\n```"
-        self.writer.add_text("mnn_callback/probe_config", text)
-        self.writer.flush()
+        with self._writing() as writer:
+            writer.add_text("mnn_callback/probe_config", text)
+            writer.flush()
 
     def log_event(self, event: str, step: int, **fields: Any) -> None:
-        self.writer.add_text("mnn_callback/events", f"{event}: {json.dumps(fields, default=str)}", step)
+        with self._writing() as writer:
+            writer.add_text("mnn_callback/events", f"{event}: {json.dumps(fields, default=str)}", step)
 
     def close(self) -> None:
         if self._owns_writer:

@@ -61,15 +61,35 @@ def evaluation_rows(record: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 
 def _csv_rows(path: str) -> list[dict[str, Any]]:
-    with open(path, encoding="utf-8-sig", newline="") as handle:
-        rows = list(csv.DictReader(handle))
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as handle:
+            rows = list(csv.DictReader(handle))
+    except (UnicodeDecodeError, csv.Error) as error:
+        raise UsageError(f"{path} is not a CSV text file ({type(error).__name__})") from None
+    columns = set(rows[0]) if rows else set()
+    metrics = columns & {row.name for row in schema.LAYER_METRICS}
+    if rows and not ({"model", "layer"} <= columns and metrics):
+        raise UsageError(f"{path} is not a metrics.csv: it needs the columns model, layer and a metric such as mnn")
     numeric = schema.numeric_columns()
-    table = []
-    for row in rows:
-        if row.get("error"):
-            continue
-        table.append({key: (schema.number(value) if key in numeric else value) for key, value in row.items()})
-    return table
+    return [
+        {key: (schema.number(value) if key in numeric else value) for key, value in row.items()}
+        for row in rows
+        if not row.get("error")
+    ]
+
+
+def _jsonl_rows(path: str) -> list[dict[str, Any]]:
+    try:
+        records = [record for record in read_jsonl(path) if isinstance(record, dict)]
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    if any("result" in record or "error" in record for record in records):  # post hoc evaluation
+        try:
+            return [row for record in records if record.get("role") != "reference" for row in evaluation_rows(record)]
+        except (KeyError, TypeError, ValueError) as error:
+            raise UsageError(f"{path} holds a malformed evaluation record ({type(error).__name__}: {error})") from None
+    model = os.path.basename(os.path.dirname(os.path.abspath(path))) or "run"
+    return history_rows(records, model=model)
 
 
 def load_table(path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -86,13 +106,9 @@ def load_table(path: str | os.PathLike) -> list[dict[str, Any]]:
         raise UsageError(f"file not found: {path}")
     if path.endswith(".csv"):
         return _csv_rows(path)
-    if not path.endswith(".jsonl"):
-        raise UsageError(f"{path}: expected a .csv or .jsonl file written by mnn_callback")
-    records = read_jsonl(path)
-    if any("result" in record or "error" in record for record in records):  # post hoc evaluation
-        return [row for record in records if record.get("role") != "reference" for row in evaluation_rows(record)]
-    model = os.path.basename(os.path.dirname(os.path.abspath(path))) or "run"
-    return history_rows(records, model=model)
+    if path.endswith(".jsonl"):
+        return _jsonl_rows(path)
+    raise UsageError(f"{path}: expected a .csv or .jsonl file written by mnn_callback")
 
 
 def write_csv(path: str, rows: Iterable[Mapping[str, Any]]) -> int:

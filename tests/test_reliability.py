@@ -233,15 +233,6 @@ def test_atomic_write_keeps_the_old_file_when_interrupted(tmp_path):
     assert os.listdir(tmp_path) == ["mnn_metrics.json"]
 
 
-def test_a_cut_off_last_jsonl_line_is_skipped_and_others_are_checked(tmp_path):
-    path = tmp_path / "h.jsonl"
-    path.write_text('{"step": 0}\n{"step": 2}\n{"step": 4, "mnn/la', encoding="utf-8")
-    assert read_jsonl(path) == [{"step": 0}, {"step": 2}]
-    path.write_text('{"step": 0}\n{"ste\n{"step": 4}\n', encoding="utf-8")
-    with pytest.raises(ValueError, match="line 2"):
-        read_jsonl(path)
-
-
 def test_sigkill_during_training_loses_nothing_before_the_last_checkpoint(tmp_path):
     """Kill training at several moments while checkpoints and the JSONL are written; resume; check files."""
     script = os.path.join(SCRIPTS, "train_resumable.py")

@@ -1,0 +1,243 @@
+"""One probe run: forward passes with per-layer hooks, metrics streamed into sums, the result.
+
+:class:`RunState` holds what one :meth:`~mnn_callback.probe.Probe.run` needs: the plan (layers,
+hooks, loss), the accumulated sums, the Gram matrices waiting for one batched eigensolve, and
+the failure protocol that keeps processes in step.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from mnn_callback import schema
+from mnn_callback.accumulator import MetricAccumulator
+from mnn_callback.distributed import all_gather_object, all_reduce
+from mnn_callback.emitters import Emitters, first_tensor, hidden_states_of
+from mnn_callback.errors import MNNWarning, ProbeFailedError
+from mnn_callback.metrics import PendingMetrics, compute_metrics, finish_metrics, prepare_metrics
+from mnn_callback.results import ProbeResult
+
+__all__ = ["RunState", "raise_if_failed_anywhere"]
+
+_TOTALS = ("loss_sum", "loss_tokens", "sequences", "tokens", "nan_sequences")
+
+
+def raise_if_failed_anywhere(failure: Exception | None) -> None:
+    """Every process learns whether the probe failed on any process, before the sums are all-reduced.
+
+    One all-reduced flag; on a failure, every process raises: the failed one its own error, the
+    others :class:`ProbeFailedError` naming it. So no process waits in a collective that another
+    skipped.
+    """
+    failed = all_reduce(torch.tensor([0.0 if failure is None else 1.0], dtype=torch.float64))
+    if failed.item() == 0:
+        return
+    messages = all_gather_object(None if failure is None else f"{type(failure).__name__}: {failure}")
+    if failure is not None:
+        raise failure
+    where = "; ".join(f"process {rank}: {message}" for rank, message in enumerate(messages) if message)
+    raise ProbeFailedError(f"the probe failed on another process ({where})")
+
+
+class RunState:
+    """One :meth:`Probe.run`: the plan (layers, hooks, loss), the sums so far, and the result."""
+
+    def __init__(
+        self,
+        probe: Any,  # the mnn_callback.probe.Probe being run
+        model: nn.Module,
+        emitters: Emitters,
+        device: torch.device,
+        streaming: bool,
+        kwargs: dict[str, Any],
+    ) -> None:
+        self.probe, self.model, self.emitters, self.device, self.kwargs = probe, model, emitters, device, kwargs
+        self.layers = probe.resolve_layers(emitters.num_hidden_states)
+        self.use_hooks = streaming and all(emitters.modules[layer] is not None for layer in self.layers)
+        self.wants_loss = probe._wants_loss(model)
+        self.fields = schema.averaged_fields(spectral=True)
+        self.accumulator = MetricAccumulator(num_groups=len(self.layers), device=device, fields=self.fields)
+        defer = probe.defer_spectra if probe.defer_spectra is not None else device.type == "cuda"
+        self.pending = _PendingSpectra(self) if defer and probe.method == "exact" else None
+        self.sums = torch.zeros(len(_TOTALS), dtype=torch.float64, device=device)
+        self.nan_rows: list[Tensor] = []  # per micro-batch: which sequences have a NaN metric in some layer
+
+    def run(self, batches: list[list[int] | None], *, keep_in_step: bool) -> tuple[Tensor | None, Exception | None]:
+        """Every micro-batch, then the totals; or None and the first error.
+
+        ``keep_in_step``: after an error, the remaining micro-batches become dummy passes, so the
+        number of forward passes stays equal on every process, which FSDP and ZeRO-3 need (their
+        forward gathers parameters from all processes).
+        """
+        failure = None
+        for indices in batches:
+            try:
+                self.forward(indices if failure is None else None)
+            except Exception as error:
+                failure = failure or error
+                if not keep_in_step:
+                    break
+        if failure is not None:
+            return None, failure
+        try:
+            return self.totals(), None
+        except Exception as error:
+            return None, error
+
+    def forward(self, indices: list[int] | None) -> None:
+        """One micro-batch (None: a dummy pass that keeps the processes in step, not counted)."""
+        real = indices is not None
+        input_ids, attention_mask = self.probe._tensors(indices if real else [0], self.device)
+        per_layer, loss_sum, loss_tokens = self._forward(input_ids, attention_mask)
+        if not real:
+            if self.pending is not None:
+                self.pending.discard_last()
+            return
+        if self.pending is None:
+            self.nan_rows.append(self.accumulate(per_layer))
+        else:
+            self.pending.add_batch(per_layer)
+        self.sums += torch.stack(
+            [
+                loss_sum.to(self.device, torch.float64),
+                loss_tokens.to(self.device, torch.float64),
+                torch.tensor(float(len(indices)), dtype=torch.float64, device=self.device),
+                attention_mask.sum().to(torch.float64),
+                torch.zeros((), dtype=torch.float64, device=self.device),
+            ]
+        )
+
+    def accumulate(self, per_layer: list[dict[str, Tensor]]) -> Tensor:
+        """Add one micro-batch's per-layer metrics; which of its sequences have a NaN metric in some layer."""
+        has_nan = None
+        for group, values in enumerate(per_layer):
+            row = self.accumulator.update(values, group=group)
+            has_nan = row if has_nan is None else has_nan | row
+        return has_nan
+
+    def measure(self, attention_mask: Tensor, hidden: Tensor) -> Any:
+        if self.pending is not None:
+            return self.pending.prepare(hidden, attention_mask, self.probe.dtype)
+        return compute_metrics(hidden, attention_mask, dtype=self.probe.dtype, method=self.probe.method)
+
+    def _forward(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[list[Any], Tensor, Tensor]:
+        """Per-layer results (metric dicts, or pending Gram matrices) of one micro-batch, loss sum and tokens."""
+        per_layer: list[Any] = [None] * len(self.layers)
+        measure = functools.partial(self.measure, attention_mask)
+        call_kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, **self.kwargs}
+        if self.wants_loss:
+            call_kwargs["labels"] = input_ids.masked_fill(attention_mask == 0, -100)
+        handles = []
+        try:
+            if self.use_hooks:
+                modules = dict(self.model.named_modules())
+                for group, layer in enumerate(self.layers):
+                    hook = functools.partial(_hook_adapter, measure, per_layer, group)
+                    handles.append(modules[self.emitters.modules[layer]].register_forward_hook(hook))
+                output = self.model(**call_kwargs, output_hidden_states=False)
+            else:
+                output = self.model(**call_kwargs, output_hidden_states=True)
+                hidden_states = hidden_states_of(output, self.model)
+                for group, layer in enumerate(self.layers):
+                    per_layer[group] = measure(hidden_states[layer])
+        finally:
+            for handle in handles:
+                handle.remove()
+        if any(values is None for values in per_layer):
+            raise RuntimeError("a hooked layer did not run during the forward pass; rerun with streaming=False")
+        loss_sum = loss_tokens = torch.zeros((), dtype=torch.float64)
+        loss = getattr(output, "loss", None) if self.wants_loss else None
+        if loss is not None:
+            loss_tokens = (attention_mask.sum(dim=1) - 1).clamp(min=0).sum().to(torch.float64)
+            loss_sum = loss.detach().to(torch.float64) * loss_tokens
+        elif self.wants_loss:
+            loss_sum = torch.tensor(math.nan, dtype=torch.float64)
+        return per_layer, loss_sum, loss_tokens
+
+    def totals(self) -> Tensor:
+        """The accumulator's state and the probe totals in one float64 vector (what is all-reduced)."""
+        if self.pending is not None:
+            self.pending.flush()
+        if self.nan_rows:
+            self.sums[_TOTALS.index("nan_sequences")] = torch.cat(self.nan_rows).sum().to(torch.float64)
+        return torch.cat([self.accumulator.state.flatten(), self.sums])
+
+    def result(self, flat: list[float], seconds: float) -> ProbeResult:
+        size = self.accumulator.state.numel()
+        self.accumulator.state = torch.tensor(flat[:size], dtype=torch.float64).reshape(self.accumulator.state.shape)
+        totals = dict(zip(_TOTALS, flat[size:], strict=True))
+        if totals["nan_sequences"]:
+            warnings.warn(
+                "some probe sequences have non-finite hidden states (a diverging run?); their metrics are NaN "
+                "and probe/nan_sequences counts them",
+                MNNWarning,
+                stacklevel=3,
+            )
+        aggregated = {key: value.tolist() for key, value in self.accumulator.compute().items()}
+        columns = [
+            schema.derive_layer({name: aggregated[name][group] for name in self.fields})
+            for group in range(len(self.layers))
+        ]
+        loss = totals["loss_sum"] / totals["loss_tokens"] if totals["loss_tokens"] > 0 else math.nan
+        return ProbeResult(
+            layers=self.layers,
+            per_layer={name: [column[name] for column in columns] for name in columns[0]},
+            standard_errors={name: aggregated[f"{name}_se"] for name in self.fields},
+            loss=loss if self.wants_loss else None,
+            sequences=int(totals["sequences"]),
+            tokens=int(totals["tokens"]),
+            nan_sequences=int(totals["nan_sequences"]),
+            seconds=seconds,
+            fingerprint=self.probe.fingerprint,
+            num_hidden_states=self.emitters.num_hidden_states,
+            config=self.probe.config,
+            hidden_size=self.emitters.hidden_size,
+        )
+
+
+def _hook_adapter(
+    measure: Callable[[Tensor], Any], per_layer: list[Any], group: int, _module: nn.Module, _inputs: Any, output: Any
+) -> None:
+    """A forward hook: measure the module's hidden-state output (which is left as it is)."""
+    per_layer[group] = measure(first_tensor(output))
+
+
+class _PendingSpectra:
+    """Gram matrices of a probe waiting for one batched eigensolve, flushed early above a memory budget."""
+
+    BUDGET_BYTES = 1 << 30
+
+    def __init__(self, run: RunState) -> None:
+        self.run = run
+        self.batches: list[list[PendingMetrics]] = []
+        self.nbytes = 0
+
+    def prepare(self, hidden: Tensor, attention_mask: Tensor, dtype: torch.dtype) -> PendingMetrics:
+        item = prepare_metrics(hidden, attention_mask, dtype=dtype)
+        self.nbytes += item.nbytes
+        return item
+
+    def add_batch(self, per_layer: list[PendingMetrics]) -> None:
+        self.batches.append(per_layer)
+        if self.nbytes > self.BUDGET_BYTES:
+            self.flush()
+
+    def discard_last(self) -> None:
+        """Forget a dummy pass's Grams (prepared, but never added): recount the bytes held."""
+        self.nbytes = sum(item.nbytes for batch in self.batches for item in batch)
+
+    def flush(self) -> None:
+        if not self.batches:
+            return
+        layers = len(self.batches[0])
+        solved = finish_metrics([item for batch in self.batches for item in batch])
+        for start in range(0, len(solved), layers):
+            self.run.nan_rows.append(self.run.accumulate(solved[start : start + layers]))
+        self.batches, self.nbytes = [], 0
