@@ -47,10 +47,12 @@ def forward_seconds(device: torch.device, batch: int, length: int, d: int, inter
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
-    config = LlamaConfig(hidden_size=d, intermediate_size=intermediate, num_attention_heads=max(1, d // 128))
+    config = LlamaConfig(
+        hidden_size=d, intermediate_size=intermediate, num_attention_heads=max(1, d // 128), attn_implementation="sdpa"
+    )
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     layer = LlamaDecoderLayer(config, layer_idx=0).to(device, dtype).eval()
-    rotary = LlamaRotaryEmbedding(config).to(device)
+    rotary = LlamaRotaryEmbedding(config=config).to(device)  # by keyword: transformers 4 takes dim first
     x = torch.randn(batch, length, d, device=device, dtype=dtype)
     positions = torch.arange(length, device=device)[None].expand(batch, -1)
     embeddings = rotary(x, positions)

@@ -44,6 +44,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+class Progress:
+    """The loop's step, saved and restored by accelerator.save_state / load_state with everything else."""
+
+    def __init__(self) -> None:
+        self.step = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.step = int(state["step"])
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     trackers = ["tensorboard"] + (["wandb"] if args.wandb else [])
@@ -73,15 +86,14 @@ def main(argv: list[str] | None = None) -> None:
     hook = MNNAccelerateHook(
         accelerator, probe_chunks, every_n_steps=args.every, max_samples=args.probe_samples, batch_size=8
     )
-    accelerator.register_for_checkpointing(hook)
-    start = 0
+    progress = Progress()
+    accelerator.register_for_checkpointing(hook, progress)  # the curves and the step survive save/load_state
     if args.resume:
         accelerator.load_state(args.resume)
-        start = hook.history[-1]["step"] if hook.history else 0
     accelerator.init_trackers("accelerate_loop", config={k: v for k, v in vars(args).items() if v is not None})
 
-    hook.step(model, start, optimizer=optimizer)  # step 0 (or the resume step): the reference
-    step, batches = start, iter(loader)
+    hook.step(model, progress.step, optimizer=optimizer)  # before the first optimizer step: the reference
+    step, batches = progress.step, iter(loader)
     model.train()
     while step < args.steps:
         try:
@@ -100,7 +112,9 @@ def main(argv: list[str] | None = None) -> None:
             last_mnn = values.get(f"mnn/layer_{args.n_layer}", math.nan)
             print(f"step {step}: loss {loss.item():.3f}, MNN (last layer) {last_mnn:.4f}")
         if args.save_every and step % args.save_every == 0:
+            progress.step = step
             accelerator.save_state(os.path.join(args.out, "checkpoints", f"step_{step}"))
+    hook.finish(model, step, optimizer=optimizer)  # the final state, the last figures; on every process
     accelerator.end_training()
     if accelerator.is_main_process:
         print(f"TensorBoard: tensorboard --logdir {args.out}; history: {os.path.join(args.out, 'mnn_metrics.jsonl')}")

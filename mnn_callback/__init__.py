@@ -31,6 +31,7 @@ _LAZY = {
     "MNNCallback": "mnn_callback.callback",
     "MNNAccelerateHook": "mnn_callback.accelerate_hook",
     "evaluate_models": "mnn_callback.evaluation",
+    "rank_models": "mnn_callback.ranking",
 }
 
 __all__ = [
@@ -55,6 +56,7 @@ __all__ = [
     "matrix_entropy",
     "matrix_nuclear_norm",
     "nuclear_norm",
+    "rank_models",
     "schema",
 ]
 

@@ -36,6 +36,11 @@ class MNNAccelerateHook:
             (``Accelerator(log_with=["tensorboard", "wandb"], project_dir=...)``) receives the values.
         data: the held-out sample (see :class:`~mnn_callback.probe.Probe`).
         every_n_steps: probe when ``global_step % every_n_steps == 0``, and on the first call.
+        schedule: ``"fixed"`` (default), or ``"log"``: also at steps 1, 2, 4, 8, ... below it.
+        max_overhead: skip scheduled probes that would take the monitor's share of the wall time
+            between calls above this (e.g. ``0.01``); the first and the final probe always run.
+        exact_every: every K-th probe (and the first and the last) with the full spectra, the
+            others with ``method="cheap"``.
         tokenizer: turns text data into ids (or the directory of one).
         reference: Diff-eRank reference: a model, a :class:`ProbeResult`, or a JSON file holding
             one; default: the first probe.
@@ -58,6 +63,9 @@ class MNNAccelerateHook:
         data: Any,
         *,
         every_n_steps: int = 100,
+        schedule: str = "fixed",
+        max_overhead: float | None = None,
+        exact_every: int | None = None,
         tokenizer: Any = None,
         reference: Any = None,
         strict: bool = False,
@@ -69,7 +77,14 @@ class MNNAccelerateHook:
         with Guard(strict).warnings_as_errors():  # strict: a truncated sample is an error too
             probe = Probe(data, tokenizer=tokenizer, **probe_options)
             self.monitor = Monitor(
-                probe, every_n_steps=every_n_steps, reference=reference, strict=strict, dashboards=dashboards
+                probe,
+                every_n_steps=every_n_steps,
+                schedule=schedule,
+                max_overhead=max_overhead,
+                exact_every=exact_every,
+                reference=reference,
+                strict=strict,
+                dashboards=dashboards,
             )
         if jsonl is None and getattr(accelerator, "project_dir", None):
             jsonl = os.path.join(accelerator.project_dir, JSONL_FILE)
@@ -102,24 +117,42 @@ class MNNAccelerateHook:
         return sinks
 
     def is_due(self, global_step: int) -> bool:
-        """True on the first call and then every ``every_n_steps`` steps (once per step)."""
-        return self.monitor.last_step is None or self.monitor.due(global_step)
+        """True on the first call and at the scheduled steps not yet probed (the overhead budget aside)."""
+        last = self.monitor.last_step
+        return last is None or (self.monitor.schedule.scheduled(global_step) and global_step != last)
 
-    def step(self, model: nn.Module, global_step: int, *, optimizer: Any = None) -> dict[str, float] | None:
+    def step(
+        self, model: nn.Module, global_step: int, *, optimizer: Any = None, force: bool = False
+    ) -> dict[str, float] | None:
         """Probe ``model`` (the prepared one, as the loop uses it) when due; returns the logged values.
 
-        Call on every process. Returns None when no probe is due, else the flat dict that was
-        logged (only ``probe/errors`` when the probe failed and ``strict`` is off).
+        Call on every process, at every step. ``force``: probe now whatever the schedule (unless
+        this step was probed). Returns None when no probe ran, else the flat dict that was logged
+        (only ``probe/errors`` when the probe failed and ``strict`` is off).
         """
-        if not self.is_due(global_step):
+        first = self.monitor.last_step is None
+        if not (first or (force and global_step != self.monitor.last_step) or self.monitor.due(global_step)):
+            self.monitor.poll()  # figures finished in the background reach the trackers
             return None
+        return self._measure(model, global_step, optimizer, scheduled=not first and not force)
+
+    def finish(self, model: nn.Module, global_step: int, *, optimizer: Any = None) -> dict[str, float] | None:
+        """Probe the final state (unless this step was probed), draw the last figures, close the sinks.
+
+        Call on every process after the loop; returns the final probe's values (None if already probed).
+        """
+        values = None
+        if global_step != self.monitor.last_step:
+            values = self._measure(model, global_step, optimizer, final=True)
+        self.monitor.close()
+        return values
+
+    def _measure(self, model: nn.Module, global_step: int, optimizer: Any, **kind: bool) -> dict[str, float]:
         if not self._trackers_attached:  # trackers exist once accelerator.init_trackers ran
             self._trackers_attached = True
             self.monitor.add_sinks(self._tracker_sinks)
-        first = self.monitor.last_step is None
         self.monitor.take_reference()
-        measurement = self.monitor.measure(model, global_step, optimizer=optimizer, scheduled=not first)
-        return measurement.scalars()
+        return self.monitor.measure(model, global_step, optimizer=optimizer, **kind).scalars()
 
     # -- accelerator.register_for_checkpointing ---------------------------------------------------
 

@@ -86,6 +86,12 @@ class MNNCallback(TrainerCallback):
         data: the held-out sample (see :class:`~mnn_callback.probe.Probe`): texts (with
             ``tokenizer``), token-id lists, a tensor of ids, a dataset, or a ``.txt``/``.jsonl`` path.
         every_n_steps: probe every this many optimizer steps (and at step 0 and at the end).
+        schedule: ``"fixed"`` (default), or ``"log"``: also at steps 1, 2, 4, 8, ... below
+            ``every_n_steps``, where training moves fastest.
+        max_overhead: skip scheduled probes that would take the monitor's share of the training
+            wall time above this (e.g. ``0.01``); the step-0 and final probes always run.
+        exact_every: every K-th probe (and the first and the last) with the full spectra, the
+            others with ``method="cheap"`` (MNN, Rényi-2, loss).
         tokenizer: turns text data into ids (or the directory of one).
         sinks: where to log: names from ``"tensorboard"``, ``"wandb"``, ``"jsonl"`` or
             :class:`~mnn_callback.sinks.Sink` objects. Default: those of
@@ -111,6 +117,9 @@ class MNNCallback(TrainerCallback):
         data: Any,
         *,
         every_n_steps: int = 100,
+        schedule: str = "fixed",
+        max_overhead: float | None = None,
+        exact_every: int | None = None,
         tokenizer: Any = None,
         sinks: Sequence[str | Sink] | None = None,
         log_dir: str | os.PathLike | None = None,
@@ -131,12 +140,20 @@ class MNNCallback(TrainerCallback):
         with Guard(strict).warnings_as_errors():  # strict: a truncated sample is an error too
             probe = Probe(data, tokenizer=tokenizer, **probe_options)
             self.monitor = Monitor(
-                probe, every_n_steps=every_n_steps, reference=reference, strict=strict, dashboards=dashboards
+                probe,
+                every_n_steps=every_n_steps,
+                schedule=schedule,
+                max_overhead=max_overhead,
+                exact_every=exact_every,
+                reference=reference,
+                strict=strict,
+                dashboards=dashboards,
             )
         self.sink_specs = None if sinks is None else list(sinks)
         self.log_dir = None if log_dir is None else os.fspath(log_dir)
         self.probe_on_evaluate = on_evaluate
-        self.tensorboard_dir: str | None = None
+        self.tensorboard_dir: str | None = None  # where the TensorBoard sink writes, once training started
+        self.wandb_dir: str | None = None  # the W&B run's local directory, once training started
 
     # what the monitor holds, under the names users and tests know
     probe = property(lambda self: self.monitor.probe)
@@ -160,6 +177,7 @@ class MNNCallback(TrainerCallback):
                 sink = self.guard.call("the tensorboard sink (setup)", TensorBoardSink, self.tensorboard_dir)
             elif spec == "wandb":
                 sink = self.guard.call("the wandb sink (setup)", WandbSink)
+                self.wandb_dir = getattr(sink, "directory", None)
             else:
                 sink = self.guard.call("the jsonl sink (setup)", JsonlSink, os.path.join(args.output_dir, JSONL_FILE))
             if sink is not None:
@@ -179,9 +197,9 @@ class MNNCallback(TrainerCallback):
             }
         )
 
-    def _measure(self, state: Any, model: nn.Module, optimizer: Any, *, scheduled: bool = False) -> None:
+    def _measure(self, state: Any, model: nn.Module, optimizer: Any, **kind: bool) -> None:
         measurement = self.monitor.measure(
-            model, int(state.global_step), epoch=state.epoch, optimizer=optimizer, scheduled=scheduled
+            model, int(state.global_step), epoch=state.epoch, optimizer=optimizer, **kind
         )
         if measurement.result is None:
             return
@@ -207,11 +225,14 @@ class MNNCallback(TrainerCallback):
         # needs a new reference (another probe configuration, or none was saved).
         if not (resumed and self.reference is not None) and self.monitor.last_step != state.global_step:
             self._measure(state, model, optimizer)
-        self.monitor.start_clock()
+        self.monitor.start_clock(state.global_step)
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         if self.monitor.due(state.global_step):
-            self._measure(state, model, optimizer, scheduled=True)
+            last = bool(state.max_steps) and state.global_step >= state.max_steps
+            self._measure(state, model, optimizer, scheduled=True, final=last)
+        else:
+            self.monitor.poll()  # figures finished in the background reach the sinks
 
     def on_evaluate(self, args, state, control, model=None, optimizer=None, **kwargs):
         if self.probe_on_evaluate and self.monitor.last_step != state.global_step:
@@ -233,5 +254,5 @@ class MNNCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         if self.monitor.last_step != state.global_step:
-            self._measure(state, model, optimizer)
+            self._measure(state, model, optimizer, final=True)
         self.monitor.close()

@@ -3,6 +3,7 @@
 ::
 
     mnn-callback evaluate RUN_DIR_OR_MODELS... --data heldout.txt --out results/
+    mnn-callback rank MODELS... --prompts prompts.jsonl --out ranking/
     mnn-callback plot results/metrics.csv --out results/plots
     mnn-callback demo
 
@@ -13,6 +14,7 @@ Exit codes: 0 success; 1 some checkpoint failed (the others were evaluated); 2 b
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 from typing import Any
@@ -22,6 +24,25 @@ from mnn_callback.files import read_jsonl
 from mnn_callback.schema import CSV_COLUMNS
 
 __all__ = ["CSV_COLUMNS", "build_parser", "main"]
+
+# What each command imports beyond the bare package, and the extra that installs it.
+COMMAND_NEEDS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "demo": ("all", ("transformers", "tokenizers", "accelerate", "tensorboard", "matplotlib")),
+    "evaluate": ("transformers", ("transformers", "safetensors", "tqdm")),
+    "rank": ("transformers,plot", ("transformers", "safetensors", "tqdm", "matplotlib")),
+    "plot": ("plot", ("matplotlib",)),
+}
+
+
+def missing_packages(command: str) -> str | None:
+    """One line naming what ``command`` needs and how to install it, or None when all is there."""
+    extra, modules = COMMAND_NEEDS[command]
+    missing = [module for module in modules if importlib.util.find_spec(module) is None]
+    if not missing:
+        return None
+    verb = "is" if len(missing) == 1 else "are"
+    install = f"pip install 'mnn-callback[{extra}]'"
+    return f"mnn-callback {command} needs {', '.join(missing)}, which {verb} not installed: {install}"
 
 
 def _layers(text: str) -> str | list[int]:
@@ -77,11 +98,14 @@ def evaluate(args: argparse.Namespace) -> int:
             trust_remote_code=args.trust_remote_code,
             sinks=sinks,
             progress=True,
+            revisions=args.revisions.split(",") if args.revisions else None,
             max_samples=args.max_samples,
             max_length=args.max_length,
             batch_size=args.batch_size,
             layers=_layers(args.layers),
             method=args.method,
+            pack=args.pack,
+            skip_first_tokens=args.skip_first_tokens,
         )
     except KeyboardInterrupt:  # what finished is in the results file: the CSV too
         if os.path.isfile(results_file):
@@ -97,6 +121,46 @@ def evaluate(args: argparse.Namespace) -> int:
     models = len({row["model"] for row in rows})
     print(f"wrote {csv_path} ({models - len(failed)} of {models} models evaluated)")
     return 1 if failed else 0
+
+
+def rank(args: argparse.Namespace) -> int:
+    import csv
+
+    from mnn_callback.plots import plot_ranking
+    from mnn_callback.ranking import RANKING_COLUMNS, rank_models
+
+    _output_directory(args.out)
+    rows = rank_models(
+        args.models,
+        args.prompts,
+        out=args.out,
+        tokenizer=args.tokenizer,
+        max_new_tokens=args.max_new_tokens,
+        chat_template=not args.no_chat_template,
+        layers=_layers(args.layers),
+        batch_size=args.batch_size,
+        device=args.device,
+        dtype=args.dtype,
+        seed=args.seed,
+        trust_remote_code=args.trust_remote_code,
+        force=args.force,
+        progress=True,
+    )
+    path = os.path.join(args.out, "ranking.csv")
+    with open(path + ".tmp", "w", encoding="utf-8", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=RANKING_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(path + ".tmp", path)
+    plot_ranking(rows, os.path.join(args.out, "ranking.png"))
+    print(f"{'rank':>4}  {'MNN':>8}  {'± s.e.':>7}  {'MNN/noise':>9}  {'tokens':>6}  model")
+    for row in rows:
+        print(
+            f"{row['rank']:>4}  {row['mnn']:>8.4f}  {row['mnn_se']:>7.4f}  {row['mnn_vs_noise']:>9.4f}  "
+            f"{row['mean_response_tokens']:>6.1f}  {row['model']}"
+        )
+    print(f"wrote {path}, {os.path.join(args.out, 'ranking.png')} and {os.path.join(args.out, 'responses.jsonl')}")
+    return 0
 
 
 def plot(args: argparse.Namespace) -> int:
@@ -115,12 +179,16 @@ def plot(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mnn-callback", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-
+def _add_evaluate_command(commands: Any) -> None:
     evaluate_parser = commands.add_parser("evaluate", help="evaluate checkpoints or models post hoc")
-    evaluate_parser.add_argument("paths", nargs="+", metavar="PATH", help="checkpoint, run or model directories")
+    evaluate_parser.add_argument(
+        "paths", nargs="+", metavar="MODEL", help="checkpoint, run or model directories, hub ids (org/name@revision)"
+    )
+    evaluate_parser.add_argument(
+        "--revisions",
+        metavar="R1,R2|GLOB",
+        help="every hub id at these revisions (step0,step1000), or at the branches a glob names ('step*': online)",
+    )
     evaluate_parser.add_argument("--data", required=True, help="held-out sample: a .txt (paragraphs) or .jsonl file")
     evaluate_parser.add_argument("--tokenizer", help="tokenizer directory or id (default: the model's own)")
     evaluate_parser.add_argument("--out", default="mnn_results", help="output directory (default: mnn_results)")
@@ -129,12 +197,21 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate_parser.add_argument("--max-length", type=int, default=512)
     evaluate_parser.add_argument("--batch-size", type=int, default=8)
     evaluate_parser.add_argument(
+        "--pack", action="store_true", help="cut the data into chunks of exactly --max-length tokens (the same n)"
+    )
+    evaluate_parser.add_argument(
+        "--skip-first-tokens", type=int, default=0, metavar="K", help="metrics from each sequence's (K+1)-th token on"
+    )
+    evaluate_parser.add_argument(
         "--seed", type=int, default=0, help="seed of the sample choice and untrained reference"
     )
     evaluate_parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     evaluate_parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
     evaluate_parser.add_argument(
-        "--method", choices=["exact", "fast"], default="exact", help="spectra: eigendecomposition, or matmul only"
+        "--method",
+        choices=["exact", "fast", "cheap"],
+        default="exact",
+        help="spectra: eigendecomposition, matmul only, or none (cheap: MNN, Renyi-2 and the loss)",
     )
     reference = evaluate_parser.add_mutually_exclusive_group()
     reference.add_argument("--reference", help="Diff-eRank reference model (default: the first checkpoint)")
@@ -149,6 +226,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate_parser.set_defaults(handler=evaluate)
 
+
+def _add_rank_command(commands: Any) -> None:
+    rank_parser = commands.add_parser("rank", help="rank causal LMs by the MNN of their own responses")
+    rank_parser.add_argument("models", nargs="+", metavar="MODEL", help="model directories or hub ids (org/name@rev)")
+    rank_parser.add_argument("--prompts", required=True, help=".txt (one prompt per paragraph) or .jsonl file")
+    rank_parser.add_argument("--out", default="mnn_ranking", help="output directory (default: mnn_ranking)")
+    rank_parser.add_argument("--max-new-tokens", type=int, default=128, help="greedy response length (default 128)")
+    rank_parser.add_argument("--no-chat-template", action="store_true", help="prompt as plain text")
+    rank_parser.add_argument("--layers", default="last", help="all, last, or indices; the ranking uses the last")
+    rank_parser.add_argument("--tokenizer", help="tokenizer directory or id (default: each model's own)")
+    rank_parser.add_argument("--batch-size", type=int, default=8)
+    rank_parser.add_argument("--seed", type=int, default=0)
+    rank_parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    rank_parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
+    rank_parser.add_argument("--force", action="store_true", help="rank again models already in responses.jsonl")
+    rank_parser.add_argument("--trust-remote-code", action="store_true", help="allow models' own Python code")
+    rank_parser.set_defaults(handler=rank)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mnn-callback", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    _add_evaluate_command(commands)
+    _add_rank_command(commands)
+
     plot_parser = commands.add_parser("plot", help="draw PNGs from metrics.csv or a run's mnn_metrics.jsonl")
     plot_parser.add_argument("table", help="metrics.csv, metrics.jsonl, a run's mnn_metrics.jsonl or its directory")
     plot_parser.add_argument("--out", default="mnn_plots", help="output directory for the PNGs")
@@ -161,7 +264,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``mnn-callback`` command; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["demo"]:
+    command = argv[0] if argv and argv[0] in COMMAND_NEEDS else None
+    if command is not None and "-h" not in argv and "--help" not in argv:
+        missing = missing_packages(command)
+        if missing:
+            print(f"mnn-callback: error: {missing}", file=sys.stderr)
+            return 2
+    if command == "demo":
         from mnn_callback.demo import main as demo_main
 
         return demo_main(argv[1:])
@@ -170,6 +279,11 @@ def main(argv: list[str] | None = None) -> int:
         return args.handler(args)
     except UsageError as error:
         print(f"mnn-callback: error: {error}", file=sys.stderr)
+        return 2
+    except ImportError as error:
+        if "pip install 'mnn-callback[" not in str(error):
+            raise
+        print(f"mnn-callback: error: {error}", file=sys.stderr)  # an optional sink's package (--wandb-project)
         return 2
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import os
 import shutil
@@ -158,7 +159,7 @@ def _training_arguments(out_dir: str, *, tensorboard_dir: str | None, wandb: boo
         lr_scheduler_type="cosine",
         warmup_steps=max(1, steps // 20),
         weight_decay=0.01,
-        logging_steps=max(1, every // 2),
+        logging_steps=max(1, min(10, every // 2)),
         save_strategy="steps",
         save_steps=options["save_every"],
         report_to=["tensorboard"] + (["wandb"] if wandb else []),
@@ -179,7 +180,8 @@ def train_gpt2(
     n_embd: int = 64,
     n_head: int = 4,
     steps: int = 300,
-    every: int = 20,
+    every: int = 50,
+    schedule: str = "log",
     save_every: int = 100,
     batch_size: int = 16,
     learning_rate: float = 3e-3,
@@ -224,9 +226,11 @@ def train_gpt2(
     callback = MNNCallback(
         data.heldout_path,
         every_n_steps=every,
+        schedule=schedule,  # 0, 1, 2, 4, ..., 32, then every `every`: the early collapse at a sparse cadence's cost
         max_samples=probe_samples,
         max_length=seq_len,
         batch_size=16,
+        pack=True,  # every probe sequence has exactly seq_len tokens: values comparable over the run
         log_dir=tensorboard_dir,
     )
     with _environment(environment):
@@ -250,7 +254,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--out", default="mnn_demo", help="output directory (default: mnn_demo)")
     parser.add_argument("--steps", type=int, default=300, help="optimizer steps (default: 300)")
-    parser.add_argument("--every", type=int, default=20, help="probe every N steps (default: 20)")
+    parser.add_argument("--every", type=int, default=50, help="probe every N steps (default: 50)")
+    parser.add_argument(
+        "--schedule",
+        choices=["fixed", "log"],
+        default="log",
+        help="log: also at steps 1, 2, 4, ... below --every (default: log)",
+    )
     parser.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (default: 100)")
     parser.add_argument("--n-layer", type=int, default=4)
     parser.add_argument("--n-embd", type=int, default=64)
@@ -271,6 +281,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """``mnn-callback demo``: train, evaluate the checkpoints post hoc, plot, and say where everything is."""
     args = parse_args(argv)
+    if args.wandb and importlib.util.find_spec("wandb") is None:
+        print(
+            "mnn-callback: error: --wandb needs wandb, which is not installed: pip install 'mnn-callback[wandb]'",
+            file=sys.stderr,
+        )
+        return 2
     if args.wandb and not os.environ.get("WANDB_API_KEY") and not os.environ.get("WANDB_MODE"):
         print("W&B: no API key configured, logging offline (wandb sync later to upload); set WANDB_MODE to choose")
         with _environment({"WANDB_MODE": "offline"}):
@@ -331,6 +347,7 @@ def _run(args: argparse.Namespace) -> int:
         n_head=args.n_head,
         steps=args.steps,
         every=args.every,
+        schedule=args.schedule,
         save_every=args.save_every,
         batch_size=args.batch_size,
         learning_rate=args.lr,
@@ -353,6 +370,7 @@ def _run(args: argparse.Namespace) -> int:
         max_samples=args.probe_samples,
         max_length=args.seq_len,
         batch_size=16,
+        pack=True,
     )
     write_csv(os.path.join(posthoc, "metrics.csv"), latest_rows(read_jsonl(results_file)))
     figures = _figures(args.out, posthoc, args.docs_images)
@@ -366,6 +384,10 @@ def _run(args: argparse.Namespace) -> int:
         f"  post hoc metrics   {os.path.join(posthoc, 'metrics.csv')}",
         f"  plots              {', '.join(figures)}",
     ]
+    if callback.wandb_dir:
+        lines.append(
+            f"  W&B run            {callback.wandb_dir}   (wandb sync {callback.wandb_dir} to upload an offline run)"
+        )
     print("\n".join(lines))
     return 1 if any(row.get("error") for row in rows) else 0
 

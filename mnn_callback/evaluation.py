@@ -14,13 +14,14 @@ import hashlib
 import json
 import os
 import time
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from mnn_callback.errors import UsageError
+from mnn_callback.errors import MNNWarning, UsageError
 from mnn_callback.files import append_jsonl, read_jsonl
 from mnn_callback.models import (
     Target,
@@ -76,7 +77,7 @@ class _Evaluation:
     """One evaluation: models in order, their probes, the reference, the results file."""
 
     def __init__(self, models: Sequence[Any], data: Any, options: dict[str, Any]) -> None:
-        self.targets = discover(models)
+        self.targets = discover(models, options.pop("revisions"))
         if isinstance(data, (str, os.PathLike)) and not os.path.isfile(data):
             raise UsageError(f"data file not found: {os.fspath(data)}")
         self.data = data
@@ -99,6 +100,7 @@ class _Evaluation:
         self.records = _read_results(self.results_file)
         self.first_result: ProbeResult | None = None
         self._probes: dict[str, Probe] = {}
+        self._warned_reference = False
 
     def _reference_mode(self, reference: Any) -> tuple[str, Any]:
         if reference is None:
@@ -124,7 +126,7 @@ class _Evaluation:
     def config_key(self, probe: Probe) -> str:
         """What must match for a stored result to be reused: sample, layers, dtypes, reference choice."""
         mode, detail = self.reference_mode
-        reference = detail.path if isinstance(detail, Target) else detail
+        reference = detail.key if isinstance(detail, Target) else detail
         return _digest([probe.fingerprint, str(self.dtype), [mode, reference]])
 
     def _stored(self, role: str | None, path: str, key: str) -> dict[str, Any] | None:
@@ -146,7 +148,7 @@ class _Evaluation:
         if mode == "first":
             return self.first_result
         if mode == "model":
-            name, make = detail.path, lambda: self._load(detail)
+            name, make = detail.key, lambda: self._load(detail)
         else:  # untrained: one per architecture, so each model of a family has its own
             config = model_config(target, self.trust_remote_code).to_dict()
             architecture = {key: value for key, value in config.items() if key not in _NOT_ARCHITECTURE}
@@ -162,6 +164,35 @@ class _Evaluation:
         self._append({"role": "reference", "path": name, "config_key": key, "result": result.to_dict()})
         return result
 
+    def _comparable(self, result: ProbeResult, reference: ProbeResult, target: Target) -> bool:
+        """Whether Diff-eRank against ``reference`` means something: the same token sample, the same depth."""
+        if reference.fingerprint == result.fingerprint and reference.num_hidden_states == result.num_hidden_states:
+            return True
+        if not self._warned_reference:
+            self._warned_reference = True
+            warnings.warn(
+                f"Diff-eRank of {target.name} is left empty: its reference was measured on another token sample "
+                f"(another tokenizer) or has another number of hidden states ({reference.num_hidden_states} vs "
+                f"{result.num_hidden_states}); --reference-untrained gives each model its own reference",
+                MNNWarning,
+                stacklevel=4,
+            )
+        return False
+
+    def warn_if_not_comparable(self, rows: list[dict[str, Any]]) -> None:
+        """One warning when the models differ in hidden size or tokenizer: their values are not comparable."""
+        sizes = sorted({row["hidden_size"] for row in rows if row.get("hidden_size") is not None})
+        reasons = [f"hidden sizes {sizes} (MNN's cap and noise floor depend on d)"] if len(sizes) > 1 else []
+        if len(self._probes) > 1:
+            reasons.append(f"{len(self._probes)} tokenizers (other token sequences, other n)")
+        if reasons:
+            warnings.warn(
+                "the models differ in " + " and ".join(reasons) + ": their values are not directly comparable; "
+                "mnn_vs_noise is the length- and width-fair one",
+                MNNWarning,
+                stacklevel=3,
+            )
+
     def _load(self, target: Target) -> nn.Module:
         return load_model(target, device=self.device, dtype=self.dtype, trust_remote_code=self.trust_remote_code)
 
@@ -170,7 +201,7 @@ class _Evaluation:
         try:
             probe = self.probe_for(target)
             key = self.config_key(probe)
-            record = self._stored(None, target.path, key)
+            record = self._stored(None, target.key, key)
             if record is None:
                 record = self._measure(index, target, probe, key)
             if self.first_result is None:
@@ -180,7 +211,7 @@ class _Evaluation:
             raise
         except Exception as error:
             message = f"{type(error).__name__}: {error}".splitlines()[0][:500]
-            record = {"model": target.name, "path": target.path, "step": target.step, "error": message}
+            record = {"model": target.name, "path": target.key, "step": target.step, "error": message}
             self._append(record)
             return record
         finally:
@@ -195,12 +226,14 @@ class _Evaluation:
         result = probe.run(model)
         del model  # one model in memory at a time
         reference = self.reference_for(target, probe) or result
-        differences = result.differences(reference)
+        differences = result.differences(reference) if self._comparable(result, reference, target) else {}
         record = {
             "model": target.name,
-            "path": target.path,
+            "path": target.key,
+            "revision": target.revision,
             "step": target.step,
             "params": params,
+            "hidden_size": result.hidden_size,
             "config_key": key,
             "seconds": time.perf_counter() - started,
             "result": result.to_dict(),
@@ -227,13 +260,15 @@ def evaluate_models(
     trust_remote_code: bool = False,
     sinks: Sequence[Sink] = (),
     progress: bool = False,
+    revisions: Sequence[str] | None = None,
     **probe_options: Any,
 ) -> list[dict[str, Any]]:
     """Probe each model on the same fixed sample; one row per model x layer (``metrics.csv``'s columns).
 
     Args:
         models: model directories, run directories (their ``checkpoint-*``, in step order), hub ids
-            (loaded through transformers, from its cache when offline) or ``nn.Module`` objects.
+            (``org/name`` or ``org/name@revision``: loaded through transformers, from its cache when
+            offline) or ``nn.Module`` objects.
         data: the held-out sample, as for :class:`~mnn_callback.probe.Probe`.
         tokenizer: a tokenizer or the directory / id of one; default: each model's own (for text data).
         reference: the Diff-eRank reference: None (the first model), ``"untrained"`` (each model's
@@ -245,7 +280,9 @@ def evaluate_models(
         seed: the sample's seed and the untrained reference's.
         trust_remote_code: allow models' own Python code (off: nothing of theirs runs).
         sinks: also log each model's measurement, at its training step, to these sinks.
-        progress: show a progress bar over models.
+        progress: show a progress bar over models (with an estimate of the time left).
+        revisions: evaluate every hub id given at each of these revisions (branch names such as
+            ``step1000``; or one glob such as ``"step*"``, listed from the hub: online only).
         **probe_options: passed to :class:`~mnn_callback.probe.Probe` (``max_samples``, ``layers``, ...).
 
     A model that fails to load or probe gives one row with ``error`` set; the others are
@@ -265,6 +302,7 @@ def evaluate_models(
             "seed": seed,
             "trust_remote_code": trust_remote_code,
             "sinks": sinks,
+            "revisions": revisions,
         },
     )
     targets = evaluation.targets
@@ -277,4 +315,5 @@ def evaluate_models(
         if progress:
             targets.set_postfix_str(os.path.basename(target.name.rstrip("/")))
         rows.extend(evaluation_rows(evaluation.evaluate(index, target)))
+    evaluation.warn_if_not_comparable(rows)
     return rows

@@ -57,17 +57,24 @@ class RunState:
         device: torch.device,
         streaming: bool,
         kwargs: dict[str, Any],
+        per_sequence: bool = False,
+        method: str = "exact",
     ) -> None:
         self.probe, self.model, self.emitters, self.device, self.kwargs = probe, model, emitters, device, kwargs
+        self.method = method
         self.layers = probe.resolve_layers(emitters.num_hidden_states)
         self.use_hooks = streaming and all(emitters.modules[layer] is not None for layer in self.layers)
         self.wants_loss = probe._wants_loss(model)
-        self.fields = schema.averaged_fields(spectral=True)
+        self.fields = schema.averaged_fields(spectral=method != "cheap")
         self.accumulator = MetricAccumulator(num_groups=len(self.layers), device=device, fields=self.fields)
         defer = probe.defer_spectra if probe.defer_spectra is not None else device.type == "cuda"
-        self.pending = _PendingSpectra(self) if defer and probe.method == "exact" else None
+        self.pending = _PendingSpectra(self) if defer and method == "exact" else None
         self.sums = torch.zeros(len(_TOTALS), dtype=torch.float64, device=device)
         self.nan_rows: list[Tensor] = []  # per micro-batch: which sequences have a NaN metric in some layer
+        # per field, layer and sequence of the sample: each process fills its own sequences, zeros elsewhere,
+        # so the all-reduced sum holds every sequence's values
+        shape = (len(self.fields), len(self.layers), len(probe.sequences)) if per_sequence else (0,)
+        self.sequence_values = torch.zeros(shape, dtype=torch.float64, device=device)
 
     def run(self, batches: list[list[int] | None], *, keep_in_step: bool) -> tuple[Tensor | None, Exception | None]:
         """Every micro-batch, then the totals; or None and the first error.
@@ -91,19 +98,26 @@ class RunState:
         except Exception as error:
             return None, error
 
+    def _metric_mask(self, attention_mask: Tensor, indices: list[int]) -> Tensor:
+        """The tokens the metrics use: right padding, so each row's first ``start`` positions are its context."""
+        starts = torch.tensor([self.probe.starts[index] for index in indices], device=attention_mask.device)
+        positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+        return attention_mask * (positions[None, :] >= starts[:, None])
+
     def forward(self, indices: list[int] | None) -> None:
         """One micro-batch (None: a dummy pass that keeps the processes in step, not counted)."""
         real = indices is not None
-        input_ids, attention_mask = self.probe._tensors(indices if real else [0], self.device)
-        per_layer, loss_sum, loss_tokens = self._forward(input_ids, attention_mask)
+        indices = indices if real else [0]
+        input_ids, attention_mask = self.probe._tensors(indices, self.device)
+        per_layer, loss_sum, loss_tokens = self._forward(input_ids, attention_mask, indices)
         if not real:
             if self.pending is not None:
                 self.pending.discard_last()
             return
         if self.pending is None:
-            self.nan_rows.append(self.accumulate(per_layer))
+            self.nan_rows.append(self.accumulate(per_layer, indices))
         else:
-            self.pending.add_batch(per_layer)
+            self.pending.add_batch(per_layer, indices)
         self.sums += torch.stack(
             [
                 loss_sum.to(self.device, torch.float64),
@@ -114,23 +128,29 @@ class RunState:
             ]
         )
 
-    def accumulate(self, per_layer: list[dict[str, Tensor]]) -> Tensor:
+    def accumulate(self, per_layer: list[dict[str, Tensor]], indices: list[int]) -> Tensor:
         """Add one micro-batch's per-layer metrics; which of its sequences have a NaN metric in some layer."""
         has_nan = None
         for group, values in enumerate(per_layer):
             row = self.accumulator.update(values, group=group)
             has_nan = row if has_nan is None else has_nan | row
+            if self.sequence_values.numel():
+                where = torch.tensor(indices, device=self.device)
+                for field, name in enumerate(self.fields):
+                    self.sequence_values[field, group, where] = values[name].to(torch.float64)
         return has_nan
 
     def measure(self, attention_mask: Tensor, hidden: Tensor) -> Any:
         if self.pending is not None:
             return self.pending.prepare(hidden, attention_mask, self.probe.dtype)
-        return compute_metrics(hidden, attention_mask, dtype=self.probe.dtype, method=self.probe.method)
+        return compute_metrics(hidden, attention_mask, dtype=self.probe.dtype, method=self.method)
 
-    def _forward(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[list[Any], Tensor, Tensor]:
+    def _forward(
+        self, input_ids: Tensor, attention_mask: Tensor, indices: list[int]
+    ) -> tuple[list[Any], Tensor, Tensor]:
         """Per-layer results (metric dicts, or pending Gram matrices) of one micro-batch, loss sum and tokens."""
         per_layer: list[Any] = [None] * len(self.layers)
-        measure = functools.partial(self.measure, attention_mask)
+        measure = functools.partial(self.measure, self._metric_mask(attention_mask, indices))
         call_kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, **self.kwargs}
         if self.wants_loss:
             call_kwargs["labels"] = input_ids.masked_fill(attention_mask == 0, -100)
@@ -167,12 +187,13 @@ class RunState:
             self.pending.flush()
         if self.nan_rows:
             self.sums[_TOTALS.index("nan_sequences")] = torch.cat(self.nan_rows).sum().to(torch.float64)
-        return torch.cat([self.accumulator.state.flatten(), self.sums])
+        return torch.cat([self.accumulator.state.flatten(), self.sums, self.sequence_values.flatten()])
 
     def result(self, flat: list[float], seconds: float) -> ProbeResult:
         size = self.accumulator.state.numel()
         self.accumulator.state = torch.tensor(flat[:size], dtype=torch.float64).reshape(self.accumulator.state.shape)
-        totals = dict(zip(_TOTALS, flat[size:], strict=True))
+        totals = dict(zip(_TOTALS, flat[size : size + len(_TOTALS)], strict=True))
+        sequences = torch.tensor(flat[size + len(_TOTALS) :], dtype=torch.float64).reshape(self.sequence_values.shape)
         if totals["nan_sequences"]:
             warnings.warn(
                 "some probe sequences have non-finite hidden states (a diverging run?); their metrics are NaN "
@@ -186,6 +207,7 @@ class RunState:
             for group in range(len(self.layers))
         ]
         loss = totals["loss_sum"] / totals["loss_tokens"] if totals["loss_tokens"] > 0 else math.nan
+        measured = [len(ids) - start for ids, start in zip(self.probe.sequences, self.probe.starts, strict=True)]
         return ProbeResult(
             layers=self.layers,
             per_layer={name: [column[name] for column in columns] for name in columns[0]},
@@ -197,8 +219,12 @@ class RunState:
             seconds=seconds,
             fingerprint=self.probe.fingerprint,
             num_hidden_states=self.emitters.num_hidden_states,
-            config=self.probe.config,
+            config={**self.probe.config, "method": self.method},
             hidden_size=self.emitters.hidden_size,
+            token_range=(min(measured), sum(measured) / len(measured), max(measured)),
+            per_sequence={name: sequences[field].tolist() for field, name in enumerate(self.fields)}
+            if sequences.numel()
+            else None,
         )
 
 
@@ -216,7 +242,7 @@ class _PendingSpectra:
 
     def __init__(self, run: RunState) -> None:
         self.run = run
-        self.batches: list[list[PendingMetrics]] = []
+        self.batches: list[tuple[list[PendingMetrics], list[int]]] = []  # (per layer, sequence indices)
         self.nbytes = 0
 
     def prepare(self, hidden: Tensor, attention_mask: Tensor, dtype: torch.dtype) -> PendingMetrics:
@@ -224,20 +250,20 @@ class _PendingSpectra:
         self.nbytes += item.nbytes
         return item
 
-    def add_batch(self, per_layer: list[PendingMetrics]) -> None:
-        self.batches.append(per_layer)
+    def add_batch(self, per_layer: list[PendingMetrics], indices: list[int]) -> None:
+        self.batches.append((per_layer, indices))
         if self.nbytes > self.BUDGET_BYTES:
             self.flush()
 
     def discard_last(self) -> None:
         """Forget a dummy pass's Grams (prepared, but never added): recount the bytes held."""
-        self.nbytes = sum(item.nbytes for batch in self.batches for item in batch)
+        self.nbytes = sum(item.nbytes for batch, _ in self.batches for item in batch)
 
     def flush(self) -> None:
         if not self.batches:
             return
-        layers = len(self.batches[0])
-        solved = finish_metrics([item for batch in self.batches for item in batch])
-        for start in range(0, len(solved), layers):
-            self.run.nan_rows.append(self.run.accumulate(solved[start : start + layers]))
+        layers = len(self.batches[0][0])
+        solved = finish_metrics([item for batch, _ in self.batches for item in batch])
+        for position, (_, indices) in enumerate(self.batches):
+            self.run.nan_rows.append(self.run.accumulate(solved[position * layers : (position + 1) * layers], indices))
         self.batches, self.nbytes = [], 0

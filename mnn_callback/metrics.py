@@ -9,6 +9,7 @@ divided by its L2 norm (a row that is zero after centring stays zero). With
 of ``Z Z^T``) and ``sigma_k = sqrt(lambda_k)`` the singular values of ``Z``::
 
     MNN(X)            = (1/n) * sum of the D largest column norms ||Z[:, j]||_2, D = min(n, d)
+    mnn_vs_noise(X)   = MNN(X) / E[MNN(G)], G an n x d matrix of i.i.d. N(0, 1) entries
     nuclear_norm(X)   = (1/n) * sum_k sigma_k
     H(X)              = -sum_k p_k ln p_k,   p_k = lambda_k / sum_j lambda_j     (nats)
     matrix_entropy(X) = H(X) / ln d                                             (in [0, 1])
@@ -17,9 +18,15 @@ of ``Z Z^T``) and ``sigma_k = sqrt(lambda_k)`` the singular values of ``Z``::
 
 MNN is the Matrix Nuclear-Norm of Li et al. (2024), Eq. 11 / Algorithm 1: a cheap proxy of the
 nuclear norm of ``Z`` that needs only column norms. Matrix Entropy and eRank are those of
-Diff-eRank (Wei et al., 2024). Lower values mean a more compressed representation. The order-2
-(Rényi) entropy is a different quantity from the Shannon one (it weighs large eigenvalues more,
-and is never larger); it is exact and costs one Frobenius norm of the Gram matrix.
+Diff-eRank (Wei et al., 2024). Lower Matrix Entropy and eRank mean a spectrum concentrated on
+fewer directions; they, the nuclear norm and the Rényi entropy do not change when the hidden
+space is rotated. MNN does (its column norms depend on the basis: the same data can score 0.09
+in one basis and 0.91 in another), and it is capped at ``(min(n, d) / n)^1/2``, near which random
+directions already sit; so a lower MNN is not by itself a more compressed representation.
+``mnn_vs_noise`` compares it with random Gaussian hidden states of the same n and d
+(:mod:`mnn_callback.noise`). The order-2 (Rényi) entropy is a different quantity from the Shannon
+one (it weighs large eigenvalues more, and is never larger); it is exact and costs one Frobenius
+norm of the Gram matrix.
 
 Shapes: ``hidden`` is ``(L, d)`` or ``(B, L, d)``; ``attention_mask`` is ``(L,)`` or ``(B, L)``
 with 1 for the valid tokens of each sequence (padding may sit left or right). Every function
@@ -37,6 +44,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from mnn_callback.noise import expected_noise_mnn
 from mnn_callback.spectra import (
     eigvalsh_safely,
     polar_nuclear_norm,
@@ -59,7 +67,7 @@ __all__ = [
     "prepare_metrics",
 ]
 
-METHODS = ("exact", "fast")
+METHODS = ("exact", "fast", "cheap")
 _COMPUTE_DTYPES = (torch.float32, torch.float64)
 
 
@@ -141,8 +149,17 @@ def _mnn(z: Tensor, lengths: Tensor, top_d: int | None) -> Tensor:
 
 
 def _direct_values(normalized: _Normalized, top_d: int | None) -> dict[str, Tensor]:
-    """The per-sequence metrics computed from Z directly, without its spectrum (every method has them)."""
-    return {"mnn": _mnn(normalized.z, normalized.lengths, top_d)}
+    """The per-sequence metrics computed from Z directly, without its spectrum (every method has them).
+
+    ``mnn_vs_noise`` is defined for the default D = min(n, d) only (NaN with ``top_d``).
+    """
+    _, length, d = normalized.z.shape
+    mnn = _mnn(normalized.z, normalized.lengths, top_d)
+    if top_d is None:
+        noise = expected_noise_mnn(normalized.lengths, d, longest=length).to(mnn.dtype)
+    else:
+        noise = torch.full_like(mnn, math.nan)
+    return {"mnn": mnn, "mnn_vs_noise": mnn / noise}
 
 
 def _spectra(z: Tensor, method: str, memory_share: float = 0.25, min_chunk_elements: int = 2**20) -> dict[str, Tensor]:
@@ -152,18 +169,21 @@ def _spectra(z: Tensor, method: str, memory_share: float = 0.25, min_chunk_eleme
     eigenvalues) in chunks of sequences holding at most ``memory_share`` of Z's elements (or
     ``min_chunk_elements``; at least one sequence), which bounds the memory on top of Z.
     ``exact``: one batched eigensolve per chunk. ``fast``: polar iteration and SLQ (matmul only).
+    ``cheap``: the Rényi-2 entropy only (no spectrum).
     """
     batch, length, d = z.shape
     side = min(length, d)
+    keys = ("renyi2_nats",) if method == "cheap" else ("singular_sum", "entropy_nats", "renyi2_nats")
     if batch == 0 or side == 0:
-        empty = z.new_zeros(batch)
-        return {"singular_sum": empty, "entropy_nats": empty, "renyi2_nats": empty}
+        return dict.fromkeys(keys, z.new_zeros(batch))
     budget = max(memory_share * z.numel(), min_chunk_elements)
-    parts: dict[str, list[Tensor]] = {"singular_sum": [], "entropy_nats": [], "renyi2_nats": []}
+    parts: dict[str, list[Tensor]] = {key: [] for key in keys}
     failed = 0
     for part in z.split(max(1, int(budget // (side * side)))):
         gram = smaller_gram(part)
         parts["renyi2_nats"].append(renyi2_nats(gram))
+        if method == "cheap":
+            continue
         if method == "fast":
             parts["singular_sum"].append(polar_nuclear_norm(part))
             parts["entropy_nats"].append(slq_entropy(gram))
@@ -178,16 +198,19 @@ def _spectra(z: Tensor, method: str, memory_share: float = 0.25, min_chunk_eleme
 
 
 def _spectral_values(spectra: dict[str, Tensor], lengths: Tensor, d: int) -> dict[str, Tensor]:
-    """The metrics from the raw spectral quantities: normalised by n, ln d; eRank = exp(H)."""
-    entropy_nats = spectra["entropy_nats"]
+    """The metrics from the raw spectral quantities: normalised by n, ln d; eRank = exp(H).
+
+    Without ``entropy_nats`` (a cheap pass) only the Rényi-2 entropy.
+    """
     log_d = math.log(d) if d > 1 else 1.0
-    return {
-        "nuclear_norm": spectra["singular_sum"] / lengths.clamp(min=1).to(entropy_nats.dtype),
-        "matrix_entropy": entropy_nats / log_d,
-        "entropy_nats": entropy_nats,
-        "erank": entropy_nats.exp(),
-        "renyi2_entropy": spectra["renyi2_nats"] / log_d,
-    }
+    values = {"renyi2_entropy": spectra["renyi2_nats"] / log_d}
+    if "entropy_nats" in spectra:
+        entropy_nats = spectra["entropy_nats"]
+        values["nuclear_norm"] = spectra["singular_sum"] / lengths.clamp(min=1).to(entropy_nats.dtype)
+        values["matrix_entropy"] = entropy_nats / log_d
+        values["entropy_nats"] = entropy_nats
+        values["erank"] = entropy_nats.exp()
+    return values
 
 
 def _finish(values: dict[str, Tensor], valid: Tensor, was_2d: bool) -> dict[str, Tensor]:
@@ -221,12 +244,14 @@ def compute_metrics(
         attention_mask: ``(L,)`` or ``(B, L)``, nonzero for valid tokens; all valid if omitted.
         top_d: number of largest column norms MNN adds up; ``min(n, d)`` per sequence if None.
         dtype: compute dtype, ``torch.float32`` (default) or ``torch.float64``.
-        method: ``"exact"`` (eigendecomposition of the smaller Gram matrix) or ``"fast"``
-            (matmul only, for GPUs: polar iteration for the nuclear norm, stochastic Lanczos
-            quadrature for the entropy; see :mod:`mnn_callback.spectra` for the errors).
+        method: ``"exact"`` (eigendecomposition of the smaller Gram matrix), ``"fast"`` (matmul
+            only, for GPUs: polar iteration for the nuclear norm, stochastic Lanczos quadrature for
+            the entropy; see :mod:`mnn_callback.spectra` for the errors), or ``"cheap"`` (MNN and
+            the Rényi-2 entropy only: no spectrum, and no key for the spectral metrics).
 
     Returns:
-        ``mnn``, ``nuclear_norm``, ``matrix_entropy`` (H / ln d), ``entropy_nats`` (H),
+        ``mnn``, ``mnn_vs_noise`` (MNN / its expectation for random Gaussian hidden states of the
+        same n and d), ``nuclear_norm``, ``matrix_entropy`` (H / ln d), ``entropy_nats`` (H),
         ``erank`` (exp H) and ``renyi2_entropy`` (-ln(||G||_F^2 / tr(G)^2) / ln d, exact in
         both methods), each of shape ``(B,)`` (0-d for 2-D input); formulas in the module
         docstring. NaN for sequences with fewer than 2 valid tokens or non-finite values.
@@ -234,9 +259,11 @@ def compute_metrics(
     Example:
         >>> import torch
         >>> x = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.0, -1.0]])
-        >>> {k: round(v.item(), 4) for k, v in compute_metrics(x).items()}  # doctest: +NORMALIZE_WHITESPACE
-        {'mnn': 0.7071, 'nuclear_norm': 0.7071, 'matrix_entropy': 1.0, 'entropy_nats': 0.6931, 'erank': 2.0,
-         'renyi2_entropy': 1.0}
+        >>> values = compute_metrics(x)
+        >>> {k: round(values[k].item(), 4) for k in ("mnn", "nuclear_norm", "matrix_entropy", "erank")}
+        {'mnn': 0.7071, 'nuclear_norm': 0.7071, 'matrix_entropy': 1.0, 'erank': 2.0}
+        >>> round(values["mnn_vs_noise"].item(), 2)  # at its cap: a little above random directions of this shape
+        1.02
     """
     _check_options(top_d, method)
     batch, mask, was_2d = _as_batch(hidden, attention_mask, dtype)

@@ -6,7 +6,9 @@ and loads ``.bin`` weights with ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
+import fnmatch
 import json
+import math
 import os
 import re
 from collections.abc import Sequence
@@ -18,21 +20,92 @@ from torch import nn
 
 from mnn_callback.errors import UsageError
 
-__all__ = ["Target", "discover", "find_tokenizer", "load_model", "looks_local", "untrained_model"]
+__all__ = [
+    "Target",
+    "discover",
+    "find_tokenizer",
+    "hub_revisions",
+    "is_causal",
+    "load_model",
+    "looks_local",
+    "step_of_revision",
+    "untrained_model",
+]
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_STEP = re.compile(r"step(\d+)")
 
 
 @dataclass(frozen=True)
 class Target:
-    """One model to evaluate: a local directory, a hub id or a module, and its training step if known."""
+    """One model to evaluate: a local directory, a hub id (at a revision) or a module, and its step if known."""
 
     name: str
     path: str  # directory or hub id; for a module, its name
     step: int | None
     local: bool
     module: nn.Module | None = None
+    revision: str | None = None  # a hub branch, tag or commit (None: the default branch)
+
+    @property
+    def key(self) -> str:
+        """What identifies the model's weights: its directory or hub id, with the revision."""
+        return f"{self.path}@{self.revision}" if self.revision else self.path
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """``from_pretrained`` options that find this model: local files only, or the hub at its revision."""
+        return {"local_files_only": self.local, **({"revision": self.revision} if self.revision else {})}
+
+
+def step_of_revision(revision: str) -> int | None:
+    """The training step a revision's name says (``step3000`` -> 3000), if it says one."""
+    match = _STEP.search(revision)
+    return int(match.group(1)) if match else None
+
+
+def hub_revisions(repo: str, pattern: str) -> list[str]:
+    """The branches of hub repository ``repo`` matching the glob ``pattern``, by the step their names say.
+
+    Needs network access: offline (``HF_HUB_OFFLINE``) it is a ``UsageError`` saying to name them.
+    """
+    from huggingface_hub import constants, list_repo_refs
+
+    if constants.HF_HUB_OFFLINE:
+        raise UsageError(
+            f"listing the revisions of {repo} ({pattern!r}) needs network access and HF_HUB_OFFLINE is set: "
+            "name them, e.g. --revisions step0,step1000"
+        )
+    try:
+        branches = [branch.name for branch in list_repo_refs(repo).branches]
+    except Exception as error:
+        raise UsageError(f"cannot list the revisions of {repo}: {type(error).__name__}: {error}") from None
+    chosen = [name for name in branches if fnmatch.fnmatchcase(name, pattern)]
+    if not chosen:
+        raise UsageError(f"no branch of {repo} matches {pattern!r} (branches: {', '.join(sorted(branches)[:20])})")
+    return sorted(
+        chosen, key=lambda name: (step_of_revision(name) if step_of_revision(name) is not None else math.inf, name)
+    )
+
+
+def _hub_targets(path: str, revisions: Sequence[str] | None) -> list[Target]:
+    """``org/name``, ``org/name@revision``, or ``org/name`` at each of ``revisions`` (names or one glob)."""
+    repo, at, revision = path.partition("@")
+    if at and not revision:
+        raise UsageError(f"{path} names no revision after '@' (e.g. {repo}@step1000)")
+    if looks_local(repo) or not _HUB_ID.match(repo):
+        raise UsageError(f"no model or checkpoint found at {path} (a local path: not looked up on the hub)")
+    if at:
+        names = [revision]
+    elif revisions and len(revisions) == 1 and any(char in revisions[0] for char in "*?["):
+        names = hub_revisions(repo, revisions[0])
+    else:
+        names = list(revisions or [None])
+    return [
+        Target(f"{repo}@{name}" if name else repo, repo, step_of_revision(name) if name else None, False, None, name)
+        for name in names
+    ]
 
 
 def _is_model_dir(path: str) -> bool:
@@ -79,9 +152,9 @@ def looks_local(path: str) -> bool:
     return bool(parent) and os.path.exists(parent)
 
 
-def discover(models: Sequence[str | os.PathLike | nn.Module]) -> list[Target]:
+def discover(models: Sequence[str | os.PathLike | nn.Module], revisions: Sequence[str] | None = None) -> list[Target]:
     """Models to evaluate: model directories, run directories holding ``checkpoint-*`` (in step order),
-    hub ids, and modules."""
+    hub ids (``org/name@revision``, or ``org/name`` at each of ``revisions``), and modules."""
     targets: list[Target] = []
     for index, model in enumerate(models):
         if isinstance(model, nn.Module):
@@ -93,19 +166,17 @@ def discover(models: Sequence[str | os.PathLike | nn.Module]) -> list[Target]:
             targets.extend(_directory_targets(path))
         elif os.path.exists(path):
             raise UsageError(f"{path} is not a directory (expected a model or run directory)")
-        elif looks_local(path) or not _HUB_ID.match(path):
-            raise UsageError(f"no model or checkpoint found at {path} (a local path: not looked up on the hub)")
         else:
-            targets.append(Target(path, path, None, False))  # a hub model id: downloaded by transformers
+            targets.extend(_hub_targets(path, revisions))  # hub ids: downloaded by transformers (or its cache)
     if not targets:
         raise UsageError("no checkpoints or models found")
     return targets
 
 
-def _load_tokenizer(source: str, local: bool, trust_remote_code: bool) -> Any:
+def _load_tokenizer(source: str, options: dict[str, Any], trust_remote_code: bool) -> Any:
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(source, local_files_only=local, trust_remote_code=trust_remote_code)
+    return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **options)
 
 
 def find_tokenizer(target: Target, tokenizer: Any, trust_remote_code: bool) -> Any:
@@ -115,7 +186,7 @@ def find_tokenizer(target: Target, tokenizer: Any, trust_remote_code: bool) -> A
         return tokenizer
     if tokenizer is not None:
         source = os.fspath(tokenizer)
-        return _load_tokenizer(source, os.path.isdir(source), trust_remote_code)
+        return _load_tokenizer(source, {"local_files_only": os.path.isdir(source)}, trust_remote_code)
     if target.module is not None:
         return None
     candidates = [target.path] + ([os.path.dirname(target.path)] if target.local else [])
@@ -123,7 +194,7 @@ def find_tokenizer(target: Target, tokenizer: Any, trust_remote_code: bool) -> A
         if target.local and not os.path.isfile(os.path.join(candidate, "tokenizer_config.json")):
             continue
         try:
-            return _load_tokenizer(candidate, target.local, trust_remote_code)
+            return _load_tokenizer(candidate, target.options, trust_remote_code)
         except (OSError, ValueError):
             continue
     return None
@@ -136,7 +207,8 @@ def model_dtype(name: str, device: torch.device) -> torch.dtype | str:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def _is_causal(config: Any) -> bool:
+def is_causal(config: Any) -> bool:
+    """Whether a model config names a causal language model (which can generate, and has a loss)."""
     return any(name.endswith(("ForCausalLM", "LMHeadModel")) for name in (config.architectures or []))
 
 
@@ -147,9 +219,9 @@ def load_model(target: Target, *, device: torch.device, dtype: torch.dtype | str
     import transformers
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-    options = {"local_files_only": target.local, "trust_remote_code": trust_remote_code}
+    options = {**target.options, "trust_remote_code": trust_remote_code}
     config = AutoConfig.from_pretrained(target.path, **options)
-    model_class = AutoModelForCausalLM if _is_causal(config) else AutoModel
+    model_class = AutoModelForCausalLM if is_causal(config) else AutoModel
     dtype_option = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
     model = model_class.from_pretrained(target.path, config=config, **{dtype_option: dtype}, **options)
     return model.to(device).eval()
@@ -161,7 +233,7 @@ def model_config(target: Target, trust_remote_code: bool) -> Any:
         return getattr(target.module, "config", None)
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(target.path, local_files_only=target.local, trust_remote_code=trust_remote_code)
+    return AutoConfig.from_pretrained(target.path, trust_remote_code=trust_remote_code, **target.options)
 
 
 def untrained_model(target: Target, *, device: torch.device, seed: int, trust_remote_code: bool) -> nn.Module:
@@ -175,7 +247,7 @@ def untrained_model(target: Target, *, device: torch.device, seed: int, trust_re
     generator_state = torch.get_rng_state()
     torch.manual_seed(seed)
     try:
-        model_class = AutoModelForCausalLM if _is_causal(config) else AutoModel
+        model_class = AutoModelForCausalLM if is_causal(config) else AutoModel
         model = model_class.from_config(config, trust_remote_code=trust_remote_code)
     finally:
         torch.set_rng_state(generator_state)

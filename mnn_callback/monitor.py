@@ -7,31 +7,30 @@ around one :class:`Monitor`: they translate their framework's events into :meth:
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import torch
 from torch import nn
 
+from mnn_callback.distributed import all_reduce
 from mnn_callback.errors import MNNWarning
-from mnn_callback.figures import Dashboards, render_dashboard
+from mnn_callback.figures import DashboardFeed, Dashboards
 from mnn_callback.guard import Guard
 from mnn_callback.probe import Probe
 from mnn_callback.results import Measurement, ProbeResult
+from mnn_callback.schedule import Overhead, Schedule
 from mnn_callback.sinks import Sink, SinkSet
-from mnn_callback.tables import history_rows
 
 __all__ = ["OVERHEAD_WARNING_SHARE", "Monitor"]
 
-OVERHEAD_WARNING_SHARE = 0.05
-
-
-def check_every_n_steps(every_n_steps: Any) -> int:
-    if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
-        raise ValueError(f"every_n_steps must be an integer >= 1, got {every_n_steps!r}")
-    return every_n_steps
+OVERHEAD_WARNING_SHARE = 0.05  # without max_overhead, a share above this is warned about, once
+OVERHEAD_WARNING_PROBES = 5  # after this many scheduled probes: enough to estimate the share
+logger = logging.getLogger("mnn_callback")
 
 
 class Monitor:
@@ -40,13 +39,19 @@ class Monitor:
     Args:
         probe: the fixed sample and how to measure it.
         every_n_steps: a scheduled probe when ``step % every_n_steps == 0``.
+        schedule: ``"fixed"``, or ``"log"``: also steps 1, 2, 4, ... below ``every_n_steps``.
+        max_overhead: skip scheduled probes that would take the monitor's share of the training
+            wall time above this (e.g. 0.01); the reference and final probes always run.
+        exact_every: every K-th probe (and the first and the final) with the probe's spectra, the
+            others with ``method="cheap"`` (MNN, Rényi-2, loss).
         reference: the Diff-eRank reference: a model (probed once, at :meth:`take_reference`), a
             :class:`ProbeResult`, or a JSON file holding one. Default: the first measurement.
         strict: raise errors instead of turning them into warnings.
         dashboards: the pictures drawn besides the scalars (:class:`Dashboards`, or True/False).
 
-    Every process runs :meth:`measure` at the same steps (the probe's work is sharded); only the
-    main process (``is_main_process`` in :meth:`open`) has sinks.
+    Every process runs :meth:`due` and :meth:`measure` at the same steps (the probe's work is
+    sharded, the budget decided together); only the main process (``is_main_process`` in
+    :meth:`open`) has sinks.
     """
 
     def __init__(
@@ -54,14 +59,19 @@ class Monitor:
         probe: Probe,
         *,
         every_n_steps: int = 100,
+        schedule: str = "fixed",
+        max_overhead: float | None = None,
+        exact_every: int | None = None,
         reference: Any = None,
         strict: bool = False,
         dashboards: Dashboards | bool = True,
     ) -> None:
         self.probe = probe
-        self.every_n_steps = check_every_n_steps(every_n_steps)
+        self.schedule = Schedule(every_n_steps, schedule, exact_every)
+        self.overhead = Overhead(max_overhead)
         self.guard = Guard(strict)
         self.dashboards = Dashboards.of(dashboards)
+        self.feed = DashboardFeed(self.dashboards, self.guard)
         self._reference_model = reference if isinstance(reference, nn.Module) else None
         self.reference: ProbeResult | None = None
         if reference is not None and self._reference_model is None:
@@ -71,13 +81,13 @@ class Monitor:
         self.last_step: int | None = None
         self.is_main_process = True
         self.sinks = SinkSet([], self.guard)
-        self._layout_logged = False
-        self._probes_drawn = 0
-        self._clock_start: float | None = None
-        self._scheduled_seconds = 0.0
-        self._scheduled_probes = 0
+        self._probes_run = 0  # measurements so far: which ones are exact (exact_every)
         self._warned_overhead = False
-        self.publish_seconds = 0.0  # training-thread time spent logging and drawing, over the run
+        self._first_cost = 0.0  # the first probe's cost: the budget's estimate before any scheduled probe
+
+    @property
+    def every_n_steps(self) -> int:
+        return self.schedule.every_n_steps
 
     # -- setup ------------------------------------------------------------------------------------
 
@@ -93,14 +103,19 @@ class Monitor:
 
     @property
     def config(self) -> dict[str, Any]:
-        return {**self.probe.config, "every_n_steps": self.every_n_steps}
+        schedule = {"every_n_steps": self.every_n_steps, "schedule": self.schedule.kind}
+        if self.schedule.exact_every is not None:
+            schedule["exact_every"] = self.schedule.exact_every
+        if self.overhead.max_share is not None:
+            schedule["max_overhead"] = self.overhead.max_share
+        return {**self.probe.config, **schedule}
 
     def open(self, make_sinks: Callable[[], Sequence[Sink]], *, is_main_process: bool) -> None:
         """Start logging. Only the main process writes: ``make_sinks`` is called there and nowhere else."""
         self.is_main_process = is_main_process
         self.guard.quiet = not is_main_process
         self.sinks = SinkSet(self._made(make_sinks), self.guard)
-        self._layout_logged = False
+        self.feed = DashboardFeed(self.dashboards, self.guard)
         self.sinks.log_config(self.config)
 
     def add_sinks(self, make_sinks: Callable[[], Sequence[Sink]]) -> None:
@@ -115,10 +130,13 @@ class Monitor:
     def take_reference(self) -> None:
         """Probe the reference model, if one was given and no reference is known yet (every process)."""
         if self._reference_model is not None and self.reference is None:
-            self.reference = self.guard.call("probing the reference model", self._run_probe, self._reference_model)
+            method = self.schedule.method(0, self.probe.method)
+            self.reference = self.guard.call(
+                "probing the reference model", self._run_probe, self._reference_model, None, method
+            )
         self._reference_model = None  # do not keep a second model alive
 
-    def _run_probe(self, model: nn.Module, optimizer: Any = None) -> ProbeResult:
+    def _run_probe(self, model: nn.Module, optimizer: Any, method: str) -> ProbeResult:
         """The probe, after making sure every process measures the same sample (the first time)."""
         fingerprints = self.probe.agree_across_processes()
         if fingerprints:
@@ -131,19 +149,29 @@ class Monitor:
                 raise ValueError(message)  # on every process alike: they all saw the same fingerprints
             if self.is_main_process:
                 warnings.warn(message, MNNWarning, stacklevel=4)
-        return self.probe.run(model, optimizer=optimizer)
+        return self.probe.run(model, optimizer=optimizer, method=method)
 
-    def start_clock(self) -> None:
-        """Start timing the training wall time the probes' share is measured against."""
-        self._clock_start = time.perf_counter()
-        self._scheduled_seconds = 0.0
-        self._scheduled_probes = 0
+    def start_clock(self, step: int | None = None) -> None:
+        """Start timing the training wall time the probes' share is measured against (at training ``step``)."""
+        self.overhead.start(step)
 
     # -- the schedule -----------------------------------------------------------------------------
 
     def due(self, step: int) -> bool:
-        """Whether a scheduled probe falls on ``step`` (and this step was not probed yet)."""
-        return step % self.every_n_steps == 0 and step != self.last_step
+        """Whether a scheduled probe falls on ``step``, was not run yet, and fits the overhead budget.
+
+        With ``max_overhead`` every process decides together (one all-reduce, at scheduled steps
+        only): a probe skipped anywhere is skipped everywhere, and counted in ``probe/skipped``.
+        """
+        if not self.schedule.scheduled(step) or step == self.last_step:
+            return False
+        if self.overhead.max_share is None:
+            return True
+        skip = torch.tensor([float(self.overhead.would_exceed(self._first_cost))], dtype=torch.float64)
+        if all_reduce(skip, op="max").item() > 0:
+            self.overhead.skipped += 1
+            return False
+        return True
 
     # -- one measurement --------------------------------------------------------------------------
 
@@ -155,34 +183,42 @@ class Monitor:
         epoch: float | None = None,
         optimizer: Any = None,
         scheduled: bool = False,
+        final: bool = False,
     ) -> Measurement:
         """Probe ``model`` at ``step`` on every process, keep and log the result (main process).
 
-        ``scheduled`` probes count towards ``probe/time_share``; the step-0 reference, the final
-        and evaluation probes do not. A failed probe gives a measurement without result (only
-        ``probe/errors``) and a warning, unless ``strict``.
+        ``scheduled`` probes count towards ``probe/time_share``; the reference, final and
+        evaluation probes do not. ``final``: the last probe of the run (exact, with heatmaps). A
+        failed probe gives a measurement without result (only ``probe/errors``) and a warning,
+        unless ``strict``.
         """
         started = time.perf_counter()
         self.last_step = step
-        result = self.guard.call("the probe", self._run_probe, model, optimizer)
+        method = self.schedule.method(self._probes_run, self.probe.method, final=final)
+        self._probes_run += 1
+        result = self.guard.call("the probe", self._run_probe, model, optimizer, method)
         monitor: dict[str, float] = {"errors": float(self.guard.errors)}
+        if self.overhead.max_share is not None:
+            monitor["skipped"] = float(self.overhead.skipped)
         if result is None:
             measurement = Measurement(step, epoch, None, monitor=monitor)
         else:
             self._keep_reference(result, step)
             if scheduled:
-                monitor["time_share"] = self._account(time.perf_counter() - started)
+                self.overhead.add(time.perf_counter() - started, probe=True, step=step)
+                monitor["time_share"] = self.overhead.share
+                self._warn_overhead()
             measurement = Measurement(step, epoch, result, result.differences(self.reference), monitor)
             self.history.append({"step": step, "epoch": epoch, **measurement.scalars()})
         if self.is_main_process:
             publishing = time.perf_counter()
-            self._publish(measurement)
-            publishing = time.perf_counter() - publishing
-            self.publish_seconds += publishing
+            self.sinks.log_measurement(measurement)
+            self.feed.after_measurement(self.sinks, measurement, self.history, final=final)
             if scheduled:
-                self._scheduled_seconds += publishing
-        if self._clock_start is None:
-            self.start_clock()
+                self.overhead.add(time.perf_counter() - publishing)
+        if self.overhead.clock_start is None:
+            self._first_cost = time.perf_counter() - started
+            self.start_clock(step)
         return measurement
 
     def _keep_reference(self, result: ProbeResult, step: int) -> None:
@@ -199,61 +235,65 @@ class Monitor:
                     stacklevel=4,
                 )
 
-    def _publish(self, measurement: Measurement) -> None:
-        """Scalars to every sink, then (once) the layout and the dashboard pictures."""
-        self.sinks.log_measurement(measurement)
-        if measurement.result is None or not self.sinks.shows_images:
-            return  # nothing to draw for: no figure is built
-        if self.dashboards.layout and not self._layout_logged:
-            self._layout_logged = True
-            self.sinks.log_layout(measurement.layers)
-        self._probes_drawn += 1
-        every = self.dashboards.heatmap_every
-        heatmaps = bool(every) and self._probes_drawn % every == 0
-        if not (self.dashboards.layer_profile or heatmaps):
+    def _warn_overhead(self) -> None:
+        """Once, on the main process, when after 5 scheduled probes the cadence projects a share above 5%.
+
+        Only without ``max_overhead`` (a budget already keeps the share down).
+        """
+        overhead = self.overhead
+        if self._warned_overhead or not self.is_main_process or overhead.max_share is not None:
             return
-        rows = history_rows(self.history)
-        images = self.guard.call(
-            "drawing the dashboard figures",
-            render_dashboard,
-            rows,
-            measurement.step,
-            layer_profile=self.dashboards.layer_profile,
-            heatmaps=heatmaps,
-        )
-        self.sinks.log_images(images or [])
-        if heatmaps:
-            self.sinks.log_series(rows, measurement.step)
-
-    def _account(self, seconds: float) -> float:
-        """Add a scheduled probe's cost; the probes' share of the wall time so far (warned about once above 5%)."""
-        if self._clock_start is None:
-            self.start_clock()
-        self._scheduled_seconds += seconds
-        self._scheduled_probes += 1
-        share = self._scheduled_seconds / max(time.perf_counter() - self._clock_start, 1e-9)
-        if self.is_main_process and share > OVERHEAD_WARNING_SHARE and self._scheduled_probes >= 2:
-            self._warn_overhead(share)
-        return share
-
-    def _warn_overhead(self, share: float) -> None:
-        if self._warned_overhead:
+        projected = overhead.projected_share(self.every_n_steps)
+        if overhead.probes < OVERHEAD_WARNING_PROBES or projected is None or projected <= OVERHEAD_WARNING_SHARE:
             return
         self._warned_overhead = True
-        suggestion = math.ceil(self.every_n_steps * share / OVERHEAD_WARNING_SHARE * 2)
+        cost, step_seconds = overhead.probe_seconds, overhead.step_seconds
         warnings.warn(
-            f"mnn_callback probes and their logging took {share:.1%} of the training wall time so far "
-            f"({self._scheduled_seconds:.2f} s in {self._scheduled_probes} probes); "
-            f"consider every_n_steps={suggestion} or a smaller sample (max_samples, max_length)",
+            f"mnn_callback: a probe and its logging cost {cost:.3f} s, {cost / step_seconds:.1f} training steps' "
+            f"worth; at every_n_steps={self.every_n_steps} that is {projected:.1%} of the training wall time "
+            f"(so far: {overhead.share:.1%}); every_n_steps={overhead.suggestion(OVERHEAD_WARNING_SHARE)} keeps it "
+            f"at {OVERHEAD_WARNING_SHARE:.0%} by these numbers; or set max_overhead={OVERHEAD_WARNING_SHARE} "
+            f"(skips probes to stay under it) or method='cheap' (no spectra)",
             MNNWarning,
             stacklevel=5,
         )
+
+    def poll(self) -> None:
+        """Hand finished dashboard figures to the sinks (call at step boundaries; cheap)."""
+        if self.is_main_process:
+            started = time.perf_counter()
+            self.feed.poll(self.sinks)
+            self.overhead.add(time.perf_counter() - started)
 
     def log_event(self, event: str, step: int, **fields: Any) -> None:
         self.sinks.log_event(event, step, **fields)
 
     def close(self) -> None:
-        """Close the sinks (main process); the monitor can be opened again for another run."""
+        """The last pictures, one info line with the monitor's share of the run, then the sinks are closed.
+
+        The monitor can be opened again for another run.
+        """
+        if self.is_main_process:
+            self.guard.call("drawing the dashboard figures", self.feed.finish, self.sinks, self.history)
+            if self.overhead.probes:
+                summary = (
+                    f"scheduled probes took {self.overhead.share:.2%} of the training wall time "
+                    f"({self.overhead.probes} probes, {self.overhead.seconds:.1f} s"
+                    + (
+                        f"; {self.overhead.skipped} skipped to stay under max_overhead={self.overhead.max_share}"
+                        if self.overhead.max_share is not None
+                        else ""
+                    )
+                    + ")"
+                )
+                logger.info(summary)
+                self.sinks.log_event(
+                    "overhead",
+                    self.last_step or 0,
+                    share=self.overhead.share,
+                    probes=self.overhead.probes,
+                    skipped=self.overhead.skipped,
+                )
         self.sinks.close()
 
     # -- persistence ------------------------------------------------------------------------------

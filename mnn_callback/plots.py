@@ -67,12 +67,38 @@ def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
+def model_label(model: str) -> str:
+    """A short name that still tells models apart: the last two parts of a path (``run/checkpoint-400``)."""
+    parts = [part for part in str(model).replace("\\", "/").split("/") if part]
+    return "/".join(parts[-2:]) if parts else str(model)
+
+
 def run_of(model: str) -> str:
     """The run a model belongs to: the directory of a ``checkpoint-N``, else the model itself."""
     stripped = model.rstrip("/")
     if re.fullmatch(r"checkpoint-\d+", os.path.basename(stripped)):
         return os.path.dirname(stripped) or stripped
     return model
+
+
+# A dashboard card: TensorBoard fits images into a box of about 460 x 210 px (aspect 2.2); at this size
+# 1 pt of text shows as about 1.1 px there, so 8.5 pt and up stay readable.
+COMPACT_SIZE = (5.7, 2.6)
+
+
+def _compact_text(figure: Any) -> None:
+    """Text sized for a dashboard card (a :data:`COMPACT_SIZE` figure shown about 460 px wide)."""
+    for axis in figure.axes:
+        axis.title.set_fontsize(10)
+        axis.xaxis.label.set_fontsize(9)
+        axis.yaxis.label.set_fontsize(9)
+        axis.tick_params(labelsize=8.5)
+
+
+def _error(row: dict[str, Any], metric: str) -> float:
+    """The standard error of ``metric`` in ``row`` (0 when there is none: no bar)."""
+    value = row.get(f"{metric}_se")
+    return value if _finite(value) else 0.0
 
 
 def _runs(rows: Sequence[dict[str, Any]]) -> list[str]:
@@ -107,9 +133,12 @@ def plot_dynamics(rows: Sequence[dict[str, Any]], path: str, layers: Sequence[in
             available = sorted({row["layer"] for row in run_rows})
             shown = [available[-1]] if len(runs) > 1 and available else (layers or _layers_to_show(available))
             for layer, color in zip(shown, _colors(len(shown)), strict=True):
-                points = sorted((row["step"], row[metric]) for row in run_rows if row["layer"] == layer)
+                points = sorted(
+                    (row["step"], row[metric], _error(row, metric)) for row in run_rows if row["layer"] == layer
+                )
                 label = f"{run} (layer {int(layer)})" if len(runs) > 1 else f"layer {int(layer)}"
-                axis.plot([p[0] for p in points], [p[1] for p in points], marker=".", color=color, label=label)
+                steps, values, errors = zip(*points, strict=True)
+                axis.errorbar(steps, values, yerr=errors, marker=".", color=color, label=label, capsize=2)
         axis.set_xlabel("training step")
         axis.set_ylabel(schema.label(metric))
         axis.set_title(f"{schema.title(metric)} during training")
@@ -130,21 +159,29 @@ def _grid(rows: Sequence[dict[str, Any]], metric: str) -> tuple[list[float], lis
     return steps, layers, grid
 
 
-def heatmap_figure(rows: Sequence[dict[str, Any]], metric: str, title: str | None = None) -> Any:
-    """A layer x step heatmap of ``metric`` (rows of one model)."""
+def heatmap_figure(rows: Sequence[dict[str, Any]], metric: str, title: str | None = None, compact: bool = False) -> Any:
+    """A layer x step heatmap of ``metric`` (rows of one model); ``compact``: sized for a dashboard card."""
     steps, layers, grid = _grid(rows, metric)
-    figure = new_figure(max(6.0, min(14.0, 0.35 * len(steps) + 4)), max(3.5, 0.3 * len(layers) + 2))
+    if compact:
+        figure = new_figure(*COMPACT_SIZE)
+    else:
+        figure = new_figure(max(6.0, min(14.0, 0.35 * len(steps) + 4)), max(3.5, 0.3 * len(layers) + 2))
     axis = figure.subplots()
     image = axis.imshow(grid, aspect="auto", origin="lower", cmap="magma", interpolation="nearest")
-    tick_every = max(1, len(steps) // 10)
+    tick_every = max(1, math.ceil(len(steps) / (7 if compact else 10)))
     axis.set_xticks(range(0, len(steps), tick_every))
-    axis.set_xticklabels([f"{steps[i]:g}" for i in range(0, len(steps), tick_every)], rotation=45)
+    axis.set_xticklabels([f"{steps[i]:g}" for i in range(0, len(steps), tick_every)], rotation=0 if compact else 45)
     axis.set_yticks(range(len(layers)))
     axis.set_yticklabels([str(layer) for layer in layers])
     axis.set_xlabel("training step")
     axis.set_ylabel("hidden-state index (0 = embeddings)")
     axis.set_title(title or f"{schema.title(metric)} by layer and step")
-    figure.colorbar(image, ax=axis, label=schema.label(metric))
+    colorbar = figure.colorbar(image, ax=axis, label=schema.label(metric))
+    if compact:
+        axis.set_ylabel("hidden state")
+        _compact_text(figure)
+        colorbar.ax.tick_params(labelsize=8.5)
+        colorbar.ax.yaxis.label.set_fontsize(9)
     figure.tight_layout()
     return figure
 
@@ -169,6 +206,8 @@ def plot_heatmaps(
 
 def plot_family(rows: Sequence[dict[str, Any]], path: str) -> str | None:
     """Each metric of the final hidden state against parameter count (log axis); None without a family."""
+    from matplotlib.ticker import EngFormatter, NullFormatter
+
     final: dict[str, dict[str, Any]] = {}
     for model in dict.fromkeys(row["model"] for row in rows):
         model_rows = [row for row in rows if row["model"] == model and _finite(row.get("params"))]
@@ -179,15 +218,26 @@ def plot_family(rows: Sequence[dict[str, Any]], path: str) -> str | None:
         final[model] = max(at_step, key=lambda row: row["layer"])
     if len({row["params"] for row in final.values()}) < 2:
         return None
-    metrics = [m for m in ("mnn", "matrix_entropy", "erank", "loss") if any(_finite(r.get(m)) for r in final.values())]
+    metrics = [
+        m
+        for m in ("mnn", "mnn_vs_noise", "matrix_entropy", "erank", "loss")
+        if any(_finite(r.get(m)) for r in final.values())
+    ]
     figure = new_figure(4.2 * len(metrics), 4)
     axes = figure.subplots(1, len(metrics), squeeze=False)[0]
     points = sorted(final.items(), key=lambda item: item[1]["params"])
     for axis, metric in zip(axes, metrics, strict=True):
-        axis.plot([row["params"] for _, row in points], [row.get(metric) for _, row in points], marker="o")
+        values = [row.get(metric) for _, row in points]
+        errors = [_error(row, metric) for _, row in points]
+        axis.errorbar([row["params"] for _, row in points], values, yerr=errors, marker="o", capsize=3)
         for model, row in points:
-            axis.annotate(os.path.basename(run_of(model).rstrip("/")), (row["params"], row.get(metric)), fontsize=8)
+            axis.annotate(
+                model_label(model), (row["params"], row.get(metric)), fontsize=8, rotation=15, xytext=(3, 3),
+                textcoords="offset points",
+            )  # fmt: skip
         axis.set_xscale("log")
+        axis.xaxis.set_minor_formatter(NullFormatter())  # minor labels of a short log axis overlap
+        axis.xaxis.set_major_formatter(EngFormatter())
         axis.set_xlabel("parameters")
         axis.set_ylabel(schema.label(metric))
         axis.set_title(f"{schema.title(metric)} vs model size")
@@ -232,32 +282,56 @@ def plot_approximation(rows: Sequence[dict[str, Any]], path: str) -> str | None:
     return save_figure(figure, path)
 
 
-def layer_profile_figure(rows: Sequence[dict[str, Any]], metrics: Sequence[str] = ("mnn", "matrix_entropy")) -> Any:
-    """Metric against layer index at the latest step of ``rows``, over up to four earlier steps in fading colour."""
+def layer_profile_figure(
+    rows: Sequence[dict[str, Any]],
+    metrics: Sequence[str] = ("mnn", "mnn_vs_noise", "matrix_entropy"),
+    compact: bool = False,
+) -> Any:
+    """Metric against layer index at the latest step of ``rows``, over up to four earlier steps in fading colour.
+
+    One panel per metric, side by side; ``compact``: sized for a dashboard card (a legend in the
+    title instead of one per panel).
+    """
+    from matplotlib.ticker import MaxNLocator
+
     steps = sorted({row["step"] for row in rows})[-5:]
     metrics = [metric for metric in metrics if any(_finite(row.get(metric)) for row in rows)] or list(metrics[:1])
-    figure = new_figure(5.5 * len(metrics), 4)
+    figure = new_figure(*COMPACT_SIZE) if compact else new_figure(5.5 * len(metrics), 4)
     axes = figure.subplots(1, len(metrics), squeeze=False)[0]
     for axis, metric in zip(axes, metrics, strict=True):
         for rank, step in enumerate(steps):
-            points = sorted((row["layer"], row.get(metric)) for row in rows if row["step"] == step)
+            points = sorted((row["layer"], row.get(metric), _error(row, metric)) for row in rows if row["step"] == step)
             latest = rank == len(steps) - 1
-            axis.plot(
-                [p[0] for p in points],
-                [p[1] for p in points],
+            layers, values, errors = zip(*points, strict=True)
+            axis.errorbar(
+                layers,
+                values,
+                yerr=errors if latest else None,  # the current step's standard errors over sequences
                 marker="o" if latest else ".",
+                markersize=4 if compact else 6,
                 color="C3" if latest else "C0",
                 alpha=1.0 if latest else 0.25 + 0.5 * rank / max(1, len(steps) - 1),
-                linewidth=2.2 if latest else 1.0,
-                label=f"step {step:g}" + (" (now)" if latest else ""),
+                linewidth=(1.6 if compact else 2.2) if latest else 1.0,
+                capsize=2 if compact else 3,
+                label=f"step {step:g}" + (" (now, ± 1 s.e.)" if latest else ""),
             )
-        axis.set_xlabel("hidden-state index (0 = embeddings)")
-        axis.set_ylabel(schema.label(metric))
-        axis.set_title(f"{schema.title(metric)} by layer")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.grid(alpha=0.3)
-        axis.legend(fontsize=8)
-    # fixed margins: tight_layout would draw the figure once more just to measure it
-    figure.subplots_adjust(left=0.08, right=0.98, bottom=0.13, top=0.91, wspace=0.28)
+        if compact:
+            axis.set_xlabel("hidden state")
+            axis.set_title(schema.title(metric))
+        else:
+            axis.set_xlabel("hidden-state index (0 = embeddings)")
+            axis.set_ylabel(schema.label(metric))
+            axis.set_title(f"{schema.title(metric)} by layer")
+            axis.legend(fontsize=8)
+    if compact:
+        _compact_text(figure)
+        earlier = f" over the {len(steps) - 1} probes before it (blue, fading)" if len(steps) > 1 else ""
+        figure.suptitle(f"step {steps[-1]:g} (red, ± 1 s.e.){earlier}", fontsize=9)
+        figure.tight_layout(pad=0.4, w_pad=0.6)
+    else:  # fixed margins: tight_layout would draw the figure once more just to measure it
+        figure.subplots_adjust(left=0.08, right=0.98, bottom=0.13, top=0.91, wspace=0.28)
     return figure
 
 
@@ -271,3 +345,25 @@ def plot_all(rows: Sequence[dict[str, Any]], out_dir: str) -> list[str]:
         plot_approximation(rows, os.path.join(out_dir, "approximation.png")),
     ]
     return [path for path in paths if path]
+
+
+def plot_ranking(rows: Sequence[dict[str, Any]], path: str) -> str | None:
+    """Models by the MNN of their responses (± 1 standard error), lowest first, and MNN vs noise."""
+    rows = [row for row in rows if _finite(row.get("mnn"))]
+    if not rows:
+        return None
+    figure = new_figure(11, 0.45 * len(rows) + 2)
+    axes = figure.subplots(1, 2, sharey=True)
+    positions = list(range(len(rows)))[::-1]
+    for axis, metric in zip(axes, ("mnn", "mnn_vs_noise"), strict=True):
+        values = [row.get(metric) for row in rows]
+        axis.errorbar(values, positions, xerr=[_error(row, metric) for row in rows], fmt="o", capsize=3)
+        axis.set_xlabel(schema.label(metric))
+        axis.set_title(f"{schema.title(metric)} of the responses (± 1 s.e.)")
+        axis.grid(alpha=0.3)
+    axes[0].set_yticks(positions)
+    axes[0].set_yticklabels(
+        [f"{row['rank']}. {model_label(row['model'])} ({row['mean_response_tokens']:.0f} tokens)" for row in rows]
+    )
+    figure.tight_layout()
+    return save_figure(figure, path)

@@ -10,6 +10,7 @@ sums are all-reduced, so every process gets the single-process result.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 import warnings
@@ -28,18 +29,20 @@ from mnn_callback.emitters import (
     check_supported,
     inspectable,
     model_device,
+    position_limit,
     vocabulary_size,
 )
 from mnn_callback.errors import MNNWarning
 from mnn_callback.measuring import RunState, raise_if_failed_anywhere
 from mnn_callback.metrics import METHODS
 from mnn_callback.results import ProbeResult
-from mnn_callback.sample import check_token_range, fingerprint, fixed_sample, load_tokenizer
+from mnn_callback.sample import check_token_range, fingerprint, fixed_sample, load_tokenizer, packed_sample
 from mnn_callback.training_state import preserved_training_state
 
 __all__ = ["Probe", "ProbeResult", "preserved_training_state"]
 
 LayerSpec = str | int | Sequence[int]
+logger = logging.getLogger("mnn_callback")
 
 
 def _validate_layers(layers: LayerSpec) -> str | tuple[int, ...]:
@@ -83,14 +86,23 @@ class Probe:
         dtype: compute dtype of the metrics, ``torch.float32`` or ``torch.float64``.
         compute_loss: compute the sample's next-token loss; None (default) does so for causal
             language models (class names ending in ``ForCausalLM`` or ``LMHeadModel``).
-        method: ``"exact"`` spectra (eigendecomposition) or ``"fast"`` (matmul only, for GPUs;
-            see :func:`~mnn_callback.metrics.compute_metrics`).
+        method: ``"exact"`` spectra (eigendecomposition), ``"fast"`` (matmul only, for GPUs; see
+            :func:`~mnn_callback.metrics.compute_metrics`), or ``"cheap"`` (MNN, Rényi-2 and the
+            loss: no spectrum; the spectral metrics are left out of the result).
         defer_spectra: exact method only: keep the Gram matrices of every layer and micro-batch
             and solve them in ONE batched eigensolve at the end of the probe (one host
             synchronisation; flushed early above 1 GiB of Grams). Default: on CUDA. Off, each
             layer is solved as soon as it exists, which bounds the memory to about one layer.
+        pack: concatenate the documents (the tokenizer's EOS between them, when it has one) and
+            cut ``max_samples`` chunks of exactly ``max_length`` tokens, so every sequence of
+            every probe has the same n (MNN depends on n: see ``mnn_vs_noise``).
+        skip_first_tokens: the metrics use each sequence's valid tokens from the (k+1)-th on (a
+            BOS or attention-sink token with huge activations can fake compression); the model
+            still sees them, and the loss is unchanged.
 
-    Sequences shorter than 2 tokens are dropped; if none remain, ``ValueError``.
+    An item of the data may be ``{"input_ids": [...], "measure_from": k}``: the model reads all of
+    it, the metrics use its tokens from index k on (e.g. a response after its prompt). Sequences
+    with fewer than 2 measured tokens are dropped; if none remain, ``ValueError``.
     """
 
     def __init__(
@@ -108,6 +120,8 @@ class Probe:
         compute_loss: bool | None = None,
         method: str = "exact",
         defer_spectra: bool | None = None,
+        pack: bool = False,
+        skip_first_tokens: int = 0,
     ) -> None:
         self.max_samples = _positive_int("max_samples", max_samples)
         self.max_length = _positive_int("max_length", max_length)
@@ -124,15 +138,23 @@ class Probe:
         self.defer_spectra = defer_spectra
         self.seed = seed
         self.compute_loss = compute_loss
-        chosen = fixed_sample(
-            data,
-            tokenizer=load_tokenizer(tokenizer),
-            text_column=text_column,
-            max_samples=self.max_samples,
-            max_length=self.max_length,
-            seed=seed,
-        )
+        self.pack = bool(pack)
+        if isinstance(skip_first_tokens, bool) or not isinstance(skip_first_tokens, int) or skip_first_tokens < 0:
+            raise ValueError(f"skip_first_tokens must be an integer >= 0, got {skip_first_tokens!r}")
+        if skip_first_tokens + 2 > self.max_length:
+            raise ValueError(f"skip_first_tokens={skip_first_tokens} leaves fewer than 2 of max_length={max_length}")
+        self.skip_first_tokens = skip_first_tokens
+        options = {"text_column": text_column, "max_samples": self.max_samples, "max_length": self.max_length}
+        tokenizer = load_tokenizer(tokenizer)
+        limit = getattr(tokenizer, "model_max_length", None)
+        self._tokenizer_limit = limit if isinstance(limit, int) and 2 <= limit < 1_000_000 else None
+        if self.pack:
+            chosen = packed_sample(data, tokenizer=tokenizer, seed=seed, **options)
+        else:
+            chosen = fixed_sample(data, tokenizer=tokenizer, seed=seed, min_tokens=skip_first_tokens + 2, **options)
         self.sequences, self.sources = chosen.sequences, chosen.sources
+        # per sequence, the first token the metrics use: its measure_from, then skip_first_tokens more
+        self.starts = [start + skip_first_tokens for start in (chosen.starts or [0] * len(chosen.sequences))]
         if chosen.truncated:
             warnings.warn(
                 f"{chosen.truncated} of {len(self.sequences)} probe sequences were longer than "
@@ -145,7 +167,8 @@ class Probe:
         self._agreed = False
 
     def _fingerprint(self) -> str:
-        return fingerprint(self.sequences, layers=self.layers, dtype=str(self.dtype), method=self.method)
+        settings = {"layers": self.layers, "dtype": str(self.dtype), "method": self.method}
+        return fingerprint(self.sequences, starts=self.starts, **settings)
 
     @property
     def num_tokens(self) -> int:
@@ -162,6 +185,8 @@ class Probe:
             "seed": self.seed,
             "dtype": str(self.dtype).removeprefix("torch."),
             "method": self.method,
+            "pack": self.pack,
+            "skip_first_tokens": self.skip_first_tokens,
             "sequences": len(self.sequences),
             "tokens": self.num_tokens,
             "fingerprint": self.fingerprint,
@@ -224,14 +249,47 @@ class Probe:
         fingerprints = all_gather_object(self.fingerprint)
         if len(set(fingerprints)) == 1:
             return None
-        self.sequences, self.sources = broadcast_object((self.sequences, self.sources))
+        self.sequences, self.sources, self.starts = broadcast_object((self.sequences, self.sources, self.starts))
         self.fingerprint = self._fingerprint()
         return list(dict.fromkeys(fingerprints))
 
     def _check_model(self, model: nn.Module) -> None:
-        """Refuse, on every process alike, a model the sample cannot go through (before any collective)."""
+        """Fit the sample to ``model``, or refuse it, on every process alike (before any collective).
+
+        Sequences longer than the model's position limit (``max_position_embeddings`` /
+        ``n_positions``, or the tokenizer's ``model_max_length`` when smaller) are cut to it, with
+        one INFO line; the fingerprint stays that of the configuration.
+        """
         check_supported(model)
+        limits = [limit for limit in (position_limit(model), self._tokenizer_limit) if limit is not None]
+        longest = max(len(ids) for ids in self.sequences)
+        if limits and longest > min(limits):
+            limit = min(limits)
+            if limit < self.skip_first_tokens + 2:
+                raise ValueError(f"the model takes only {limit} positions: too few for the metrics")
+            self.sequences = [ids[:limit] for ids in self.sequences]
+            logger.info(
+                "%s takes at most %d positions: probe sequences cut from up to %d tokens to %d (max_length=%d)",
+                type(inspectable(model)).__name__,
+                limit,
+                longest,
+                limit,
+                self.max_length,
+            )
         check_token_range(self.sequences, self.sources, vocabulary_size(model), type(inspectable(model)).__name__)
+
+    def _explained(self, failure: Exception | None) -> Exception | None:
+        """An index error of the model's embeddings, with what the sample asked of it (the likely cause)."""
+        if failure is None or not (isinstance(failure, IndexError) or "index out of range" in str(failure)):
+            return failure
+        longest = max(len(ids) for ids in self.sequences)
+        largest = max(max(ids) for ids in self.sequences)
+        explained = type(failure)(
+            f"{failure} (the probe's sequences hold up to {longest} tokens and token ids up to {largest}: does the "
+            "model embed that many positions and ids? Set max_length, or tokenize with the model's tokenizer)"
+        )
+        explained.__cause__ = failure
+        return explained
 
     def _emitters_of(self, model: nn.Module, device: torch.device, kwargs: dict[str, Any]) -> Emitters:
         """Which module emits each hidden state: one short calibration forward per model, then cached."""
@@ -250,6 +308,8 @@ class Probe:
         optimizer: Any = None,
         distributed: bool | None = None,
         streaming: bool = True,
+        per_sequence: bool = False,
+        method: str | None = None,
     ) -> ProbeResult:
         """Send the sample through ``model`` and return its per-layer metrics.
 
@@ -263,7 +323,14 @@ class Probe:
                 process must then call ``run``.
             streaming: compute each layer's metrics from a forward hook as soon as it exists
                 (bounded memory); False collects ``output_hidden_states`` per micro-batch.
+            per_sequence: also return each sequence's values (``ProbeResult.per_sequence``), e.g.
+                for bootstrap intervals or paired comparisons.
+            method: this run's spectra, instead of the probe's ``method`` (``"cheap"``: MNN,
+                Rényi-2 and the loss only).
         """
+        method = self.method if method is None else method
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         started = time.perf_counter()
         forward_model = getattr(model, "_orig_mod", model)  # eager module of a torch.compile wrapper
         if not isinstance(forward_model, nn.Module):
@@ -279,8 +346,9 @@ class Probe:
         with preserved_training_state(forward_model, optimizer), torch.no_grad():
             kwargs = accepted_kwargs(inspectable(forward_model), {"use_cache": False, "return_dict": True})
             emitters = self._emitters_of(forward_model, device, kwargs)
-            state = RunState(self, forward_model, emitters, device, streaming, kwargs)
+            state = RunState(self, forward_model, emitters, device, streaming, kwargs, per_sequence, method)
             totals, failure = state.run(self._micro_batches(rank, world_size), keep_in_step=world_size > 1)
+            failure = self._explained(failure)
             if world_size > 1:
                 raise_if_failed_anywhere(failure)
                 totals = all_reduce(totals)

@@ -46,6 +46,9 @@ class ProbeResult:
     config: dict[str, Any] = field(default_factory=dict)
     standard_errors: dict[str, list[float]] = field(default_factory=dict)
     hidden_size: int | None = None
+    token_range: tuple[int, float, int] | None = None  # (min, mean, max) tokens per sequence the metrics use
+    # with Probe.run(per_sequence=True): per metric, per layer, each sequence's value (the sample's order)
+    per_sequence: dict[str, list[list[float]]] | None = None
 
     @property
     def final_layer(self) -> int:
@@ -69,6 +72,8 @@ class ProbeResult:
         if self.loss is not None:
             values["loss"] = float(self.loss)
             values["perplexity"] = float(self.perplexity)
+        if self.token_range is not None:
+            values["min_tokens"], values["mean_tokens"], values["max_tokens"] = self.token_range
         return values
 
     @property
@@ -125,6 +130,8 @@ class ProbeResult:
             "fingerprint": self.fingerprint,
             "num_hidden_states": self.num_hidden_states,
             "hidden_size": self.hidden_size,
+            "token_range": None if self.token_range is None else list(self.token_range),
+            "per_sequence": None if self.per_sequence is None else {k: plain(v) for k, v in self.per_sequence.items()},
             "config": dict(self.config),
         }
 
@@ -153,6 +160,13 @@ class ProbeResult:
                 name: [_number(v) for v in values] for name, values in (data.get("standard_errors") or {}).items()
             },
             hidden_size=data.get("hidden_size"),
+            token_range=None if data.get("token_range") is None else tuple(data["token_range"]),
+            per_sequence=None
+            if data.get("per_sequence") is None
+            else {
+                name: [[_number(v) for v in layer] for layer in layers_]
+                for name, layers_ in data["per_sequence"].items()
+            },
         )
 
     @classmethod

@@ -19,24 +19,45 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["FixedSample", "check_seed", "check_token_range", "fingerprint", "fixed_sample", "load_tokenizer"]
+__all__ = [
+    "FixedSample",
+    "check_seed",
+    "check_token_range",
+    "fingerprint",
+    "fixed_sample",
+    "load_tokenizer",
+    "packed_sample",
+    "text_paragraphs",
+]
 
 
 @dataclass(frozen=True)
 class Candidate:
-    """One item of the data before tokenisation, and where it came from."""
+    """One item of the data before tokenisation, where it came from, and where its measured part starts."""
 
     item: Any  # a text or a sequence of token ids
     source: str  # e.g. "line 7 of heldout.jsonl"
+    measure_from: int = 0  # the tokens before this index are context: the model reads them, the metrics do not
 
 
 @dataclass
 class FixedSample:
-    """The chosen sequences (token ids, in their order in the data) and their sources."""
+    """The chosen sequences (token ids, in their order in the data), their sources and measured parts."""
 
     sequences: list[list[int]]
     sources: list[str]
     truncated: int  # how many were longer than max_length and cut
+    starts: list[int] | None = None  # per sequence, the first token the metrics use (None: all from 0)
+
+
+def _candidate(item: Any, source: str) -> Candidate:
+    """A data item: a text, token ids, or ``{"input_ids": [...], "measure_from": k}`` (k context tokens first)."""
+    if isinstance(item, Mapping) and "input_ids" in item:
+        start = item.get("measure_from", 0)
+        if isinstance(start, bool) or not isinstance(start, numbers.Integral) or start < 0:
+            raise ValueError(f"{source}: measure_from must be an integer >= 0, got {start!r}")
+        return Candidate(item["input_ids"], source, int(start))
+    return Candidate(item, source)
 
 
 def _read_text(path: str) -> str:
@@ -49,7 +70,7 @@ def _read_text(path: str) -> str:
         ) from None
 
 
-def _text_paragraphs(path: str) -> list[Candidate]:
+def text_paragraphs(path: str) -> list[Candidate]:
     """Paragraphs of a text file: blocks separated by blank lines, stripped, empty ones skipped."""
     candidates, current, first_line = [], [], 0
     for number, line in enumerate(_read_text(path).splitlines(), start=1):
@@ -79,7 +100,7 @@ def _jsonl_records(path: str, text_column: str) -> list[Candidate]:
         if isinstance(record, str):
             candidates.append(Candidate(record, where))
         elif isinstance(record, dict) and "input_ids" in record:
-            candidates.append(Candidate(record["input_ids"], where))
+            candidates.append(_candidate(record, where))
         elif isinstance(record, dict) and isinstance(record.get(text_column), str):
             candidates.append(Candidate(record[text_column], where))
         else:
@@ -109,7 +130,7 @@ def _file_candidates(path: str, text_column: str) -> list[Candidate]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"probe data file not found: {path}")
     if path.endswith(".txt"):
-        return _text_paragraphs(path)
+        return text_paragraphs(path)
     if path.endswith(".jsonl"):
         return _jsonl_records(path, text_column)
     raise ValueError(f"probe data file must end in .txt or .jsonl, got {path}")
@@ -148,7 +169,7 @@ def _candidates(data: Any, text_column: str) -> list[Candidate]:
     if getattr(data, "column_names", None) is not None:  # a datasets.Dataset or IterableDataset
         return _dataset_candidates(data, text_column)
     if isinstance(data, Sequence) or hasattr(data, "__array__"):
-        return [Candidate(item, f"item {index} of the data") for index, item in enumerate(data)]
+        return [_candidate(item, f"item {index} of the data") for index, item in enumerate(data)]
     raise TypeError(
         "probe data must be a list of strings or of token-id lists, a 2-D tensor of input ids, a mapping with "
         f"'input_ids', a datasets.Dataset, or a path to a .txt or .jsonl file; got {type(data).__name__}"
@@ -210,9 +231,16 @@ def check_seed(seed: Any) -> int:
 
 
 def fixed_sample(
-    data: Any, *, tokenizer: Any, text_column: str, max_samples: int, max_length: int, seed: int
+    data: Any,
+    *,
+    tokenizer: Any,
+    text_column: str,
+    max_samples: int,
+    max_length: int,
+    seed: int,
+    min_tokens: int = 2,
 ) -> FixedSample:
-    """A seeded choice of ``max_samples`` sequences of at least 2 tokens, truncated to ``max_length``.
+    """A seeded choice of ``max_samples`` sequences of at least ``min_tokens`` tokens, truncated to ``max_length``.
 
     Candidates are visited in a seeded random order and encoded one by one until enough are
     found, so a large data set is not tokenised whole. The chosen sequences keep their order in
@@ -222,26 +250,72 @@ def fixed_sample(
     if len(candidates) == 0:
         raise ValueError("the probe data is empty")
     encode = _encoder(tokenizer)
-    order = list(range(len(candidates)))
-    random.Random(check_seed(seed)).shuffle(order)
     chosen: list[tuple[int, list[int]]] = []
-    for index in order:
+    for index in _seeded_order(len(candidates), seed):
         ids = encode(candidates[index])
-        if len(ids) >= 2:
+        if min(len(ids), max_length) - candidates[index].measure_from >= min_tokens:
             chosen.append((index, ids))
             if len(chosen) == max_samples:
                 break
     if not chosen:
         raise ValueError(
-            f"none of the {len(candidates)} probe sequences has at least 2 tokens after tokenisation; "
-            "the metrics need at least 2 tokens per sequence"
+            f"none of the {len(candidates)} probe sequences has at least {min_tokens} tokens after tokenisation; "
+            "the metrics need at least 2 tokens per sequence (after skip_first_tokens)"
         )
     chosen.sort()
+    starts = [candidates[index].measure_from for index, _ in chosen]
     return FixedSample(
         sequences=[ids[:max_length] for _, ids in chosen],
         sources=[candidates[index].source for index, _ in chosen],
         truncated=sum(len(ids) > max_length for _, ids in chosen),
+        starts=starts if any(starts) else None,
     )
+
+
+def _seeded_order(count: int, seed: int) -> list[int]:
+    order = list(range(count))
+    random.Random(check_seed(seed)).shuffle(order)
+    return order
+
+
+def packed_sample(
+    data: Any, *, tokenizer: Any, text_column: str, max_samples: int, max_length: int, seed: int
+) -> FixedSample:
+    """``max_samples`` chunks of exactly ``max_length`` tokens from the documents concatenated.
+
+    Documents are visited in a seeded random order and joined until ``max_samples`` full chunks
+    exist (the last partial chunk is dropped), so every sequence of every probe has the same
+    number of tokens. Text documents end with the tokenizer's EOS token when it has one; token-id
+    documents are joined as they are.
+    """
+    candidates = _candidates(data, text_column)
+    if len(candidates) == 0:
+        raise ValueError("the probe data is empty")
+    encode = _encoder(tokenizer)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    separator = [eos] if isinstance(eos, int) else []
+    stream: list[int] = []
+    starts: list[tuple[int, str]] = []  # where each document begins in the stream
+    if any(candidate.measure_from for candidate in candidates):
+        raise ValueError("measure_from is not supported with pack=True: packing cuts across documents")
+    for index in _seeded_order(len(candidates), seed):
+        starts.append((len(stream), candidates[index].source))
+        stream += encode(candidates[index]) + (separator if isinstance(candidates[index].item, str) else [])
+        if len(stream) >= max_samples * max_length:
+            break
+    chunks = [stream[start : start + max_length] for start in range(0, len(stream) - max_length + 1, max_length)]
+    if not chunks:
+        raise ValueError(
+            f"the probe data holds {len(stream)} tokens, fewer than one chunk of max_length={max_length}: "
+            "pass more data or a smaller max_length"
+        )
+    chunks = chunks[:max_samples]
+    sources = [
+        f"tokens {k * max_length}-{(k + 1) * max_length - 1} of the packed sample (from "
+        f"{max(source for source in starts if source[0] <= k * max_length)[1]})"
+        for k in range(len(chunks))
+    ]
+    return FixedSample(sequences=chunks, sources=sources, truncated=0)
 
 
 def fingerprint(sequences: Sequence[Sequence[int]], **settings: Any) -> str:

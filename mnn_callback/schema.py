@@ -81,7 +81,15 @@ LAYER_METRICS: tuple[LayerMetric, ...] = (
         "mnn",
         "MNN",
         "MNN",
-        "Matrix Nuclear-Norm: (1/n) x the min(n, d) largest column norms of Z; depends on n, d and the basis",
+        "Matrix Nuclear-Norm: (1/n) x the min(n, d) largest column norms of Z; set mostly by n and d, and "
+        "basis-dependent (see mnn_vs_noise)",
+        headline=True,
+    ),
+    LayerMetric(
+        "mnn_vs_noise",
+        "MNN / noise floor",
+        "MNN / E[MNN of noise]",
+        "MNN divided by its expectation for i.i.d. Gaussian hidden states of the same n and d (1: random directions)",
         headline=True,
     ),
     LayerMetric(
@@ -141,12 +149,16 @@ PROBE_FIELDS: tuple[ProbeField, ...] = (
     ProbeField("sequences", "sequences", "sequences in the sample"),
     ProbeField("tokens", "tokens", "valid tokens in the sample"),
     ProbeField("nan_sequences", "NaN sequences", "sequences whose metrics are NaN in some layer"),
+    ProbeField("min_tokens", "fewest tokens", "tokens of the shortest sequence, as the metrics count them (n)"),
+    ProbeField("mean_tokens", "mean tokens", "mean tokens per sequence the metrics use"),
+    ProbeField("max_tokens", "most tokens", "tokens of the longest sequence the metrics use"),
     ProbeField("seconds", "probe seconds", "wall time of the probe", csv=False),
     ProbeField("time_share", "probe time share", "share of the training wall time spent in probes", csv=False),
     ProbeField("errors", "monitor errors", "probes or sinks that failed so far", csv=False),
+    ProbeField("skipped", "skipped probes", "scheduled probes skipped to stay under max_overhead", csv=False),
 )
 
-IDENTITY_COLUMNS = ("model", "step", "params", "layer")
+IDENTITY_COLUMNS = ("model", "revision", "step", "params", "hidden_size", "layer")
 
 _BY_NAME = {row.name: row for row in (*LAYER_METRICS, *PROBE_FIELDS)}
 _LAYER_KEY = re.compile(r"^(?P<name>\w+?)(?P<se>_se)?/layer_(?P<layer>\d+)$")
@@ -288,7 +300,7 @@ CSV_COLUMNS: tuple[str, ...] = (*IDENTITY_COLUMNS, *result_columns(), "error")
 
 def numeric_columns() -> frozenset[str]:
     """Columns of the long table that hold numbers (the rest are names)."""
-    return frozenset(column for column in CSV_COLUMNS if column not in ("model", "error"))
+    return frozenset(column for column in CSV_COLUMNS if column not in ("model", "revision", "error"))
 
 
 def rows_by(rows: Iterable[Mapping[str, Any]], column: str) -> dict[Any, list[Mapping[str, Any]]]:

@@ -86,28 +86,39 @@ class Sink:
 
 
 class TensorBoardSink(Sink):
-    """Scalars via ``SummaryWriter.add_scalar(key, value, step)``, figures as image summaries; flushed per probe.
+    """TensorBoard: per-layer metrics with the layer as the run, everything else in the main run.
 
-    Pass ``log_dir`` to own a writer (closed by :meth:`close`), or an existing ``writer``
-    (e.g. Accelerate's TensorBoard tracker), which is flushed but left open. A writer that
-    failed (its background thread dies on a full disk and every later write fails) is replaced
-    by a new event file in the same directory at the next call, with one warning.
+    The main run (``log_dir``, the Trainer's own directory by default) gets the probe's scalars
+    (``probe/loss``, ...), the headline keys (``mnn/last``, ...), the figures and the
+    custom-scalars layout. Each hidden state ``i`` gets a sub-run ``log_dir/layer_{i:02d}`` whose
+    tags are the metric names (``by layer/mnn``, ...): TensorBoard's default view then shows one
+    card per metric with one coloured line per layer. Flushed after every probe.
+
+    Pass ``log_dir`` to own the main writer (closed by :meth:`close`), or an existing ``writer``
+    (e.g. Accelerate's TensorBoard tracker), which is flushed but left open. A writer that failed
+    (its thread dies on a full disk and every later write fails) is replaced by a new event file
+    in the same directory at the next call, with one warning.
     """
 
     name = "tensorboard"
     shows_images = True
+    LAYER_GROUP = "by layer"
 
     def __init__(self, log_dir: str | os.PathLike | None = None, *, writer: Any = None) -> None:
         if writer is None:
             if log_dir is None:
                 raise ValueError("TensorBoardSink needs log_dir or writer")
             writer = self._new_writer(os.fspath(log_dir))
-            self._owns_writer = True
+            self._owned = {""}
         else:
-            self._owns_writer = False
-        self.writer = writer
+            self._owned = set()
         self.log_dir = getattr(writer, "log_dir", None) or os.fspath(log_dir)
-        self._failed = False
+        self.writers: dict[str, Any] = {"": writer}  # "" is the main run, "layer_03" a sub-run
+        self._failed: set[str] = set()
+
+    @property
+    def writer(self) -> Any:
+        return self.writers[""]
 
     @staticmethod
     def _new_writer(log_dir: str) -> Any:
@@ -117,41 +128,52 @@ class TensorBoardSink(Sink):
         return SummaryWriter(log_dir=log_dir)
 
     @contextlib.contextmanager
-    def _writing(self) -> Iterator[Any]:
-        """The writer (a new one if the last failed); a failure marks it for replacement and propagates."""
-        if self._failed:
-            self._replace_writer()
+    def _writing(self, run: str = "") -> Iterator[Any]:
+        """The writer of ``run`` (made, or replaced after a failure); a failure marks it and propagates."""
+        if run not in self.writers or run in self._failed:
+            self._open(run)
         try:
-            yield self.writer
+            yield self.writers[run]
         except Exception:
-            self._failed = True
+            self._failed.add(run)
             raise
 
-    def _replace_writer(self) -> None:
-        old, self.writer = self.writer, self._new_writer(self.log_dir)
-        if self._owns_writer:
-            with contextlib.suppress(Exception):  # its thread is dead: closing may fail again
-                old.close()
-        self._owns_writer, self._failed = True, False
-        warnings.warn(
-            f"the TensorBoard writer of {self.log_dir} had failed (disk full?); writing to a new event file there",
-            MNNWarning,
-            stacklevel=4,
-        )
+    def _open(self, run: str) -> None:
+        old = self.writers.get(run)
+        self.writers[run] = self._new_writer(os.path.join(self.log_dir, run) if run else self.log_dir)
+        if old is not None:
+            if run in self._owned:
+                with contextlib.suppress(Exception):  # its thread is dead: closing may fail again
+                    old.close()
+            self._failed.discard(run)
+            warnings.warn(
+                f"the TensorBoard writer of {self.log_dir} had failed (disk full?); writing to a new event file there",
+                MNNWarning,
+                stacklevel=5,
+            )
+        self._owned.add(run)
 
     def log_measurement(self, measurement: Measurement) -> None:
+        step = measurement.step
+        main = {key: value for key, value in measurement.scalars().items() if "/layer_" not in key}
         with self._writing() as writer:
-            for key, value in measurement.scalars().items():
-                writer.add_scalar(key, value, measurement.step)
+            for key, value in main.items():
+                writer.add_scalar(key, value, step)
             writer.flush()
+        for position, layer in enumerate(measurement.layers):
+            with self._writing(f"layer_{layer:02d}") as writer:
+                for name, values in measurement.layer_values().items():
+                    writer.add_scalar(f"{self.LAYER_GROUP}/{name}", values[position], step)
+                writer.flush()
 
     def log_layout(self, layers: Sequence[int]) -> None:
-        """A custom-scalars layout: one multi-line chart per metric holding every probed layer."""
+        """A custom-scalars layout: one chart per metric with a line per layer; loss and perplexity apart."""
         charts = {
-            f"{row.title} by layer": ["Multiline", [rf"^{row.name}/layer_\d+$"]]
+            f"{row.title} by layer": ["Multiline", [rf"^{self.LAYER_GROUP}/{row.name}$"]]
             for row in schema.logged_layer_metrics()
         }
-        charts["probe loss and perplexity"] = ["Multiline", ["^probe/loss$", "^probe/perplexity$"]]
+        charts["probe loss (nats per token)"] = ["Multiline", ["^probe/loss$"]]
+        charts["probe perplexity"] = ["Multiline", ["^probe/perplexity$"]]
         with self._writing() as writer:
             writer.add_custom_scalars({"mnn_callback": charts})
             writer.flush()
@@ -178,10 +200,11 @@ class TensorBoardSink(Sink):
             writer.add_text("mnn_callback/events", f"{event}: {json.dumps(fields, default=str)}", step)
 
     def close(self) -> None:
-        if self._owns_writer:
-            self.writer.close()
-        else:
-            self.writer.flush()
+        for run, writer in self.writers.items():
+            if run in self._owned:
+                writer.close()
+            else:
+                writer.flush()
 
 
 def _png_size(png: bytes) -> tuple[int, int]:
@@ -236,6 +259,7 @@ class WandbSink(Sink):
             run = wandb.init(**init_kwargs)
             self._owns_run = True
         self.run = run
+        self.directory = os.path.dirname(run.dir) if getattr(run, "dir", None) else None  # the run's local folder
         self.step_metric = step_metric
         self._image_dir = tempfile.mkdtemp(prefix="mnn-wandb-")
         run.define_metric(step_metric)

@@ -166,3 +166,17 @@ def assert_png(path_or_bytes, min_size=(300, 200)):
         assert image.size[0] >= min_size[0] and image.size[1] >= min_size[1], image.size
         pixels = np.asarray(image.convert("L"), dtype=float)
     assert pixels.std() > 5  # not blank
+
+
+def tensorboard_values(log_dir):
+    """{flat key: {step: value}} of a TensorBoardSink's run: the main run's scalars, and each layer sub-run's
+    ``by layer/{metric}`` as ``{metric}/layer_{i}`` (the keys of the JSONL history)."""
+    import glob
+    import os
+
+    values = tensorboard_scalars(log_dir)
+    for run in sorted(glob.glob(os.path.join(str(log_dir), "layer_*"))):
+        layer = int(os.path.basename(run).split("_")[1])
+        for tag, points in tensorboard_scalars(run).items():
+            values[f"{tag.split('/', 1)[1]}/layer_{layer}"] = points
+    return values

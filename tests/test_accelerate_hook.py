@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import glob
+import importlib.util
+import math
 import os
 import subprocess
 import sys
 
 import pytest
 import torch
-from helpers import HANG_TIMEOUT, event_accumulator, probe_lines, random_sequences, tensorboard_scalars, tiny_model
+from helpers import HANG_TIMEOUT, event_accumulator, probe_lines, random_sequences, tensorboard_values, tiny_model
 
 from mnn_callback import MNNAccelerateHook, MNNWarning
 from mnn_callback.files import read_jsonl
@@ -41,7 +43,7 @@ def test_example_loop_logs_to_tensorboard_and_jsonl(tmp_path):
     run_example(tmp_path, "--steps", "20", "--every", "10")
     lines = probe_lines(tmp_path / "mnn_metrics.jsonl")
     assert [line["step"] for line in lines] == [0, 10, 20]
-    scalars = tensorboard_scalars(tmp_path / "accelerate_loop")
+    scalars = tensorboard_values(tmp_path / "accelerate_loop")
     for key in ("mnn/layer_2", "matrix_entropy/layer_1", "erank/layer_0", "diff_erank/layer_2", "probe/loss"):
         assert scalars[key] == pytest.approx({line["step"]: line[key] for line in lines}, rel=1e-6), key
     assert "train/loss" in scalars
@@ -70,11 +72,11 @@ def test_save_state_and_load_state_continue_the_curves(tmp_path):
     run_example(tmp_path, "--steps", "8", "--every", "4", "--resume", str(tmp_path / "checkpoints" / "step_4"))
     records = read_jsonl(tmp_path / "mnn_metrics.jsonl")
     events = [r.get("event", r.get("step")) for r in records]
-    assert events == ["config", 0, 4, 8, "config", "resume", 8]  # no second probe at the resume step
+    assert events == ["config", 0, 4, 8, "overhead", "config", "resume", 8, "overhead"]  # no second probe at 4
     saved = torch.load(tmp_path / "checkpoints" / "step_4" / "custom_checkpoint_0.pkl", weights_only=True)
     assert [entry["step"] for entry in saved["history"]] == [0, 4]
     first_reference = records[1]["erank/layer_2"]
-    resumed = records[-1]
+    resumed = [record for record in records if "event" not in record][-1]
     assert resumed["diff_erank/layer_2"] == pytest.approx(first_reference - resumed["erank/layer_2"], rel=1e-9)
 
 
@@ -115,3 +117,57 @@ def test_errors_become_warnings_unless_strict(accelerator):
         strict.step(model, 0)
     with pytest.raises(ValueError, match="every_n_steps"):
         MNNAccelerateHook(accelerator, random_sequences(4, 4, 10), every_n_steps=0)
+
+
+def test_finish_probes_the_final_step_and_closes_the_sinks(accelerator):
+    from mnn_callback import MemorySink
+
+    model = tiny_model("gpt2")
+    hook = MNNAccelerateHook(accelerator, random_sequences(4, 4, 10), every_n_steps=10, jsonl=False)
+    memory = MemorySink()
+    hook.monitor.add_sinks(lambda: [memory])
+    hook.step(model, 0)
+    for step in range(1, 8):
+        assert hook.step(model, step) is None  # not due
+    final = hook.finish(model, 7)
+    assert final is not None and [m.step for m in memory.measurements] == [0, 7] and memory.closed
+    assert hook.step(model, 8, force=True)["probe/sequences"] == 4  # force: whatever the schedule
+
+
+ENGINES_SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "hook_engines.py")
+DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
+
+
+def run_engine(engine, out, processes):
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    launcher = [sys.executable]
+    if processes > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+    subprocess.run([*launcher, ENGINES_SCRIPT, engine, str(out)], check=True, env=env, timeout=HANG_TIMEOUT)
+    return probe_lines(out / "mnn_metrics.jsonl")
+
+
+@pytest.fixture(scope="module")
+def unsharded(tmp_path_factory):
+    return run_engine("plain", tmp_path_factory.mktemp("plain"), processes=1)
+
+
+@pytest.mark.parametrize(
+    "engine",
+    [
+        "fsdp1",
+        "fsdp1-orig-params",
+        "fsdp2",
+        pytest.param("zero3", marks=pytest.mark.skipif(not DEEPSPEED, reason="deepspeed is not installed")),
+    ],
+)
+def test_sharded_engines_on_two_processes_give_the_unsharded_values_at_step_0(engine, unsharded, tmp_path):
+    """FSDP1 (flat and original parameters), FSDP2 and ZeRO-3 in a plain loop; one process makes a dummy pass."""
+    sharded = run_engine(engine, tmp_path, processes=2)
+    assert [line["step"] for line in sharded] == [0, 2]  # one writer; hook.finish probed the final step
+    compared = [key for key in unsharded[0] if key.startswith(("mnn/", "matrix_entropy/", "erank/", "probe/loss"))]
+    assert len(compared) >= 10
+    for key in compared:
+        assert sharded[0][key] == pytest.approx(unsharded[0][key], rel=1e-6, abs=1e-7), key
+    assert sharded[0]["probe/sequences"] == 9
+    assert all(math.isfinite(sharded[1][key]) for key in compared)

@@ -12,10 +12,13 @@ from helpers import HANG_TIMEOUT
 BENCHMARKS = os.path.join(os.path.dirname(__file__), "..", "benchmarks")
 
 
-@pytest.mark.parametrize("script", ["bench_metrics.py", "bench_probe.py", "bench_spectra.py", "bench_callback.py"])
+@pytest.mark.parametrize(
+    "script", ["bench_metrics.py", "bench_probe.py", "bench_spectra.py", "bench_callback.py", "schedules.py"]
+)
 def test_benchmark_runs_at_a_tiny_size(script, tmp_path):
+    options = ["--out", str(tmp_path)] if script == "schedules.py" else []  # not over the README's figure
     result = subprocess.run(
-        [sys.executable, os.path.join(BENCHMARKS, script), "--quick", "--json", str(tmp_path / "out.json")],
+        [sys.executable, os.path.join(BENCHMARKS, script), "--quick", "--json", str(tmp_path / "out.json"), *options],
         capture_output=True,
         text=True,
         timeout=HANG_TIMEOUT,
@@ -23,6 +26,9 @@ def test_benchmark_runs_at_a_tiny_size(script, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "out.json").stat().st_size > 0
     assert "machine" in result.stdout or "overhead" in result.stdout or "wall time" in result.stdout
+    if script == "schedules.py":
+        assert "training identical in the three runs: True" in result.stdout
+        assert (tmp_path / "demo_schedules.png").stat().st_size > 10_000
 
 
 def test_findings_report_runs_at_a_tiny_size(tmp_path):

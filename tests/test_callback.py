@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 from helpers import (
@@ -16,7 +17,7 @@ from helpers import (
     make_trainer,
     probe_lines,
     random_sequences,
-    tensorboard_scalars,
+    tensorboard_values,
     tiny_model,
     training_data,
 )
@@ -48,8 +49,8 @@ def test_tensorboard_wandb_and_jsonl_hold_the_same_values(tmp_path):
         assert f"probe/{name}" in keys
     assert lines[0]["diff_erank/layer_2"] == 0.0  # the step-0 probe is the reference
 
-    scalars = tensorboard_scalars(callback.tensorboard_dir)  # the Trainer's own directory
-    for key in keys:
+    scalars = tensorboard_values(callback.tensorboard_dir)  # the Trainer's own directory
+    for key in keys - {key for key in keys if "_se/" in key}:  # standard errors are not TensorBoard cards
         expected = {line["step"]: line[key] for line in lines if key in line}
         got = scalars[key]
         assert got.keys() == expected.keys(), key
@@ -166,7 +167,7 @@ def test_tensorboard_defaults_to_the_trainers_directory(tmp_path):
     make_trainer(tmp_path, callback, max_steps=6, report_to=["tensorboard"]).train()
     (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
     assert callback.tensorboard_dir == run_dir
-    scalars = tensorboard_scalars(run_dir)
+    scalars = tensorboard_values(run_dir)
     assert "mnn/layer_0" in scalars and "train/loss" in scalars
 
 
@@ -195,12 +196,25 @@ def test_strict_mode_raises(tmp_path):
         make_trainer(tmp_path, callback, max_steps=6).train()
 
 
-def test_overhead_warning_names_the_share(tmp_path):
+def test_overhead_warning_speaks_after_five_probes_and_suggests_a_cadence_that_meets_it(tmp_path):
+    import re
+
     callback = MNNCallback(random_sequences(64, 100, 120), every_n_steps=1, batch_size=2)
-    with pytest.warns(MNNWarning, match=r"probes and their logging took \d+\.\d% of the training wall time") as record:
-        make_trainer(tmp_path, callback, max_steps=4).train()
-    assert sum("wall time" in str(w.message) for w in record) == 1
-    assert 0.05 < callback.history[-1]["probe/time_share"] < 1.0
+    with pytest.warns(MNNWarning, match=r"at every_n_steps=1 that is \d+\.\d% of the training wall time") as record:
+        make_trainer(tmp_path, callback, max_steps=7).train()
+    (message,) = [str(w.message) for w in record if "wall time" in str(w.message)]
+    steps_worth = float(re.search(r"cost [\d.]+ s, ([\d.]+) training steps' worth", message).group(1))
+    cadence = int(re.search(r"every_n_steps=(\d+) keeps it at 5%", message).group(1))
+    assert steps_worth / (steps_worth + 1) > 0.05  # the projection at the current cadence is over the threshold
+    # The suggestion meets the threshold by the measured numbers (the printed cost is rounded to 0.1 step).
+    assert (steps_worth - 0.05) / (steps_worth - 0.05 + cadence) <= 0.05 + 1e-9
+    assert (steps_worth + 0.05) / (steps_worth + 0.05 + cadence - 1) > 0.05  # and is the smallest that does
+    assert "max_overhead=0.05" in message and "method='cheap'" in message
+    assert sum("probe/time_share" in entry for entry in callback.history) == 7
+    quiet = MNNCallback(random_sequences(64, 100, 120), every_n_steps=1, batch_size=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MNNWarning)
+        make_trainer(tmp_path / "short", quiet, max_steps=4).train()  # 3 scheduled probes: too few to judge
 
 
 @pytest.mark.parametrize(
@@ -246,6 +260,24 @@ def test_two_process_ddp_has_one_writer_and_the_single_process_values(tmp_path):
         for key, value in expected.items():
             if "/" in key and key not in ("probe/seconds", "probe/time_share"):
                 assert got[key] == pytest.approx(value, rel=1e-6, abs=1e-7), key
-    writers = {os.path.basename(path).split(".")[4] for path in glob.glob(str(tmp_path / "ddp" / "tb" / "*"))}
+    event_files = glob.glob(str(tmp_path / "ddp" / "tb" / "**" / "events.out.tfevents.*"), recursive=True)
+    writers = {os.path.basename(path).split(".")[4] for path in event_files}
     assert len(writers) == 1  # TensorBoard events from one process only
     assert math.isfinite(ddp[0]["probe/loss"])
+
+
+def test_a_model_with_fewer_positions_than_max_length_is_probed_with_one_info_line(tmp_path, caplog):
+    import logging
+
+    import transformers as tf
+
+    config = tf.GPT2Config(
+        vocab_size=96, n_layer=2, n_embd=32, n_head=2, n_positions=64, bos_token_id=0, eos_token_id=0
+    )
+    callback = MNNCallback(random_sequences(8, 80, 200, seed=5), every_n_steps=4)  # the default max_length=512
+    with caplog.at_level(logging.INFO, logger="mnn_callback"):
+        make_trainer(tmp_path, callback, model=tf.GPT2LMHeadModel(config), max_steps=4).train()
+    assert [entry["step"] for entry in callback.history] == [0, 4]  # metrics logged, no probe failed
+    assert callback.guard.errors == 0 and callback.history[-1]["probe/max_tokens"] == 64
+    cut = [record for record in caplog.records if "takes at most 64 positions" in record.getMessage()]
+    assert len(cut) == 1 and cut[0].levelno == logging.INFO

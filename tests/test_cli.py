@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
 
 import pytest
-from helpers import TINY_DEMO, assert_png, probe_lines, read_csv, tensorboard_scalars
+from helpers import TINY_DEMO, assert_png, probe_lines, read_csv, tensorboard_values
 
 from mnn_callback.cli import CSV_COLUMNS, main
 from mnn_callback.files import read_jsonl
@@ -151,7 +152,7 @@ def test_family_references_and_tensorboard(run_copy, tmp_path):
     assert {row["model"] for row in rows} == {str(small), str(large)}
     assert len({row["params"] for row in rows}) == 2
     assert all(row["diff_erank"] != "" for row in rows)
-    scalars = tensorboard_scalars(tmp_path / "tb")
+    scalars = tensorboard_values(tmp_path / "tb")
     assert set(scalars["mnn/layer_0"]) == {12, 6}  # each model at its training step
     assert main(["plot", str(out / "metrics.csv"), "--out", str(tmp_path / "plots")]) == 0
     assert_png(tmp_path / "plots" / "family.png")
@@ -187,3 +188,62 @@ def test_python_dash_m_and_console_script():
     assert script is not None
     result = subprocess.run([script, "evaluate", "--help"], capture_output=True, text=True, check=True)
     assert "--reference-untrained" in result.stdout
+
+
+def test_evaluate_a_model_with_fewer_positions_and_plot_a_run_directory(tmp_path, demo_run, caplog):
+    import logging
+
+    import transformers as tf
+    from helpers import random_sequences
+
+    config = tf.GPT2Config(vocab_size=512, n_layer=2, n_embd=32, n_head=2, n_positions=64, bos_token_id=0)
+    tf.GPT2LMHeadModel(config).save_pretrained(tmp_path / "short")
+    data = tmp_path / "long.jsonl"
+    data.write_text("\n".join(json.dumps({"input_ids": ids}) for ids in random_sequences(8, 80, 100, vocab_size=512)))
+    argv = ["evaluate", str(tmp_path / "short"), "--data", str(data), "--out", str(tmp_path / "out")]
+    with caplog.at_level(logging.INFO, logger="mnn_callback"):
+        assert main(argv) == 0  # the default --max-length 512 is cut to the model's 64 positions
+    assert sum("takes at most 64 positions" in record.getMessage() for record in caplog.records) == 1
+    rows = read_csv(tmp_path / "out" / "metrics.csv")
+    assert {float(row["max_tokens"]) for row in rows} == {64.0} and all(row["mnn"] for row in rows)
+    assert main(["plot", str(demo_run), "--out", str(tmp_path / "plots")]) == 0  # a run directory: its history
+    assert_png(tmp_path / "plots" / "dynamics.png")
+
+
+def test_a_family_with_other_tokenizers_gets_no_diff_erank_and_one_warning(demo_run, tmp_path):
+    from helpers import minilm_path
+
+    from mnn_callback import MNNWarning, evaluate_models
+
+    text = tmp_path / "heldout.txt"
+    text.write_text("To be, or not to be, that is the question.\n\nWhether 'tis nobler in the mind to suffer.\n")
+    models = [str(demo_run / "checkpoint-12"), str(minilm_path())]
+    with pytest.warns(MNNWarning) as record:
+        rows = evaluate_models(models, str(text), max_length=32)
+    about_reference = [str(w.message) for w in record if "Diff-eRank of" in str(w.message)]
+    assert len(about_reference) == 1 and "another number of hidden states" in about_reference[0]
+    assert any("differ in hidden sizes" in str(w.message) for w in record)
+    gpt2_rows = [row for row in rows if row["model"] == models[0]]
+    minilm_rows = [row for row in rows if row["model"] == models[1]]
+    assert all(row["diff_erank"] == 0.0 for row in gpt2_rows)  # its own reference
+    assert minilm_rows and all(row["diff_erank"] is None for row in minilm_rows)  # left empty, not computed
+    assert {row["hidden_size"] for row in rows} == {32, 384}
+
+
+@pytest.mark.parametrize(
+    ("argv", "absent", "extra"),
+    [
+        (["plot", "metrics.csv"], "matplotlib", "plot"),
+        (["demo", "--steps", "1"], "tokenizers", "all"),
+        (["evaluate", "run/", "--data", "x.txt"], "transformers", "transformers"),
+        (["rank", "model/", "--prompts", "p.jsonl"], "matplotlib", "transformers,plot"),
+        (["demo", "--wandb"], "wandb", "wandb"),
+    ],
+)
+def test_a_command_without_its_extra_exits_2_naming_the_pip_command(argv, absent, extra, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, absent, None)  # what an environment without that package looks like to import
+    assert main(argv) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1
+    assert absent in error
+    assert f"pip install 'mnn-callback[{extra}]'" in error

@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import HANG_TIMEOUT, PROBE_DATA, event_accumulator, make_trainer
+from helpers import HANG_TIMEOUT, PROBE_DATA, event_accumulator, make_trainer, tensorboard_values
 from PIL import Image
 from wandb_reader import offline_runs, wait_for_run
 
@@ -35,7 +35,12 @@ def test_tensorboard_layout_profiles_heatmaps_and_headline_keys(tmp_path):
     )
     make_trainer(tmp_path / "out", callback, max_steps=10).train()
     accumulator = event_accumulator(tmp_path / "tb")
-    scalar_tags = accumulator.Tags()["scalars"]
+    values = tensorboard_values(tmp_path / "tb")
+    layer_runs = sorted(path.name for path in (tmp_path / "tb").iterdir() if path.is_dir())
+    assert layer_runs == ["layer_00", "layer_01", "layer_02"]  # the layer is the run: one line per layer per card
+    layer_tags = set(event_accumulator(tmp_path / "tb" / "layer_01").Tags()["scalars"])
+    assert {"by layer/mnn", "by layer/mnn_vs_noise", "by layer/matrix_entropy", "by layer/erank"} <= layer_tags
+    assert not any("/layer_" in tag for tag in accumulator.Tags()["scalars"])  # no card per metric per layer
 
     (event,) = accumulator.Tensors("custom_scalars__config__")
     layout = layout_pb2.Layout()
@@ -43,11 +48,12 @@ def test_tensorboard_layout_profiles_heatmaps_and_headline_keys(tmp_path):
     charts = {chart.title: list(chart.multiline.tag) for category in layout.category for chart in category.chart}
     assert {"MNN by layer", "Matrix Entropy by layer", "eRank by layer", "exact nuclear norm by layer"} <= set(charts)
     assert "MNN / exact nuclear norm (approximation ratio) by layer" in charts and "Diff-eRank by layer" in charts
+    assert charts["probe loss (nats per token)"] == ["^probe/loss$"]  # loss and perplexity on separate axes
+    assert charts["probe perplexity"] == ["^probe/perplexity$"]
+    all_tags = set(accumulator.Tags()["scalars"]) | layer_tags
     for title, patterns in charts.items():
         for pattern in patterns:
-            matched = [tag for tag in scalar_tags if re.search(pattern, tag)]
-            assert matched, (title, pattern)  # every chart names tags that exist
-    assert len([tag for tag in scalar_tags if re.search(charts["MNN by layer"][0], tag)]) == 3  # all layers
+            assert [tag for tag in all_tags if re.search(pattern, tag)], (title, pattern)  # the charts' tags exist
 
     profiles = accumulator.Images("mnn_callback/layer_profile")
     assert [image.step for image in profiles] == [0, 2, 4, 6, 8, 10]  # one per probe
@@ -57,19 +63,17 @@ def test_tensorboard_layout_profiles_heatmaps_and_headline_keys(tmp_path):
     for image in (*profiles[-1:], *heatmaps):
         assert_png_bytes(image.encoded_image_string)
 
-    last = {event.step: event.value for event in accumulator.Scalars("mnn/last")}
-    assert last == pytest.approx({event.step: event.value for event in accumulator.Scalars("mnn/layer_2")})
-    assert "matrix_entropy/last" in scalar_tags
-    ratio = accumulator.Scalars("mnn_ratio/layer_1")[-1].value
-    expected = accumulator.Scalars("mnn/layer_1")[-1].value / accumulator.Scalars("nuclear_norm/layer_1")[-1].value
-    assert ratio == pytest.approx(expected, rel=1e-5)
+    assert values["mnn/last"] == pytest.approx(values["mnn/layer_2"])
+    assert "matrix_entropy/last" in values and "mnn_vs_noise/last" in values
+    ratio = values["mnn_ratio/layer_1"][10]
+    assert ratio == pytest.approx(values["mnn/layer_1"][10] / values["nuclear_norm/layer_1"][10], rel=1e-5)
 
 
 def test_dashboards_can_be_switched_off(tmp_path, monkeypatch):
-    from mnn_callback import monitor
+    from mnn_callback import figures
 
     drawn = []
-    monkeypatch.setattr(monitor, "render_dashboard", lambda *args, **kwargs: drawn.append(1) or [])
+    monkeypatch.setattr(figures, "render_dashboard", lambda *args, **kwargs: drawn.append(1) or [])
     memory = MemorySink()
     callback = MNNCallback(
         PROBE_DATA, every_n_steps=2, sinks=["tensorboard", memory], log_dir=tmp_path / "tb", dashboards=False
@@ -143,3 +147,37 @@ def test_many_probes_with_figures_do_not_grow_memory(tmp_path):
     growth_mb = float(result.stdout.strip().splitlines()[-1])
     assert growth_mb < 2, f"resident memory grew by {growth_mb:.1f} MB over 60 probes"
     assert len(event_accumulator(tmp_path / "tb").Images("mnn_callback/layer_profile")) == 110
+
+
+def test_figures_are_drawn_off_the_training_thread_and_the_worker_is_joined(tmp_path, monkeypatch):
+    import threading
+
+    from matplotlib.figure import Figure
+
+    drawing_threads = []
+    real_savefig = Figure.savefig
+
+    def recording_savefig(self, *args, **kwargs):
+        drawing_threads.append(threading.current_thread().name)
+        return real_savefig(self, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", recording_savefig)
+    callback = MNNCallback(
+        PROBE_DATA, every_n_steps=3, sinks=["tensorboard"], log_dir=tmp_path / "tb", dashboards=Dashboards()
+    )
+    make_trainer(tmp_path / "out", callback, max_steps=9).train()  # probes at 0, 3, 6, 9: four
+    accumulator = event_accumulator(tmp_path / "tb")
+    assert [image.step for image in accumulator.Images("mnn_callback/layer_profile")] == [0, 3, 6, 9]
+    assert [image.step for image in accumulator.Images("mnn_callback/heatmap_mnn")] == [9]  # at the last probe
+    assert [image.step for image in accumulator.Images("mnn_callback/heatmap_matrix_entropy")] == [9]
+    assert drawing_threads and set(drawing_threads) == {"mnn_callback figures"}
+    assert threading.current_thread().name not in drawing_threads
+    assert not any(thread.name == "mnn_callback figures" for thread in threading.enumerate())  # joined
+
+
+def test_layer_profiles_tick_whole_layers():
+    from mnn_callback.plots import layer_profile_figure
+
+    rows = [{"model": "run", "step": 0, "layer": layer, "mnn": 0.5, "matrix_entropy": 0.6} for layer in range(3)]
+    for axis in layer_profile_figure(rows).axes:
+        assert all(float(tick).is_integer() for tick in axis.get_xticks())

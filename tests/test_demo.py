@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import HANG_TIMEOUT, TINY_DEMO, assert_png, probe_lines, read_csv, tensorboard_scalars
+from helpers import HANG_TIMEOUT, assert_png, probe_lines, read_csv, tensorboard_values
 
 from mnn_callback.demo import load_text, split_text, train_tokenizer
 
@@ -33,27 +33,43 @@ def test_readme_opens_with_the_two_commands_that_ci_and_these_tests_run():
     assert "grep -m1 -E '^pip install -e \"\\.\\[test\\]\"' README.md" in ci  # CI runs the README's test line
 
 
-def test_the_demo_command_at_a_tiny_setting(tmp_path):
-    """What the README's first command runs (the `mnn-callback demo` console script), with tiny flags."""
+def test_the_demo_command_at_its_defaults_for_100_steps(tmp_path):
+    """The README's first command (the console script) at its default model, probe and schedule, cut to 100 steps.
+
+    Eight scheduled probes (1, 2, 4, ..., 32, 50, 100): enough for the overhead warning to judge
+    the cadence, which the demo's defaults must not trigger.
+    """
     script = shutil.which("mnn-callback", path=os.path.dirname(sys.executable))
     out = tmp_path / "demo"
-    env = {key: value for key, value in os.environ.items() if key != "TENSORBOARD_LOGGING_DIR"}
+    env = {key: value for key, value in os.environ.items() if key not in ("TENSORBOARD_LOGGING_DIR", "WANDB_MODE")}
+    env["WANDB_DIR"] = str(tmp_path)  # no key configured: the demo goes offline by itself and says so
+    env.pop("WANDB_API_KEY", None)
     result = subprocess.run(
-        [script, "demo", "--out", str(out), *TINY_DEMO], capture_output=True, text=True, timeout=HANG_TIMEOUT, env=env
+        [script, "demo", "--out", str(out), "--steps", "100", "--wandb"],
+        capture_output=True,
+        text=True,
+        timeout=HANG_TIMEOUT,
+        env=env,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "MNNWarning" not in result.stderr, result.stderr[-3000:]  # the overhead warning included
     assert f"tensorboard --logdir {out / 'tensorboard'}" in result.stdout
-    scalars = tensorboard_scalars(out / "tensorboard")
-    assert {"mnn/layer_0", "matrix_entropy/layer_2", "erank/layer_1", "diff_erank/layer_2", "train/loss"} <= set(
+    assert "logging offline" in result.stdout
+    wandb_line = next(line for line in result.stdout.splitlines() if line.strip().startswith("W&B run"))
+    assert os.path.isdir(wandb_line.split()[2]) and "wandb sync" in wandb_line
+    scalars = tensorboard_values(out / "tensorboard")
+    assert {"mnn/layer_0", "matrix_entropy/layer_4", "erank/layer_1", "diff_erank/layer_2", "train/loss"} <= set(
         scalars
     )
-    assert [line["step"] for line in probe_lines(out / "mnn_metrics.jsonl")] == [0, 3, 6, 9, 12]
-    for step in (0, 6, 12):
+    probes = probe_lines(out / "mnn_metrics.jsonl")
+    assert [line["step"] for line in probes] == [0, 1, 2, 4, 8, 16, 32, 50, 100]
+    assert all(line["probe/tokens"] == 32 * 128 for line in probes)  # packed: every sequence 128 tokens
+    for step in (0, 100):
         checkpoint = out / f"checkpoint-{step}"
         assert (checkpoint / "model.safetensors").is_file()
         assert (checkpoint / "tokenizer.json").is_file()  # post hoc evaluation can load it
-    assert (out / "checkpoint-12" / "mnn_metrics.json").is_file()
-    assert len(read_csv(out / "posthoc" / "metrics.csv")) == 9
+    assert (out / "checkpoint-100" / "mnn_metrics.json").is_file()
+    assert len(read_csv(out / "posthoc" / "metrics.csv")) == 2 * 5  # checkpoints x hidden states
     for name in ("dynamics.png", "heatmap_mnn.png", "heatmap_matrix_entropy.png", "approximation.png"):
         assert_png(out / "plots" / name)
 

@@ -9,7 +9,7 @@ import pytest
 
 PACKAGE = os.path.join(os.path.dirname(__file__), "..", "mnn_callback")
 # The bottom layer: pure math on tensors, importing nothing of the package but each other and the errors.
-MATH = {"metrics", "spectra", "accumulator", "errors"}
+MATH = {"metrics", "spectra", "noise", "accumulator", "errors"}
 # Adapters on top: nothing in the package imports them (the CLI and the demo are entry points).
 TOP = {"callback", "accelerate_hook", "cli", "demo", "__main__"}
 

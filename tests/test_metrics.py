@@ -115,9 +115,42 @@ def test_rotation_of_hidden_space_keeps_spectral_metrics(shape):
     q, _ = torch.linalg.qr(torch.randn(shape[1], shape[1], dtype=torch.float64))
     base = compute_metrics(hidden, dtype=torch.float64)
     rotated = compute_metrics(hidden @ q, dtype=torch.float64)
-    for key in ("nuclear_norm", "matrix_entropy", "entropy_nats", "erank"):
+    for key in ("nuclear_norm", "matrix_entropy", "entropy_nats", "erank", "renyi2_entropy"):
         torch.testing.assert_close(rotated[key], base[key], rtol=1e-9, atol=1e-12)
     assert not torch.allclose(rotated["mnn"], base["mnn"])  # MNN depends on the basis, as it should
+
+
+def test_the_same_data_in_another_basis_moves_mnn_tenfold():
+    """README, Reading the curves: rank-4 data, n = 512, d = 768, in the coordinate basis and rotated."""
+    g = torch.Generator().manual_seed(0)
+    n, d = 512, 768
+    axis_aligned = torch.zeros(n, d, dtype=torch.float64)
+    axis_aligned[:, :4] = torch.randn(n, 4, generator=g, dtype=torch.float64)
+    rotation, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    sparse = compute_metrics(axis_aligned, dtype=torch.float64)
+    dense = compute_metrics(axis_aligned @ rotation, dtype=torch.float64)
+    assert sparse["mnn"].item() == pytest.approx(0.088, abs=0.002)  # at most 2 / sqrt(n): four columns
+    assert dense["mnn"].item() == pytest.approx(0.914, abs=0.01)
+    for key in ("nuclear_norm", "matrix_entropy", "erank", "renyi2_entropy"):
+        assert dense[key].item() == pytest.approx(sparse[key].item(), rel=1e-9), key
+    assert sparse["erank"].item() < 4.0 + 1e-9  # four directions, whatever the basis
+
+
+def test_one_huge_first_token_fakes_compression_and_masking_it_restores_the_values():
+    """README, Reading the curves: an attention-sink-like first token (skip_first_tokens=1 masks it)."""
+    x = torch.randn(256, 768, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    spiky = x.clone()
+    spiky[0, :4] = 1000 * x.norm(dim=1).mean()
+    without_first = torch.ones(256)
+    without_first[0] = 0
+    base, faked = compute_metrics(x, dtype=torch.float64), compute_metrics(spiky, dtype=torch.float64)
+    restored = compute_metrics(spiky, without_first, dtype=torch.float64)
+    assert (base["erank"].item(), faked["erank"].item()) == (pytest.approx(216, abs=1), pytest.approx(1.18, abs=0.01))
+    assert faked["matrix_entropy"].item() == pytest.approx(0.025, abs=0.002)
+    assert (base["mnn"].item(), faked["mnn"].item()) == (pytest.approx(0.605, abs=0.002), pytest.approx(0.2, abs=0.002))
+    expected = compute_metrics(x[1:], dtype=torch.float64)
+    for key in ("erank", "matrix_entropy", "mnn", "nuclear_norm"):
+        assert restored[key].item() == pytest.approx(expected[key].item(), rel=1e-9), key
 
 
 def test_rank_one_after_centring_has_zero_entropy():

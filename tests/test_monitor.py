@@ -9,6 +9,8 @@ import torch
 from helpers import PROBE_DATA, random_sequences, tiny_model
 
 from mnn_callback import MemorySink, MNNWarning, Monitor, Probe
+from mnn_callback.files import read_jsonl
+from mnn_callback.schedule import Overhead
 
 
 def monitor_with_memory(**options) -> tuple[Monitor, MemorySink]:
@@ -93,3 +95,101 @@ def test_bad_arguments():
         Monitor(Probe(PROBE_DATA), every_n_steps=0)
     with pytest.raises(TypeError, match="dashboards"):
         Monitor(Probe(PROBE_DATA), dashboards="yes")
+
+
+# --- the schedule, the budget, the cheap tier ----------------------------------------------------------
+
+
+def probed_steps(monitor: Monitor, model, steps: int) -> list[int]:
+    """Drive ``monitor`` as the adapters do: the reference at 0, scheduled steps, the final step."""
+    monitor.measure(model, 0)
+    monitor.start_clock()
+    for step in range(1, steps + 1):
+        if monitor.due(step):
+            monitor.measure(model, step, scheduled=True, final=step == steps)
+    if monitor.last_step != steps:
+        monitor.measure(model, steps, final=True)
+    return [entry["step"] for entry in monitor.history]
+
+
+def test_a_log_schedule_probes_densely_early():
+    monitor, _ = monitor_with_memory(every_n_steps=8, schedule="log")
+    assert probed_steps(monitor, tiny_model("gpt2"), 40) == [0, 1, 2, 4, 8, 16, 24, 32, 40]
+    fixed, _ = monitor_with_memory(every_n_steps=8)
+    assert probed_steps(fixed, tiny_model("gpt2"), 20) == [0, 8, 16, 20]  # and the end of training
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        Monitor(Probe(PROBE_DATA), schedule="cosine")
+
+
+def test_the_overhead_projection_does_not_hold_dense_early_probes_against_a_sparse_cadence():
+    now = [0.0]
+    overhead = Overhead(clock=lambda: now[0])
+    overhead.start(step=0)
+    for step in (1, 2, 4, 8, 16):  # a log schedule's early probes: 1 s each, training steps of 1 s
+        now[0] += (step - (overhead.last_step or 0)) * 1.0 + 1.0
+        overhead.add(1.0, probe=True, step=step)
+    assert overhead.share == pytest.approx(5 / 21)  # what the dense probes took so far
+    assert overhead.step_seconds == pytest.approx(1.0)
+    assert overhead.projected_share(100) == pytest.approx(1 / 101)  # what the run will take at every 100
+    assert overhead.suggestion(0.05) == 19  # 1 / (1 + 19) = 5%
+
+
+def test_exact_every_makes_every_kth_probe_exact_and_the_others_cheap():
+    monitor, _ = monitor_with_memory(every_n_steps=1, exact_every=3)
+    probed_steps(monitor, tiny_model("gpt2"), 7)
+    exact = [entry["step"] for entry in monitor.history if "matrix_entropy/layer_0" in entry]
+    assert exact == [0, 3, 6, 7]  # the first, every third, and the final probe
+    cheap = [entry for entry in monitor.history if entry["step"] not in exact]
+    assert all("mnn/layer_0" in entry and "renyi2_entropy/layer_0" in entry for entry in cheap)
+    assert not any("erank/layer_0" in entry or "diff_erank/layer_0" in entry for entry in cheap)
+    assert monitor.history[3]["diff_erank/layer_0"] == 0.0  # exact probes have Diff-eRank (the model is unchanged)
+
+
+def slow_sample():
+    """A sample whose probe costs many training steps of the tiny model."""
+    return random_sequences(48, 100, 120, seed=4)
+
+
+def test_the_budget_admits_a_probe_only_when_the_share_would_stay_under_the_cap():
+    """The budget's arithmetic on a clock the test moves: 1 s probes, a 10% cap."""
+    now = [0.0]
+    overhead = Overhead(0.1, clock=lambda: now[0])
+    overhead.start()
+    admitted = []
+    for step in range(1, 101):  # 100 training steps of 0.2 s each
+        now[0] += 0.2
+        if overhead.would_exceed(first_cost=1.0):
+            overhead.skipped += 1
+            continue
+        now[0] += 1.0  # the probe
+        overhead.add(1.0, probe=True)
+        admitted.append(step)
+        assert overhead.share <= 0.1 + 1e-12, (step, overhead.share)
+    assert len(admitted) == 2 and overhead.skipped == 98  # about 2 s of probes in 22 s
+    assert admitted[0] == 45  # the first: once 9 s of training make room for a 1 s probe
+
+
+def test_a_budget_in_a_trainer_run_skips_probes_and_still_probes_at_both_ends(tmp_path):
+    from helpers import make_trainer
+
+    from mnn_callback import MNNCallback
+
+    callback = MNNCallback(slow_sample(), every_n_steps=1, max_overhead=0.05, batch_size=8, dashboards=False)
+    make_trainer(tmp_path, callback, max_steps=30).train()
+    overhead = callback.monitor.overhead
+    steps = [entry["step"] for entry in callback.history]
+    assert steps[0] == 0 and steps[-1] == 30  # the reference and the final probe always run
+    assert overhead.skipped > 0 and len(steps) < 31
+    # one probe costs many steps of this model: the share stays near the cap at most (the monitor's accounting)
+    assert overhead.share <= 0.05 or overhead.probes <= 1
+    assert callback.history[-1]["probe/skipped"] == overhead.skipped
+    records = [line for line in read_jsonl(tmp_path / "mnn_metrics.jsonl") if line.get("event") == "overhead"]
+    assert not records or records[-1]["skipped"] == overhead.skipped
+
+
+def test_without_a_budget_nothing_is_skipped():
+    monitor, _ = monitor_with_memory(every_n_steps=1)
+    assert probed_steps(monitor, tiny_model("gpt2"), 5) == [0, 1, 2, 3, 4, 5]
+    assert monitor.overhead.skipped == 0
+    with pytest.raises(ValueError, match="max_overhead must be a share between 0 and 1"):
+        Monitor(Probe(PROBE_DATA), max_overhead=5)

@@ -90,6 +90,15 @@ def test_data_formats(tmp_path):
     assert Probe(str(jsonl_file), tokenizer=tokenizer).sequences == [*expected, [4, 5, 6]]
 
 
+def test_a_tokenizer_given_as_a_directory_path(tmp_path):
+    tokenizer = shakespeare_tokenizer()
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    texts = ["Now is the winter of our discontent", "Made glorious summer by this sun of York"]
+    expected = Probe(texts, tokenizer=tokenizer).sequences
+    assert Probe(texts, tokenizer=str(tmp_path / "tokenizer")).sequences == expected
+    assert Probe(texts, tokenizer=tmp_path / "tokenizer").sequences == expected
+
+
 def test_dataset_input():
     datasets = pytest.importorskip("datasets")
     tokenizer = shakespeare_tokenizer()
@@ -122,6 +131,7 @@ def test_text_paragraphs_are_the_samples_of_a_txt_file(tmp_path):
         ({"ids": [[1, 2]]}, {}, ValueError, "input_ids"),
         (42, {}, TypeError, "probe data must be"),
         ("no/such/file.txt", {}, FileNotFoundError, "not found"),
+        ("To be, or not to be", {}, ValueError, "single string that is not a .txt or .jsonl file"),
     ],
 )
 def test_bad_data_gives_clear_errors(data, kwargs, error, message):
@@ -165,13 +175,13 @@ def test_padded_micro_batches_equal_sequences_one_at_a_time(kind, device):
     with torch.no_grad():
         for ids in sequences:
             input_ids = torch.tensor([ids], device=device)
-            labels = input_ids if kind == "gpt2" else None
-            out = model.eval()(input_ids=input_ids, labels=labels, output_hidden_states=True)
+            labels = {"labels": input_ids} if kind == "gpt2" else {}  # an encoder takes no labels
+            out = model.eval()(input_ids=input_ids, output_hidden_states=True, **labels)
             for layer, hidden in enumerate(out.hidden_states):
                 values = compute_metrics(hidden[0])
                 for key, lists in per_sequence.items():
                     lists[layer].append(values[key].item())
-            if labels is not None:
+            if labels:
                 nll += out.loss.item() * (len(ids) - 1)
                 targets += len(ids) - 1
     for layer in range(3):
@@ -391,9 +401,10 @@ def _distributed_worker(rank: int, world_size: int, init_file: str, out_file: st
         model = tiny_model("gpt2", seed=1)
         calls = {"n": 0}
         model.transformer.register_forward_pre_hook(lambda *_: calls.__setitem__("n", calls["n"] + 1))
-        result = Probe(random_sequences(count, 2, 25, seed=2), batch_size=2).run(model)
+        result = Probe(random_sequences(count, 2, 25, seed=2), batch_size=2).run(model, per_sequence=True)
         with open(f"{out_file}.{rank}", "w", encoding="utf-8") as handle:
-            json.dump({"metrics": comparable(result.metrics), "forwards": calls["n"]}, handle)
+            record = {"metrics": comparable(result.metrics), "forwards": calls["n"], "each": result.per_sequence}
+            json.dump(record, handle)
     finally:
         dist.destroy_process_group()
 
@@ -401,10 +412,123 @@ def _distributed_worker(rank: int, world_size: int, init_file: str, out_file: st
 @pytest.mark.parametrize("count", [7, 1], ids=["uneven", "one-rank-empty"])
 def test_two_processes_equal_one(tmp_path, count):
     mp.spawn(_distributed_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "out"), count), nprocs=2, join=True)
-    single = comparable(
-        Probe(random_sequences(count, 2, 25, seed=2), batch_size=2).run(tiny_model("gpt2", seed=1)).metrics
-    )
+    probe = Probe(random_sequences(count, 2, 25, seed=2), batch_size=2)
+    alone = probe.run(tiny_model("gpt2", seed=1), per_sequence=True)
+    single = comparable(alone.metrics)
     runs = [json.loads((tmp_path / f"out.{rank}").read_text()) for rank in range(2)]
     assert runs[0]["forwards"] == runs[1]["forwards"]  # same number of passes on every rank
     for run in runs:
-        assert_metrics_close(run["metrics"], single, rel=1e-6)
+        assert_metrics_close(run["metrics"], single, rel=1e-6)  # standard errors included: sums of squares add up
+        for name, layers in alone.per_sequence.items():
+            assert np.allclose(run["each"][name], layers, rtol=1e-6, atol=1e-9, equal_nan=True), name
+
+
+# --- honest signals: standard errors, fixed lengths, skipped first tokens ------------------------------
+
+
+def per_sequence(model, sequences, skip=0):
+    """Per layer and metric, the values of each sequence alone (its own forward, no padding)."""
+    values: dict[str, list[list[float]]] = {}
+    with torch.no_grad():
+        for ids in sequences:
+            hidden_states = model.eval()(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states
+            for layer, hidden in enumerate(hidden_states):
+                for key, value in compute_metrics(hidden[0, skip:]).items():
+                    values.setdefault(key, [[] for _ in hidden_states])[layer].append(value.item())
+    return values
+
+
+def test_standard_errors_are_the_sample_sd_over_root_n_of_per_sequence_values():
+    model = tiny_model("gpt2")
+    sequences = random_sequences(9, 4, 30, seed=8)
+    result = Probe(sequences, batch_size=4).run(model, per_sequence=True)
+    alone = per_sequence(model, sequences)
+    for name in result.per_sequence:
+        assert np.allclose(result.per_sequence[name], alone[name], rtol=1e-5, atol=1e-7), name
+    for name in ("mnn", "mnn_vs_noise", "nuclear_norm", "matrix_entropy", "renyi2_entropy"):
+        for layer in result.layers:
+            values = np.array(alone[name][layer])
+            expected = values.std(ddof=1) / math.sqrt(len(values))
+            assert result.standard_errors[name][layer] == pytest.approx(expected, rel=1e-4), (name, layer)
+            assert result.metrics[f"{name}_se/layer_{layer}"] == result.standard_errors[name][layer]
+
+
+def test_packed_probes_have_the_same_length_everywhere():
+    tokenizer = shakespeare_tokenizer()
+    texts = [
+        "To be, or not to be: that is the question.",
+        "Whether 'tis nobler in the mind to suffer",
+        "The slings",
+    ] * 4
+    probe = Probe(texts, tokenizer=tokenizer, pack=True, max_length=16, max_samples=5)
+    assert [len(ids) for ids in probe.sequences] == [16] * len(probe.sequences)
+    stream = [token for ids in probe.sequences for token in ids]
+    assert stream.count(tokenizer.eos_token_id) >= len(probe.sequences) - 1  # documents joined by EOS
+    result = probe.run(tiny_model("gpt2", vocab_size=len(tokenizer)))
+    assert result.metrics["probe/tokens"] == 16 * result.metrics["probe/sequences"]
+    assert result.metrics["probe/min_tokens"] == result.metrics["probe/max_tokens"] == 16
+    assert probe.sources[0].startswith("tokens 0-15 of the packed sample (from item ")
+    with pytest.raises(ValueError, match="fewer than one chunk of max_length=512"):
+        Probe([[1, 2, 3]], pack=True)
+
+
+def test_without_packing_the_length_distribution_is_logged():
+    sequences = random_sequences(6, 3, 40, seed=2)
+    metrics = Probe(sequences, skip_first_tokens=1).run(tiny_model("gpt2")).metrics
+    lengths = [len(ids) - 1 for ids in sequences]
+    assert metrics["probe/min_tokens"] == min(lengths) and metrics["probe/max_tokens"] == max(lengths)
+    assert metrics["probe/mean_tokens"] == pytest.approx(np.mean(lengths))
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "bert"])
+def test_skipping_the_first_token_equals_the_hidden_states_without_it(kind):
+    model = tiny_model(kind)
+    sequences = random_sequences(5, 3, 25, seed=6)
+    result = Probe(sequences, batch_size=2, skip_first_tokens=1).run(model)
+    alone = per_sequence(model, sequences, skip=1)
+    for layer in result.layers:
+        for name in ("mnn", "nuclear_norm", "matrix_entropy", "mnn_vs_noise"):
+            assert result.per_layer[name][layer] == pytest.approx(np.mean(alone[name][layer]), rel=1e-5), name
+    full = Probe(sequences, batch_size=2).run(model)
+    if kind == "gpt2":
+        assert result.loss == pytest.approx(full.loss, rel=1e-12)  # the loss is unchanged
+    assert result.per_layer["mnn"] != full.per_layer["mnn"]
+
+
+def test_skipping_tokens_with_left_and_right_padding_in_the_metric_core():
+    hidden = torch.randn(2, 9, 6, generator=torch.Generator().manual_seed(3))
+    right = torch.tensor([[1] * 7 + [0] * 2, [1] * 9])
+    left = torch.tensor([[0] * 2 + [1] * 7, [1] * 9])
+    for mask, first in ((right, [0, 0]), (left, [2, 0])):
+        skipped = mask.clone()
+        for row, start in enumerate(first):
+            skipped[row, start] = 0  # the first valid token
+        got = compute_metrics(hidden, skipped)
+        for row, start in enumerate(first):
+            end = start + int(mask[row].sum())
+            expected = compute_metrics(hidden[row, start + 1 : end])
+            for key in ("mnn", "nuclear_norm", "matrix_entropy", "renyi2_entropy", "mnn_vs_noise"):
+                assert got[key][row].item() == pytest.approx(expected[key].item(), rel=1e-5), key
+
+
+def test_the_cheap_tier_calls_no_eigensolver_and_equals_the_exact_mnn_and_renyi2(monkeypatch):
+    model = tiny_model("gpt2")
+    probe = Probe(random_sequences(7, 5, 30, seed=9), batch_size=3)
+    exact = probe.run(model)
+    calls = {"n": 0}
+    for name in ("eigvalsh", "eigh", "svd", "svdvals"):
+        real = getattr(torch.linalg, name)
+
+        def counting(*args, _real=real, **kwargs):
+            calls["n"] += 1
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(torch.linalg, name, counting)
+    cheap = probe.run(model, method="cheap")
+    assert calls["n"] == 0  # no eigendecomposition, no SVD
+    for name in ("mnn", "mnn_vs_noise", "renyi2_entropy"):
+        assert cheap.per_layer[name] == pytest.approx(exact.per_layer[name], rel=1e-6), name
+    assert cheap.loss == pytest.approx(exact.loss, rel=1e-9)
+    keys = {key.split("/")[0] for key in cheap.metrics}
+    assert not keys & {"nuclear_norm", "matrix_entropy", "erank", "mnn_ratio", "nuclear_norm_se"}  # left out, not NaN
+    assert Probe(random_sequences(3, 4, 9), method="cheap").run(model).config["method"] == "cheap"

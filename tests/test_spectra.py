@@ -203,4 +203,4 @@ def test_probe_fast_method_and_deferred_exact_solve_agree():
     assert math.isfinite(fast["erank/layer_0"])
     with pytest.raises(ValueError, match="method"):
         Probe(sequences, method="approximate")
-    assert metrics.METHODS == ("exact", "fast")
+    assert metrics.METHODS == ("exact", "fast", "cheap")

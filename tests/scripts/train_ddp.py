@@ -12,6 +12,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 
 def main(output_dir: str) -> None:
+    import torch
     from helpers import random_sequences, tiny_model
     from transformers import Trainer, TrainingArguments
 
@@ -35,6 +36,8 @@ def main(output_dir: str) -> None:
     )
     trainer.add_callback(callback)
     trainer.train()
+    if torch.distributed.is_initialized():  # as torch asks: older accelerate leaves the group to the exit
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -74,6 +74,8 @@ def main(output_dir: str) -> None:
     messages = [str(warning.message) for warning in caught if warning.category.__name__ == "MNNWarning"]
     with open(os.path.join(output_dir, f"report.{rank}.json"), "w", encoding="utf-8") as handle:
         json.dump({"warnings": messages, "strict_error": strict_error}, handle)
+    if dist.is_initialized():  # as torch asks: older accelerate leaves the group to the exit
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

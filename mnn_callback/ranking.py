@@ -1,0 +1,252 @@
+"""Ranking models by the MNN of their own responses (the MNN paper's Section 6).
+
+For each model: a greedy answer to every prompt (through the tokenizer's chat template when it
+has one), then one forward over prompt + response with the metrics restricted to the response
+tokens, at the chosen hidden states; the final hidden state's MNN ranks the models, lowest first,
+as the paper does. Responses differ in length between models, and MNN depends on length: the
+mean response length is written beside every score, and ``mnn_vs_noise`` is the length-fair one.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from mnn_callback.errors import UsageError
+from mnn_callback.files import append_jsonl, read_jsonl
+from mnn_callback.models import Target, discover, find_tokenizer, is_causal, load_model, model_config, model_dtype
+from mnn_callback.probe import Probe
+from mnn_callback.sample import text_paragraphs
+
+__all__ = ["RANKING_COLUMNS", "rank_models", "read_prompts"]
+
+RANKING_COLUMNS = (
+    "rank",
+    "model",
+    "sequences",
+    "mean_response_tokens",
+    "mnn",
+    "mnn_se",
+    "mnn_vs_noise",
+    "mnn_vs_noise_se",
+    "nuclear_norm",
+    "matrix_entropy",
+    "erank",
+)
+
+
+def read_prompts(path: str | os.PathLike) -> list[str]:
+    """Prompts of a ``.txt`` file (one per paragraph) or ``.jsonl`` (``{"prompt": ...}``, AlpacaEval's
+    ``{"instruction": ...}``, or a string per line)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise UsageError(f"prompts file not found: {path}")
+    try:
+        if path.endswith(".txt"):
+            prompts = [candidate.item for candidate in text_paragraphs(path)]
+        elif path.endswith(".jsonl"):
+            prompts = [_prompt_of(record, path, number) for number, record in enumerate(read_jsonl(path), start=1)]
+        else:
+            raise UsageError(f"prompts file must end in .txt or .jsonl, got {path}")
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    prompts = [prompt for prompt in prompts if prompt.strip()]
+    if not prompts:
+        raise UsageError(f"{path} holds no prompt")
+    return prompts
+
+
+def _prompt_of(record: Any, path: str, number: int) -> str:
+    if isinstance(record, str):
+        return record
+    for field in ("prompt", "instruction"):
+        if isinstance(record, dict) and isinstance(record.get(field), str):
+            return record[field]
+    raise ValueError(f"{path}, record {number}: expected a string or an object with 'prompt' or 'instruction'")
+
+
+def _encode_prompt(tokenizer: Any, prompt: str, chat_template: bool) -> list[int]:
+    if chat_template and getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+        return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+    return list(tokenizer(prompt)["input_ids"])
+
+
+@torch.no_grad()
+def _respond(model: nn.Module, tokenizer: Any, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    """The greedy response's token ids (up to and without the first end-of-sequence token)."""
+    device = next(model.parameters()).device
+    input_ids = torch.tensor([prompt_ids], device=device)
+    eos = tokenizer.eos_token_id
+    output = model.generate(
+        input_ids=input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos,
+    )
+    response = output[0, len(prompt_ids) :].tolist()
+    return response[: response.index(eos)] if eos in response else response
+
+
+def _ranking_row(name: str, result: Any, response_lengths: list[int]) -> dict[str, Any]:
+    final = len(result.layers) - 1
+    row: dict[str, Any] = {
+        "model": name,
+        "sequences": result.sequences,
+        "mean_response_tokens": sum(response_lengths) / max(len(response_lengths), 1),
+    }
+    for column in RANKING_COLUMNS[4:]:
+        source = result.standard_errors if column.endswith("_se") else result.per_layer
+        values = source.get(column.removesuffix("_se"))
+        row[column] = values[final] if values else math.nan
+    return row
+
+
+class _Ranking:
+    """One ranking run: models in order, their responses and scores, the results file."""
+
+    def __init__(self, prompts: list[str], out: str | None, options: dict[str, Any]) -> None:
+        self.prompts = prompts
+        self.options = options
+        self.responses_file = None if out is None else os.path.join(out, "responses.jsonl")
+        records = read_jsonl(self.responses_file) if self.responses_file and os.path.isfile(self.responses_file) else []
+        self.finished = {
+            (record["path"], record["config_key"]): record["summary"] for record in records if "summary" in record
+        }
+        device = options["device"]
+        self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+        self.dtype = model_dtype(options["dtype"], self.device)
+
+    def config_key(self) -> str:
+        keys = ("max_new_tokens", "chat_template", "layers", "dtype", "seed", "tokenizer")
+        content = [self.prompts, {key: str(self.options[key]) for key in keys}]
+        return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+
+    def rank_one(self, target: Target) -> dict[str, Any]:
+        key = (target.key, self.config_key())
+        if key in self.finished and not self.options["force"]:
+            return self.finished[key]
+        config = model_config(target, self.options["trust"])
+        if not is_causal(config):
+            architecture = ", ".join(config.architectures or [type(config).__name__])
+            raise UsageError(f"{target.name} ({architecture}) cannot generate: ranking needs a causal language model")
+        model = load_model(target, device=self.device, dtype=self.dtype, trust_remote_code=self.options["trust"])
+        tokenizer = find_tokenizer(target, self.options["tokenizer"], self.options["trust"])
+        if tokenizer is None:
+            raise UsageError(f"no tokenizer found for {target.name}: pass one")
+        try:
+            summary, lines = self._responses(target, model, tokenizer)
+        finally:
+            del model
+            gc.collect()
+        if self.responses_file:
+            for line in [*lines, {"model": target.name, "path": target.key, "config_key": key[1], "summary": summary}]:
+                append_jsonl(self.responses_file, line)
+        return summary
+
+    def _responses(self, target: Target, model: nn.Module, tokenizer: Any) -> tuple[dict[str, Any], list[dict]]:
+        with torch.random.fork_rng(devices=[]):  # greedy decoding: deterministic; the global RNG is left alone
+            torch.manual_seed(self.options["seed"])
+            encoded = [_encode_prompt(tokenizer, prompt, self.options["chat_template"]) for prompt in self.prompts]
+            responses = [_respond(model, tokenizer, ids, self.options["max_new_tokens"]) for ids in encoded]
+        measured = [index for index, response in enumerate(responses) if len(response) >= 2]
+        if not measured:
+            raise UsageError(f"{target.name} gave no response of at least 2 tokens to any prompt")
+        data = [{"input_ids": encoded[i] + responses[i], "measure_from": len(encoded[i])} for i in measured]
+        probe = Probe(
+            data,
+            max_samples=len(data),
+            max_length=max(len(item["input_ids"]) for item in data),
+            batch_size=self.options["batch_size"],
+            layers=self.options["layers"],
+            seed=self.options["seed"],
+            compute_loss=False,
+        )
+        result = probe.run(model, per_sequence=True)
+        summary = _ranking_row(target.name, result, [len(responses[i]) for i in measured])
+        lines = []
+        for index, prompt in enumerate(self.prompts):
+            metrics = {}
+            if index in measured:
+                position = measured.index(index)
+                for name, layers in result.per_sequence.items():
+                    for layer, values in zip(result.layers, layers, strict=True):
+                        metrics[f"{name}/layer_{layer}"] = values[position]
+            response = tokenizer.decode(responses[index], skip_special_tokens=True)
+            lines.append(
+                {
+                    "model": target.name,
+                    "prompt": prompt,
+                    "response": response,
+                    "tokens": len(responses[index]),
+                    **metrics,
+                }
+            )
+        return summary, lines
+
+
+def rank_models(
+    models: Sequence[str | os.PathLike],
+    prompts: str | os.PathLike | Sequence[str],
+    *,
+    out: str | os.PathLike | None = None,
+    tokenizer: Any = None,
+    max_new_tokens: int = 128,
+    chat_template: bool = True,
+    layers: Any = "last",
+    batch_size: int = 8,
+    device: str = "auto",
+    dtype: str = "auto",
+    seed: int = 0,
+    trust_remote_code: bool = False,
+    force: bool = False,
+    progress: bool = False,
+) -> list[dict[str, Any]]:
+    """Rank causal LMs by the MNN of their own greedy responses to ``prompts``, lowest MNN first.
+
+    ``prompts``: a ``.txt``/``.jsonl`` file (:func:`read_prompts`) or a list of strings. Each
+    model answers every prompt greedily (``max_new_tokens``; through the tokenizer's chat template
+    unless ``chat_template=False``); one forward over prompt + response then measures the response
+    tokens only, at ``layers`` (the ranking uses the final hidden state). With ``out``, responses
+    and per-response metrics are appended to ``out/responses.jsonl`` as each model finishes, and
+    models already ranked there with the same options are read back (``force`` redoes them).
+    Returns the rows of ``ranking.csv`` (:data:`RANKING_COLUMNS`): ``rank`` by MNN ascending, ties
+    by name. Models may be directories or hub ids (``org/name@revision``).
+    """
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 2:
+        raise UsageError(f"max_new_tokens must be an integer >= 2, got {max_new_tokens!r}")
+    texts = read_prompts(prompts) if isinstance(prompts, (str, os.PathLike)) else list(prompts)
+    if not texts:
+        raise UsageError("no prompt to answer")
+    targets = discover(models)
+    if out is not None:
+        os.makedirs(out, exist_ok=True)
+    options = {
+        "tokenizer": tokenizer,
+        "max_new_tokens": max_new_tokens,
+        "chat_template": chat_template,
+        "layers": layers,
+        "batch_size": batch_size,
+        "device": device,
+        "dtype": dtype,
+        "seed": seed,
+        "trust": trust_remote_code,
+        "force": force,
+    }
+    ranking = _Ranking(texts, None if out is None else os.fspath(out), options)
+    if progress:
+        from tqdm.auto import tqdm
+
+        targets = tqdm(targets, desc="ranking", unit="model", disable=None)
+    rows = [ranking.rank_one(target) for target in targets]
+    ordered = sorted(rows, key=lambda row: (math.inf if math.isnan(row["mnn"]) else row["mnn"], row["model"]))
+    return [{"rank": position + 1, **row} for position, row in enumerate(ordered)]

@@ -1,0 +1,103 @@
+"""Ranking models by the MNN of their own responses (the MNN paper's Section 6), on causal LMs trained here."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from helpers import read_csv, shakespeare_tokenizer
+
+from mnn_callback.cli import main
+from mnn_callback.files import read_jsonl
+from mnn_callback.metrics import compute_metrics
+
+PROMPTS = "To be, or not to be:\n\nNow is the winter of our discontent\n\nShall I compare thee to a summer's day?\n"
+
+
+def trained_model(path, steps: int) -> str:
+    """A tiny GPT-2 trained ``steps`` steps on the bundled text, saved with its tokenizer."""
+    from transformers import GPT2LMHeadModel
+
+    from mnn_callback.demo import load_text, split_text, tiny_gpt2_config, token_chunks
+
+    tokenizer = shakespeare_tokenizer()
+    chunks = torch.tensor(token_chunks(tokenizer(split_text(load_text())[0][:60_000])["input_ids"], 32))
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(tiny_gpt2_config(len(tokenizer), n_layer=2, n_embd=32, n_head=2, n_positions=256))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for step in range(steps):
+        batch = chunks[8 * step : 8 * step + 8]
+        model(input_ids=batch, labels=batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ranking")
+    trained, barely = trained_model(root / "trained", 60), trained_model(root / "barely", 2)
+    twin = shutil.copytree(trained, root / "twin")  # identical weights: identical scores
+    return trained, barely, str(twin)
+
+
+def test_ranking_measures_the_responses_and_resumes(models, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(PROMPTS)
+    argv = ["rank", *models, "--prompts", str(prompts), "--out", str(tmp_path / "out"), "--max-new-tokens", "12"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "rank" in printed and "MNN/noise" in printed
+    rows = read_csv(tmp_path / "out" / "ranking.csv")
+    assert len(rows) == 3 and [row["rank"] for row in rows] == ["1", "2", "3"]
+    by_model = {row["model"]: row for row in rows}
+    assert by_model[models[0]]["mnn"] == by_model[models[2]]["mnn"]  # identical models, identical scores
+    assert by_model[models[0]]["mnn"] != by_model[models[1]]["mnn"]
+    assert [float(row["mnn"]) for row in rows] == sorted(float(row["mnn"]) for row in rows)  # lowest first
+    assert all(float(row["mean_response_tokens"]) > 1 for row in rows)
+    assert (tmp_path / "out" / "ranking.png").stat().st_size > 10_000
+
+    responses = read_jsonl(tmp_path / "out" / "responses.jsonl")
+    line = next(record for record in responses if record.get("model") == models[1] and "prompt" in record)
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = shakespeare_tokenizer()
+    model = AutoModelForCausalLM.from_pretrained(models[1], local_files_only=True).eval()
+    prompt_ids = tokenizer(line["prompt"])["input_ids"]
+    with torch.no_grad():
+        output = model.generate(torch.tensor([prompt_ids]), max_new_tokens=12, do_sample=False, pad_token_id=0)
+        response_ids = output[0, len(prompt_ids) :].tolist()
+        hidden = model(output, output_hidden_states=True).hidden_states[-1][0]
+    assert line["tokens"] == len(response_ids) and line["response"] == tokenizer.decode(response_ids)
+    expected = compute_metrics(hidden[len(prompt_ids) :])  # the response tokens only
+    final = len(model.transformer.h)
+    assert line[f"mnn/layer_{final}"] == pytest.approx(expected["mnn"].item(), rel=1e-5)
+    assert line[f"matrix_entropy/layer_{final}"] == pytest.approx(expected["matrix_entropy"].item(), rel=1e-5)
+
+    assert main(argv) == 0  # the same --out: finished models are read back, nothing is appended
+    assert read_jsonl(tmp_path / "out" / "responses.jsonl") == responses
+
+
+def test_bad_input_is_exit_2_and_one_line(models, tmp_path, capsys):
+    from helpers import tiny_model
+
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n   \n")
+    encoder = tmp_path / "encoder"
+    tiny_model("bert").save_pretrained(encoder)
+    shakespeare_tokenizer().save_pretrained(encoder)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(PROMPTS)
+    cases = [
+        (["rank", models[0], "--prompts", str(empty)], "holds no prompt"),
+        (["rank", str(encoder), "--prompts", str(prompts)], "cannot generate"),
+        (["rank", "org/tiny@", "--prompts", str(prompts)], "names no revision after '@'"),
+    ]
+    capsys.readouterr()  # what saving the models printed
+    for argv, message in cases:
+        assert main([*argv, "--out", str(tmp_path / "out")]) == 2
+        error = capsys.readouterr().err.strip()
+        assert error.startswith("mnn-callback: error:") and message in error and "\n" not in error
