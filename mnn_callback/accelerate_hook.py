@@ -20,9 +20,7 @@ from typing import Any
 from torch import nn
 
 from mnn_callback.figures import Dashboards
-from mnn_callback.guard import Guard
 from mnn_callback.monitor import Monitor
-from mnn_callback.probe import Probe
 from mnn_callback.sinks import JSONL_FILE, JsonlSink, Sink, TensorBoardSink, TrackerSink, WandbSink
 
 __all__ = ["MNNAccelerateHook"]
@@ -74,18 +72,18 @@ class MNNAccelerateHook:
         **probe_options: Any,
     ) -> None:
         self.accelerator = accelerator
-        with Guard(strict).warnings_as_errors():  # strict: a truncated sample is an error too
-            probe = Probe(data, tokenizer=tokenizer, **probe_options)
-            self.monitor = Monitor(
-                probe,
-                every_n_steps=every_n_steps,
-                schedule=schedule,
-                max_overhead=max_overhead,
-                exact_every=exact_every,
-                reference=reference,
-                strict=strict,
-                dashboards=dashboards,
-            )
+        self.monitor = Monitor.of_data(
+            data,
+            tokenizer=tokenizer,
+            strict=strict,
+            probe_options=probe_options,
+            every_n_steps=every_n_steps,
+            schedule=schedule,
+            max_overhead=max_overhead,
+            exact_every=exact_every,
+            reference=reference,
+            dashboards=dashboards,
+        )
         if jsonl is None and getattr(accelerator, "project_dir", None):
             jsonl = os.path.join(accelerator.project_dir, JSONL_FILE)
         self.monitor.open(lambda: self._jsonl_sinks(jsonl), is_main_process=accelerator.is_main_process)

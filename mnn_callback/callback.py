@@ -21,9 +21,7 @@ from transformers import TrainerCallback
 
 from mnn_callback.figures import Dashboards
 from mnn_callback.files import atomic_write_json
-from mnn_callback.guard import Guard
 from mnn_callback.monitor import Monitor
-from mnn_callback.probe import Probe
 from mnn_callback.sinks import JSONL_FILE, SINKS, JsonlSink, Sink, TensorBoardSink, WandbSink, require_package
 
 __all__ = ["CHECKPOINT_FILE", "MNNCallback", "trainer_tensorboard_dir"]
@@ -137,18 +135,18 @@ class MNNCallback(TrainerCallback):
                     require_package(sink)
                 elif not isinstance(sink, Sink):
                     raise TypeError(f"sinks must be names or Sink objects, got {type(sink).__name__}")
-        with Guard(strict).warnings_as_errors():  # strict: a truncated sample is an error too
-            probe = Probe(data, tokenizer=tokenizer, **probe_options)
-            self.monitor = Monitor(
-                probe,
-                every_n_steps=every_n_steps,
-                schedule=schedule,
-                max_overhead=max_overhead,
-                exact_every=exact_every,
-                reference=reference,
-                strict=strict,
-                dashboards=dashboards,
-            )
+        self.monitor = Monitor.of_data(
+            data,
+            tokenizer=tokenizer,
+            strict=strict,
+            probe_options=probe_options,
+            every_n_steps=every_n_steps,
+            schedule=schedule,
+            max_overhead=max_overhead,
+            exact_every=exact_every,
+            reference=reference,
+            dashboards=dashboards,
+        )
         self.sink_specs = None if sinks is None else list(sinks)
         self.log_dir = None if log_dir is None else os.fspath(log_dir)
         self.probe_on_evaluate = on_evaluate

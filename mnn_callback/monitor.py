@@ -91,6 +91,16 @@ class Monitor:
 
     # -- setup ------------------------------------------------------------------------------------
 
+    @classmethod
+    def of_data(
+        cls, data: Any, *, tokenizer: Any, strict: bool, probe_options: Mapping[str, Any], **options: Any
+    ) -> Monitor:
+        """The probe of ``data`` and its monitor, as the adapters build them (with ``strict``, a
+        truncated sample is an error too); ``options`` go to :class:`Monitor`."""
+        with Guard(strict).warnings_as_errors():
+            probe = Probe(data, tokenizer=tokenizer, **probe_options)
+            return cls(probe, strict=strict, **options)
+
     def _check_reference_sample(self, reference: ProbeResult) -> None:
         if reference.fingerprint != self.probe.fingerprint:
             warnings.warn(
