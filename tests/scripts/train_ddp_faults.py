@@ -75,6 +75,7 @@ def main(output_dir: str) -> None:
     with open(os.path.join(output_dir, f"report.{rank}.json"), "w", encoding="utf-8") as handle:
         json.dump({"warnings": messages, "strict_error": strict_error}, handle)
     if dist.is_initialized():  # as torch asks: older accelerate leaves the group to the exit
+        dist.barrier()  # every rank leaves together (see train_ddp.py)
         dist.destroy_process_group()
 
 
