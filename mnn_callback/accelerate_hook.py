@@ -15,11 +15,14 @@ accelerator's trackers and checkpoints.
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 from torch import nn
 
+from mnn_callback.errors import MNNWarning
 from mnn_callback.figures import Dashboards
+from mnn_callback.identity import DEFAULT_NAME, named_file, validate_name
 from mnn_callback.monitor import Monitor
 from mnn_callback.sinks import JSONL_FILE, JsonlSink, Sink, TensorBoardSink, TrackerSink, WandbSink
 
@@ -45,6 +48,10 @@ class MNNAccelerateHook:
         strict: raise errors instead of turning them into warnings.
         jsonl: path of a JSONL history file; default ``<project_dir>/mnn_metrics.jsonl`` when
             the accelerator has a ``project_dir``, else none. ``False`` turns it off.
+        name: this monitor's name, written into every record. Default ``"mnn"``; a second hook
+            writing to the same directory gets ``"mnn-2"``, and so on. Any other than ``"mnn"``
+            has its own JSONL file (``mnn_metrics.<name>.jsonl``), TensorBoard run
+            (``<logging dir>/<name>``) and tracker keys (``<name>/mnn/layer_0``, ...).
         dashboards: pictures drawn into the accelerator's TensorBoard and W&B trackers (a
             :class:`~mnn_callback.figures.Dashboards`, or True/False for all or none).
         **probe_options: passed to :class:`~mnn_callback.probe.Probe`.
@@ -52,7 +59,9 @@ class MNNAccelerateHook:
     :meth:`step` must be called on every process at the same steps: the probe shards the
     sample across processes, runs the same number of forward passes on each (required under
     FSDP and DeepSpeed ZeRO-3) and all-reduces its sums, so the values do not depend on the
-    number of processes. Only the main process writes.
+    number of processes. Only the main process writes. After :meth:`finish`, a further
+    :meth:`step` starts a new run (fresh history and Diff-eRank reference, the sinks reopened),
+    with a warning.
     """
 
     def __init__(
@@ -68,10 +77,12 @@ class MNNAccelerateHook:
         reference: Any = None,
         strict: bool = False,
         jsonl: str | os.PathLike | bool | None = None,
+        name: str | None = None,
         dashboards: Dashboards | bool = True,
         **probe_options: Any,
     ) -> None:
         self.accelerator = accelerator
+        self.requested_name = validate_name(name)
         self.monitor = Monitor.of_data(
             data,
             tokenizer=tokenizer,
@@ -86,7 +97,17 @@ class MNNAccelerateHook:
         )
         if jsonl is None and getattr(accelerator, "project_dir", None):
             jsonl = os.path.join(accelerator.project_dir, JSONL_FILE)
-        self.monitor.open(lambda: self._jsonl_sinks(jsonl), is_main_process=accelerator.is_main_process)
+        self.jsonl = os.fspath(jsonl) if jsonl else None
+        self._open()
+
+    def _open(self) -> None:
+        directory = os.path.dirname(os.path.abspath(self.jsonl)) if self.jsonl else None
+        self.monitor.open(
+            self._jsonl_sinks,
+            is_main_process=self.accelerator.is_main_process,
+            directory=directory,
+            name=self.requested_name,
+        )
         self._trackers_attached = False
 
     # what the monitor holds, under the names users and tests know
@@ -95,23 +116,35 @@ class MNNAccelerateHook:
     reference = property(lambda self: self.monitor.reference)
     guard = property(lambda self: self.monitor.guard)
     every_n_steps = property(lambda self: self.monitor.every_n_steps)
+    name = property(lambda self: self.monitor.name)
 
-    def _jsonl_sinks(self, jsonl: str | os.PathLike | bool | None) -> list[Sink]:
-        if not jsonl:
+    def _jsonl_sinks(self) -> list[Sink]:
+        if not self.jsonl:
             return []
-        sink = self.guard.call("the jsonl sink (setup)", JsonlSink, jsonl)
+        path = os.path.join(os.path.dirname(self.jsonl), named_file(os.path.basename(self.jsonl), self.name))
+        sink = self.guard.call("the jsonl sink (setup)", JsonlSink, path, monitor=self.name)
         return [] if sink is None else [sink]
 
     def _tracker_sinks(self) -> list[Sink]:
-        """One sink per tracker of the accelerator: TensorBoard's writer and the W&B run directly, others by tracker."""
+        """One sink per tracker of the accelerator: TensorBoard's writer and the W&B run directly, others by tracker.
+
+        A hook named other than ``"mnn"`` writes its own TensorBoard run below the tracker's and
+        prefixes its keys elsewhere.
+        """
+        named = self.name != DEFAULT_NAME
+        prefix = f"{self.name}/" if named else ""
         sinks: list[Sink] = []
         for tracker in getattr(self.accelerator, "trackers", []):
             if tracker.name == "tensorboard":
-                sinks.append(TensorBoardSink(writer=tracker.tracker))
+                writer = tracker.tracker
+                if named:
+                    sinks.append(TensorBoardSink(os.path.join(writer.log_dir, self.name)))
+                else:
+                    sinks.append(TensorBoardSink(writer=writer))
             elif tracker.name == "wandb":
-                sinks.append(WandbSink(run=tracker.tracker))
+                sinks.append(WandbSink(run=tracker.tracker, prefix=prefix))
             else:
-                sinks.append(TrackerSink(tracker))
+                sinks.append(TrackerSink(tracker, prefix=prefix))
         return sinks
 
     def is_due(self, global_step: int) -> bool:
@@ -128,6 +161,14 @@ class MNNAccelerateHook:
         this step was probed). Returns None when no probe ran, else the flat dict that was logged
         (only ``probe/errors`` when the probe failed and ``strict`` is off).
         """
+        if not self.monitor.is_open:
+            warnings.warn(
+                f"MNNAccelerateHook.step after finish(): a new run starts at step {global_step} (fresh history and "
+                "Diff-eRank reference, in the same files); create a new hook for another run",
+                MNNWarning,
+                stacklevel=2,
+            )
+            self.guard.call("reopening the monitor", self._open)
         first = self.monitor.last_step is None
         if not (first or (force and global_step != self.monitor.last_step) or self.monitor.due(global_step)):
             self.monitor.poll()  # figures finished in the background reach the trackers
@@ -140,9 +181,11 @@ class MNNAccelerateHook:
         Call on every process after the loop; returns the final probe's values (None if already probed).
         """
         values = None
-        if global_step != self.monitor.last_step:
-            values = self._measure(model, global_step, optimizer, final=True)
-        self.monitor.close()
+        try:
+            if self.monitor.is_open and global_step != self.monitor.last_step:
+                values = self._measure(model, global_step, optimizer, final=True)
+        finally:
+            self.monitor.close()
         return values
 
     def _measure(self, model: nn.Module, global_step: int, optimizer: Any, **kind: bool) -> dict[str, float]:

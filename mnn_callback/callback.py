@@ -21,6 +21,7 @@ from transformers import TrainerCallback
 
 from mnn_callback.figures import Dashboards
 from mnn_callback.files import atomic_write_json
+from mnn_callback.identity import DEFAULT_NAME, named_file, validate_name
 from mnn_callback.monitor import Monitor
 from mnn_callback.sinks import JSONL_FILE, SINKS, JsonlSink, Sink, TensorBoardSink, WandbSink, require_package
 
@@ -49,7 +50,8 @@ def _newest_writer_dir(root: str) -> str | None:
     """
     suffix = f".{socket.gethostname()}.{os.getpid()}."
     newest: tuple[int, str] | None = None
-    for path in glob.glob(os.path.join(glob.escape(root), "**", "events.out.tfevents.*"), recursive=True):
+    # one level down, where the Trainer's run directories are (not the sub-runs monitors add below them)
+    for path in glob.glob(os.path.join(glob.escape(root), "*", "events.out.tfevents.*")):
         name = os.path.basename(path)
         if suffix in name and name.rsplit(".", 1)[-1].isdigit():
             candidate = (int(name.rsplit(".", 1)[-1]), os.path.dirname(path))
@@ -100,6 +102,11 @@ class MNNCallback(TrainerCallback):
             probed once at the start of training), a :class:`ProbeResult`, or a JSON file
             holding one. Default: the step-0 probe of the model being trained.
         on_evaluate: also probe at every evaluation.
+        name: this monitor's name, written into every JSONL record. Default ``"mnn"``; a second
+            monitor of the same output directory gets ``"mnn-2"``, and so on, in the order they
+            start. Any other than ``"mnn"`` has its own files (``mnn_metrics.<name>.jsonl``,
+            ``checkpoint-*/mnn_metrics.<name>.json``), checkpoint entry, TensorBoard run
+            (``<log_dir>/<name>``) and keys in W&B and ``log_history`` (``<name>/mnn/layer_0``, ...).
         strict: raise errors instead of turning them into warnings.
         dashboards: the TensorBoard/W&B pictures besides the scalars (a
             :class:`~mnn_callback.figures.Dashboards`, or True/False for all or none).
@@ -107,7 +114,9 @@ class MNNCallback(TrainerCallback):
             ``max_length``, ``batch_size``, ``layers``, ``seed``, ``dtype``, ...).
 
     Every process runs the probe (the sample is sharded and the sums all-reduced); only the
-    world process zero writes.
+    world process zero writes. A callback used for a second training run (a second Trainer, or
+    ``hyperparameter_search``) starts afresh: new history, new Diff-eRank reference (unless
+    ``reference`` was given).
     """
 
     def __init__(
@@ -123,10 +132,12 @@ class MNNCallback(TrainerCallback):
         log_dir: str | os.PathLike | None = None,
         reference: Any = None,
         on_evaluate: bool = False,
+        name: str | None = None,
         strict: bool = False,
         dashboards: Dashboards | bool = True,
         **probe_options: Any,
     ) -> None:
+        self.requested_name = validate_name(name)
         if sinks is not None:
             for sink in sinks:
                 if isinstance(sink, str):
@@ -147,6 +158,7 @@ class MNNCallback(TrainerCallback):
             reference=reference,
             dashboards=dashboards,
         )
+        self.monitor.adapter_settings = {"on_evaluate": bool(on_evaluate)}
         self.sink_specs = None if sinks is None else list(sinks)
         self.log_dir = None if log_dir is None else os.fspath(log_dir)
         self.probe_on_evaluate = on_evaluate
@@ -160,6 +172,31 @@ class MNNCallback(TrainerCallback):
     guard = property(lambda self: self.monitor.guard)
     sinks = property(lambda self: self.monitor.sinks)
     every_n_steps = property(lambda self: self.monitor.every_n_steps)
+    name = property(lambda self: self.monitor.name)
+
+    @property
+    def _state_key(self) -> str:
+        return STATE_KEY if self.name == DEFAULT_NAME else f"{STATE_KEY}.{self.name}"
+
+    @property
+    def _key_prefix(self) -> str:
+        """Before this monitor's keys in ``log_history`` and the trackers: none for ``"mnn"``, else ``"<name>/"``."""
+        return "" if self.name == DEFAULT_NAME else f"{self.name}/"
+
+    def _log_entry(self, entry: dict[str, Any]) -> dict[str, Any]:
+        """A history entry as ``log_history`` holds it: this monitor's keys (prefixed), numbers only."""
+        prefix = self._key_prefix
+        return {key if key in ("step", "epoch") else prefix + key: value for key, value in entry.items()}
+
+    def _own_entries(self, log_history: list[Any]) -> list[dict[str, Any]]:
+        """This monitor's probes among ``log_history``'s entries, without the prefix."""
+        prefix = self._key_prefix
+        own = []
+        for entry in log_history:
+            if isinstance(entry, dict) and f"{prefix}probe/sequences" in entry:
+                keys = [key for key in entry if key in ("step", "epoch") or key.startswith(prefix)]
+                own.append({key if key in ("step", "epoch") else key[len(prefix) :]: entry[key] for key in keys})
+        return own
 
     def _make_sinks(self, args: Any) -> list[Sink]:
         specs = self.sink_specs
@@ -170,28 +207,31 @@ class MNNCallback(TrainerCallback):
             if isinstance(spec, Sink):
                 sinks.append(spec)
                 continue
+            named = self.name != DEFAULT_NAME
             if spec == "tensorboard":
-                self.tensorboard_dir = self.log_dir or trainer_tensorboard_dir(args)
+                directory = self.log_dir or trainer_tensorboard_dir(args)
+                self.tensorboard_dir = os.path.join(directory, self.name) if named else directory
                 sink = self.guard.call("the tensorboard sink (setup)", TensorBoardSink, self.tensorboard_dir)
             elif spec == "wandb":
-                sink = self.guard.call("the wandb sink (setup)", WandbSink)
+                sink = self.guard.call("the wandb sink (setup)", WandbSink, prefix=self._key_prefix)
                 self.wandb_dir = getattr(sink, "directory", None)
             else:
-                sink = self.guard.call("the jsonl sink (setup)", JsonlSink, os.path.join(args.output_dir, JSONL_FILE))
+                path = os.path.join(args.output_dir, named_file(JSONL_FILE, self.name))
+                sink = self.guard.call("the jsonl sink (setup)", JsonlSink, path, monitor=self.name)
             if sink is not None:
                 sinks.append(sink)
         return sinks
 
     def _restore(self, state: Any) -> None:
         """Continue the history and the reference of the checkpoint the Trainer resumed from."""
-        saved = (getattr(state, "stateful_callbacks", None) or {}).get(STATE_KEY) or {}
-        history = [dict(entry) for entry in state.log_history if "probe/sequences" in entry]
+        saved = (getattr(state, "stateful_callbacks", None) or {}).get(self._state_key) or {}
+        history = self._own_entries(state.log_history)
         self.monitor.load_state_dict(
             {
                 "fingerprint": saved.get("fingerprint", self.probe.fingerprint),
                 "reference": saved.get("reference"),
                 "history": history,
-                "last_step": history[-1]["step"] if history else None,
+                "last_step": history[-1].get("step") if history else None,  # checked there
             }
         )
 
@@ -201,21 +241,29 @@ class MNNCallback(TrainerCallback):
         )
         if measurement.result is None:
             return
-        state.log_history.append(self.history[-1])
-        state.stateful_callbacks[STATE_KEY] = {
+        state.log_history.append(self._log_entry(self.history[-1]))
+        state.stateful_callbacks[self._state_key] = {
             "fingerprint": self.probe.fingerprint,
             "reference": self.reference.to_dict(),
         }
 
     # -- Trainer events ---------------------------------------------------------------------------
 
+    # Every event runs inside the guard: what fails in the monitor costs a warning, never the training.
+
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self.guard.call("starting the monitor", self._begin, args, state, model, optimizer)
+
+    def _begin(self, args: Any, state: Any, model: nn.Module, optimizer: Any) -> None:
         resumed = state.global_step > 0
+        self.monitor.open(
+            lambda: self._make_sinks(args),
+            is_main_process=state.is_world_process_zero,
+            directory=args.output_dir,
+            name=self.requested_name,
+        )
         if resumed:
             self._restore(state)
-        else:
-            self.monitor.history, self.monitor.last_step = [], None
-        self.monitor.open(lambda: self._make_sinks(args), is_main_process=state.is_world_process_zero)
         if resumed:
             self.monitor.log_event("resume", int(state.global_step))
         self.monitor.take_reference()
@@ -226,6 +274,9 @@ class MNNCallback(TrainerCallback):
         self.monitor.start_clock(state.global_step)
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self.guard.call("the monitor (step end)", self._step_end, state, model, optimizer)
+
+    def _step_end(self, state: Any, model: nn.Module, optimizer: Any) -> None:
         if self.monitor.due(state.global_step):
             last = bool(state.max_steps) and state.global_step >= state.max_steps
             self._measure(state, model, optimizer, scheduled=True, final=last)
@@ -234,7 +285,7 @@ class MNNCallback(TrainerCallback):
 
     def on_evaluate(self, args, state, control, model=None, optimizer=None, **kwargs):
         if self.probe_on_evaluate and self.monitor.last_step != state.global_step:
-            self._measure(state, model, optimizer)
+            self.guard.call("the monitor (evaluate)", self._measure, state, model, optimizer)
 
     def on_save(self, args, state, control, **kwargs):
         if not state.is_world_process_zero:
@@ -242,15 +293,19 @@ class MNNCallback(TrainerCallback):
         checkpoint = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         if os.path.isdir(checkpoint):
             content = {
-                "config": self.probe.config,
+                "config": self.monitor.config,
                 "reference": None if self.reference is None else self.reference.to_dict(),
                 "history": self.history,
             }
-            self.guard.call(
-                "writing mnn_metrics.json", atomic_write_json, os.path.join(checkpoint, CHECKPOINT_FILE), content
-            )
+            path = os.path.join(checkpoint, named_file(CHECKPOINT_FILE, self.name))
+            self.guard.call(f"writing {os.path.basename(path)}", atomic_write_json, path, content)
 
     def on_train_end(self, args, state, control, model=None, optimizer=None, **kwargs):
-        if self.monitor.last_step != state.global_step:
-            self._measure(state, model, optimizer, final=True)
-        self.monitor.close()
+        self.guard.call("the monitor (train end)", self._end, state, model, optimizer)
+
+    def _end(self, state: Any, model: nn.Module, optimizer: Any) -> None:
+        try:
+            if self.monitor.last_step != state.global_step:
+                self._measure(state, model, optimizer, final=True)
+        finally:
+            self.monitor.close()

@@ -154,13 +154,17 @@ def rank(args: argparse.Namespace) -> int:
     os.replace(path + ".tmp", path)
     plot_ranking(rows, os.path.join(args.out, "ranking.png"))
     print(f"{'rank':>4}  {'MNN':>8}  {'± s.e.':>7}  {'MNN/noise':>9}  {'tokens':>6}  model")
+    failed = [row for row in rows if row["error"]]
     for row in rows:
-        print(
-            f"{row['rank']:>4}  {row['mnn']:>8.4f}  {row['mnn_se']:>7.4f}  {row['mnn_vs_noise']:>9.4f}  "
-            f"{row['mean_response_tokens']:>6.1f}  {row['model']}"
-        )
+        if not row["error"]:
+            print(
+                f"{row['rank']:>4}  {row['mnn']:>8.4f}  {row['mnn_se']:>7.4f}  {row['mnn_vs_noise']:>9.4f}  "
+                f"{row['mean_response_tokens']:>6.1f}  {row['model']}"
+            )
+    for row in failed:
+        print(f"mnn-callback: {row['model']} failed: {row['error']}", file=sys.stderr)
     print(f"wrote {path}, {os.path.join(args.out, 'ranking.png')} and {os.path.join(args.out, 'responses.jsonl')}")
-    return 0
+    return 1 if failed else 0
 
 
 def plot(args: argparse.Namespace) -> int:

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["all_gather_object", "all_reduce", "broadcast_object", "world"]
+__all__ = ["all_gather_object", "all_reduce", "broadcast_object", "differing_across_processes", "world"]
 
 # The last all-reduce's work handle and buffer, referenced until the next all-reduce, module-wide
 # (they must outlive the probe that made them): otherwise gloo's worker thread may drop the last
@@ -75,3 +75,22 @@ def broadcast_object(value: Any, source: int = 0) -> Any:
     box = [value]
     dist.broadcast_object_list(box, src=source)
     return box[0]
+
+
+def differing_across_processes(settings: dict[str, Any]) -> str | None:
+    """Which of ``settings`` differ between the processes, with each process's value; None when none does.
+
+    Every process gets the same answer (the settings are gathered everywhere).
+
+    >>> differing_across_processes({"every_n_steps": 100}) is None  # one process
+    True
+    """
+    gathered = all_gather_object(settings)
+    keys = sorted({key for values in gathered for key in values}, key=str)
+    differing = [key for key in keys if len({repr(values.get(key)) for values in gathered}) > 1]
+    if not differing:
+        return None
+    return "; ".join(
+        f"{key}: " + ", ".join(f"process {rank} {values.get(key)!r}" for rank, values in enumerate(gathered))
+        for key in differing
+    )

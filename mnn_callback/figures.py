@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import threading
+import warnings
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from mnn_callback.errors import MNNWarning
 from mnn_callback.guard import Guard
 from mnn_callback.results import DashboardImage, Measurement
 from mnn_callback.sinks import SinkSet
@@ -57,6 +59,14 @@ class Dashboards:
         raise TypeError(f"dashboards must be a Dashboards or a bool, got {type(value).__name__}")
 
 
+def _matplotlib_installed() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def render_dashboard(
     rows: Sequence[dict[str, Any]], step: int, *, layer_profile: bool = True, heatmaps: bool = False
 ) -> list[DashboardImage]:
@@ -64,7 +74,7 @@ def render_dashboard(
 
     Needs matplotlib (``pip install 'mnn-callback[plot]'``).
     """
-    if importlib.util.find_spec("matplotlib") is None:
+    if not _matplotlib_installed():
         raise ImportError("dashboard figures need matplotlib: pip install 'mnn-callback[plot]'")
     from mnn_callback import plots
 
@@ -84,44 +94,55 @@ def render_dashboard(
 
 @dataclass
 class _Request:
-    """What is still to be drawn: a layer profile per step, the heatmaps at one step, from the history rows."""
+    """What is still to be drawn: layer profiles and the heatmaps, each as (step, the rows it is drawn from)."""
 
-    rows: list[dict[str, Any]]
-    profile_steps: list[int]
-    heatmap_step: int | None
+    profiles: list[tuple[int, list[dict[str, Any]]]]
+    heatmaps: tuple[int, list[dict[str, Any]]] | None
 
 
 class FigureWorker:
     """Draws dashboard figures on a background thread, off the training thread.
 
-    :meth:`request` hands over the history; a request still waiting replaces the older one, which
-    it absorbs (its layer profiles are drawn from the newer history, so none is lost), so at most
-    one request waits. :meth:`collect`, on the training thread, takes the finished images, each
-    with the step it belongs to. The thread lives only while there is work (an idle worker has no
-    thread; at interpreter exit a running one finishes its figure first); :meth:`close` waits for
-    everything requested. ``background=False`` draws in :meth:`request` itself.
+    :meth:`request` hands over what to draw; a request still waiting is merged into the newer one,
+    so at most one request waits, holding at most :attr:`WAITING_PROFILES` layer profiles (the
+    oldest beyond that are dropped and counted in :attr:`dropped`) and the newest heatmaps: the
+    end of a run waits for a bounded amount of drawing, however many probes came faster than
+    figures are drawn. :meth:`collect`, on the training
+    thread, takes the finished images, each with the step it belongs to. The thread lives only
+    while there is work (at interpreter exit a running one finishes its figure first);
+    :meth:`close` waits for it. ``background=False`` draws in :meth:`request` itself.
     """
+
+    WAITING_PROFILES = 4
 
     def __init__(self, background: bool = True) -> None:
         self.background = background
+        self.dropped = 0  # layer profiles dropped from a full backlog before they were drawn
         self._condition = threading.Condition()
         self._pending: _Request | None = None
         self._done: list[DashboardImage] = []
         self._errors: list[BaseException] = []
         self._thread: threading.Thread | None = None
 
-    def request(self, rows: Sequence[dict[str, Any]], step: int, *, layer_profile: bool, heatmaps: bool) -> None:
-        """Draw, from ``rows`` (the history up to ``step``), the layer profile and/or the heatmaps at ``step``."""
-        new = _Request(list(rows), [step] if layer_profile else [], step if heatmaps else None)
-        if not new.profile_steps and new.heatmap_step is None:
+    def request(
+        self,
+        *,
+        profile: tuple[int, list[dict[str, Any]]] | None = None,
+        heatmaps: tuple[int, list[dict[str, Any]]] | None = None,
+    ) -> None:
+        """Draw the layer profile of ``profile = (step, rows)`` and/or the heatmaps of ``heatmaps = (step, rows)``."""
+        new = _Request([] if profile is None else [profile], heatmaps)
+        if profile is None and heatmaps is None:
             return
         if not self.background:
             self._done.extend(_render(new))
             return
         with self._condition:
-            if self._pending is not None:  # absorb the older request: its steps are drawn from the newer rows
-                new.profile_steps = self._pending.profile_steps + new.profile_steps
-                new.heatmap_step = new.heatmap_step if new.heatmap_step is not None else self._pending.heatmap_step
+            if self._pending is not None:
+                profiles = self._pending.profiles + new.profiles
+                self.dropped += max(0, len(profiles) - self.WAITING_PROFILES)
+                new.profiles = profiles[-self.WAITING_PROFILES :]
+                new.heatmaps = new.heatmaps or self._pending.heatmaps
             self._pending = new
             if self._thread is None:
                 self._thread = threading.Thread(target=self._work, name="mnn_callback figures")
@@ -162,45 +183,94 @@ class FigureWorker:
 
 def _render(request: _Request) -> list[DashboardImage]:
     images = []
-    for step in request.profile_steps:
-        rows = [row for row in request.rows if row["step"] <= step]
+    for step, rows in request.profiles:
         images += render_dashboard(rows, step, layer_profile=True, heatmaps=False)
-    if request.heatmap_step is not None:
-        rows = [row for row in request.rows if row["step"] <= request.heatmap_step]
-        images += render_dashboard(rows, request.heatmap_step, layer_profile=False, heatmaps=True)
+    if request.heatmaps is not None:
+        step, rows = request.heatmaps
+        images += render_dashboard(rows, step, layer_profile=False, heatmaps=True)
     return images
 
 
 class DashboardFeed:
     """The pictures of one run, fed to the sinks: the layout once, a layer profile per probe, heatmaps
     every ``heatmap_every`` probes and at the final probe; drawn off the training thread by a
-    :class:`FigureWorker` and handed to the sinks on the training thread (:meth:`poll`)."""
+    :class:`FigureWorker` and handed to the sinks on the training thread (:meth:`poll`).
+
+    The long-table rows of the run grow by one probe's rows per probe; a layer profile is drawn
+    from the last few probes' rows only, so its cost on the training thread does not grow with
+    the run. Without matplotlib no figure is requested (one warning; the scalars go on).
+    """
+
+    PROFILE_STEPS = 5  # the layer profile shows the current step over up to four earlier ones
 
     def __init__(self, dashboards: Dashboards, guard: Guard) -> None:
         self.dashboards = dashboards
         self.guard = guard
         self.worker = FigureWorker(background=dashboards.background)
+        self.rows: list[dict[str, Any]] = []  # the run's long table so far, appended per probe
+        self._recent: deque[list[dict[str, Any]]] = deque(maxlen=self.PROFILE_STEPS)  # rows of the last probes
+        self._recent_spectral: deque[list[dict[str, Any]]] = deque(maxlen=self.PROFILE_STEPS)  # ... with spectra
         self._layout_logged = False
         self._probes = 0
         self._heatmaps_at: int | None = None
+        self._drawable: bool | None = None
 
-    def after_measurement(self, sinks: SinkSet, measurement: Measurement, history: list, *, final: bool) -> None:
-        """Ask for the pictures of ``measurement`` (the last entry of ``history``)."""
+    def seed(self, history: Sequence[dict[str, Any]]) -> None:
+        """Start from a restored history (a resumed run): its rows come first in the heatmaps."""
+        self.rows = []
+        self._recent.clear()
+        self._recent_spectral.clear()
+        for entry in history:
+            self._add(history_rows([entry]))
+
+    def _add(self, new_rows: list[dict[str, Any]]) -> None:
+        self.rows.extend(new_rows)
+        if new_rows:
+            self._recent.append(new_rows)
+            if any(row.get("matrix_entropy") is not None for row in new_rows):
+                self._recent_spectral.append(new_rows)
+
+    def _can_draw(self) -> bool:
+        if self._drawable is None:
+            self._drawable = _matplotlib_installed()
+            if not self._drawable:
+                warnings.warn(
+                    "mnn_callback: dashboard figures need matplotlib, which is not installed: no layer profiles or "
+                    "heatmaps (the scalars are logged as usual); pip install 'mnn-callback[plot]', or "
+                    "dashboards=Dashboards(layer_profile=False, heatmap_every=0)",
+                    MNNWarning,
+                    stacklevel=5,
+                )
+        return self._drawable
+
+    def _profile_rows(self) -> list[dict[str, Any]]:
+        groups = {id(group): group for group in [*self._recent_spectral, *self._recent]}
+        return [row for group in sorted(groups.values(), key=lambda group: group[0]["step"]) for row in group]
+
+    def after_measurement(
+        self, sinks: SinkSet, measurement: Measurement, entry: dict[str, Any], *, final: bool
+    ) -> None:
+        """Ask for the pictures of ``measurement`` (``entry``: its history entry, the run's latest)."""
         if measurement.result is None or not sinks.shows_images:
             return  # nothing to draw for: no figure is built
         if self.dashboards.layout and not self._layout_logged:
             self._layout_logged = True
             sinks.log_layout(measurement.layers)
+        new_rows = history_rows([entry])
+        self._add(new_rows)
         self._probes += 1
         every = self.dashboards.heatmap_every
         heatmaps = bool(every) and (self._probes % every == 0 or (final and self._probes >= 2))
-        if not (self.dashboards.layer_profile or heatmaps):
-            return
-        rows = history_rows(history)
-        self.worker.request(rows, measurement.step, layer_profile=self.dashboards.layer_profile, heatmaps=heatmaps)
         if heatmaps:
             self._heatmaps_at = measurement.step
-            sinks.log_series(rows, measurement.step)
+            sinks.log_series(self.rows, measurement.step)
+        if not (self.dashboards.layer_profile or heatmaps) or not new_rows or not self._can_draw():
+            return
+        step = measurement.step
+        self.worker.request(
+            profile=(step, self._profile_rows()) if self.dashboards.layer_profile else None,
+            heatmaps=(step, list(self.rows)) if heatmaps else None,
+        )
         self.poll(sinks)
 
     def poll(self, sinks: SinkSet) -> None:
@@ -208,12 +278,13 @@ class DashboardFeed:
         images = self.guard.call("drawing the dashboard figures", self.worker.collect)
         sinks.log_images(images or [])
 
-    def finish(self, sinks: SinkSet, history: list) -> None:
-        """The heatmaps of the whole run (if the last probe did not draw them), then wait for every picture."""
-        steps = [entry["step"] for entry in history]
+    def finish(self, sinks: SinkSet) -> None:
+        """The heatmaps of the whole run (if the last probe did not draw them), then wait for the figures."""
+        last = self.rows[-1]["step"] if self.rows else None
         every = self.dashboards.heatmap_every
-        if every and sinks.shows_images and len(steps) >= 2 and self._heatmaps_at != steps[-1]:
-            self.worker.request(history_rows(history), steps[-1], layer_profile=False, heatmaps=True)
-            self._heatmaps_at = steps[-1]
+        wanted = every and sinks.shows_images and last is not None and self._heatmaps_at != last
+        if wanted and len({row["step"] for row in self.rows}) >= 2 and self._can_draw():
+            self.worker.request(heatmaps=(last, list(self.rows)))
+            self._heatmaps_at = last
         self.worker.close()
         self.poll(sinks)

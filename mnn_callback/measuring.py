@@ -59,9 +59,11 @@ class RunState:
         kwargs: dict[str, Any],
         per_sequence: bool = False,
         method: str = "exact",
+        limit: int | None = None,
     ) -> None:
         self.probe, self.model, self.emitters, self.device, self.kwargs = probe, model, emitters, device, kwargs
         self.method = method
+        self.limit = limit  # this model's position limit: each sequence is cut to it
         self.layers = probe.resolve_layers(emitters.num_hidden_states)
         self.use_hooks = streaming and all(emitters.modules[layer] is not None for layer in self.layers)
         self.wants_loss = probe._wants_loss(model)
@@ -108,7 +110,7 @@ class RunState:
         """One micro-batch (None: a dummy pass that keeps the processes in step, not counted)."""
         real = indices is not None
         indices = indices if real else [0]
-        input_ids, attention_mask = self.probe._tensors(indices, self.device)
+        input_ids, attention_mask = self.probe._tensors(indices, self.device, self.limit)
         per_layer, loss_sum, loss_tokens = self._forward(input_ids, attention_mask, indices)
         if not real:
             if self.pending is not None:
@@ -207,7 +209,9 @@ class RunState:
             for group in range(len(self.layers))
         ]
         loss = totals["loss_sum"] / totals["loss_tokens"] if totals["loss_tokens"] > 0 else math.nan
-        measured = [len(ids) - start for ids, start in zip(self.probe.sequences, self.probe.starts, strict=True)]
+        measured = [
+            len(ids[: self.limit]) - start for ids, start in zip(self.probe.sequences, self.probe.starts, strict=True)
+        ]
         return ProbeResult(
             layers=self.layers,
             per_layer={name: [column[name] for column in columns] for name in columns[0]},

@@ -17,10 +17,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from mnn_callback.distributed import all_reduce
+from mnn_callback.distributed import all_reduce, differing_across_processes
 from mnn_callback.errors import MNNWarning
 from mnn_callback.figures import DashboardFeed, Dashboards
 from mnn_callback.guard import Guard
+from mnn_callback.identity import DEFAULT_NAME, claim_name, release_name
 from mnn_callback.probe import Probe
 from mnn_callback.results import Measurement, ProbeResult
 from mnn_callback.schedule import Overhead, Schedule
@@ -30,6 +31,9 @@ __all__ = ["OVERHEAD_WARNING_SHARE", "Monitor"]
 
 OVERHEAD_WARNING_SHARE = 0.05  # without max_overhead, a share above this is warned about, once
 OVERHEAD_WARNING_PROBES = 5  # after this many scheduled probes: enough to estimate the share
+# settings that fix the sample: when they differ across processes, process 0's sample is used
+# (the fingerprint check); every other setting must be equal everywhere, or the collectives part ways
+_SAMPLE_SETTINGS = ("fingerprint", "sequences", "tokens", "seed", "max_samples")
 logger = logging.getLogger("mnn_callback")
 
 
@@ -51,7 +55,12 @@ class Monitor:
 
     Every process runs :meth:`due` and :meth:`measure` at the same steps (the probe's work is
     sharded, the budget decided together); only the main process (``is_main_process`` in
-    :meth:`open`) has sinks.
+    :meth:`open`) has sinks. At the first probe the processes compare their settings: a
+    difference (e.g. another ``every_n_steps`` on one process) would make them part ways in the
+    collectives, so it turns the monitor off on every process, with one error.
+
+    Each :meth:`open` starts a run: a fresh history, schedule state and (unless one was given)
+    Diff-eRank reference; :meth:`load_state_dict` then continues a saved one.
     """
 
     def __init__(
@@ -73,17 +82,34 @@ class Monitor:
         self.dashboards = Dashboards.of(dashboards)
         self.feed = DashboardFeed(self.dashboards, self.guard)
         self._reference_model = reference if isinstance(reference, nn.Module) else None
+        self._reference_given = reference is not None  # kept from run to run; the first probe's is not
         self.reference: ProbeResult | None = None
         if reference is not None and self._reference_model is None:
             self.reference = ProbeResult.load(reference)
             self._check_reference_sample(self.reference)
+        self.adapter_settings: dict[str, Any] = {}  # the adapter's own settings every process must share
+        self.name = DEFAULT_NAME
+        self.is_main_process = True
+        self.is_open = False
+        self.disabled: str | None = None  # why the monitor is off on every process, if it is
+        self._directory: str | None = None
+        self._settings_agreed = False
+        self.sinks = SinkSet([], self.guard)
+        self._start_run()
+
+    def _start_run(self) -> None:
+        """Forget the previous run: history, schedule state, budget, errors, and a reference it measured."""
         self.history: list[dict[str, Any]] = []
         self.last_step: int | None = None
-        self.is_main_process = True
-        self.sinks = SinkSet([], self.guard)
+        if not self._reference_given:
+            self.reference = None
+        self.overhead = Overhead(self.overhead.max_share)
+        self.guard.errors = 0
         self._probes_run = 0  # measurements so far: which ones are exact (exact_every)
+        self._probes_succeeded = 0
         self._warned_overhead = False
         self._first_cost = 0.0  # the first probe's cost: the budget's estimate before any scheduled probe
+        self.feed = DashboardFeed(self.dashboards, self.guard)
 
     @property
     def every_n_steps(self) -> int:
@@ -118,14 +144,31 @@ class Monitor:
             schedule["exact_every"] = self.schedule.exact_every
         if self.overhead.max_share is not None:
             schedule["max_overhead"] = self.overhead.max_share
-        return {**self.probe.config, **schedule}
+        return {**self.probe.config, **schedule, "monitor": self.name}
 
-    def open(self, make_sinks: Callable[[], Sequence[Sink]], *, is_main_process: bool) -> None:
-        """Start logging. Only the main process writes: ``make_sinks`` is called there and nowhere else."""
+    def open(
+        self,
+        make_sinks: Callable[[], Sequence[Sink]],
+        *,
+        is_main_process: bool,
+        directory: str | None = None,
+        name: str | None = None,
+    ) -> None:
+        """Start a run and its logging. Only the main process writes: ``make_sinks`` is called there only.
+
+        ``directory``: where the run's files go; the monitor claims a name there (``name``, default
+        ``"mnn"``, else with a number) that no other open monitor of that directory holds, until
+        :meth:`close`. ``make_sinks`` can read it as :attr:`name`.
+        """
+        if self.is_open:
+            self.close()
+        self._start_run()
+        self._directory = directory
+        self.name = claim_name(directory, self, name)
+        self.is_open = True
         self.is_main_process = is_main_process
         self.guard.quiet = not is_main_process
         self.sinks = SinkSet(self._made(make_sinks), self.guard)
-        self.feed = DashboardFeed(self.dashboards, self.guard)
         self.sinks.log_config(self.config)
 
     def add_sinks(self, make_sinks: Callable[[], Sequence[Sink]]) -> None:
@@ -139,12 +182,39 @@ class Monitor:
 
     def take_reference(self) -> None:
         """Probe the reference model, if one was given and no reference is known yet (every process)."""
-        if self._reference_model is not None and self.reference is None:
+        if self._reference_model is not None and self.reference is None and self._agreed():
             method = self.schedule.method(0, self.probe.method)
             self.reference = self.guard.call(
                 "probing the reference model", self._run_probe, self._reference_model, None, method
             )
         self._reference_model = None  # do not keep a second model alive
+
+    def settings(self) -> dict[str, Any]:
+        """What every process must share: the configuration but for what fixes the sample, and the adapter's."""
+        config = {key: value for key, value in self.config.items() if key not in _SAMPLE_SETTINGS}
+        return {**config, **self.adapter_settings}
+
+    def _agreed(self) -> bool:
+        """Whether the processes agree on the settings (compared at the first call; every process calls this)."""
+        self.guard.call("comparing the monitor's settings across processes", self._agree_on_settings)
+        return not self.disabled
+
+    def _agree_on_settings(self) -> None:
+        """Compare :meth:`settings` across processes, once (every process, at the first probe).
+
+        A difference turns the monitor off on every process (they all see the same settings) and
+        raises, before any collective of the probe could part ways.
+        """
+        if self._settings_agreed:
+            return
+        self._settings_agreed = True
+        differences = differing_across_processes(self.settings())
+        if differences:
+            self.disabled = f"the monitor's settings differ across processes ({differences})"
+            raise ValueError(
+                f"{self.disabled}: every process must be given the same settings, or the processes would wait for "
+                "each other at different steps; the monitor is off for this run on every process"
+            )
 
     def _run_probe(self, model: nn.Module, optimizer: Any, method: str) -> ProbeResult:
         """The probe, after making sure every process measures the same sample (the first time)."""
@@ -173,7 +243,7 @@ class Monitor:
         With ``max_overhead`` every process decides together (one all-reduce, at scheduled steps
         only): a probe skipped anywhere is skipped everywhere, and counted in ``probe/skipped``.
         """
-        if not self.schedule.scheduled(step) or step == self.last_step:
+        if self.disabled or not self.schedule.scheduled(step) or step == self.last_step:
             return False
         if self.overhead.max_share is None:
             return True
@@ -204,6 +274,8 @@ class Monitor:
         """
         started = time.perf_counter()
         self.last_step = step
+        if not self._agreed():  # no collective: the processes may not agree on when to probe
+            return Measurement(step, epoch, None, monitor={"errors": float(self.guard.errors)})
         method = self.schedule.method(self._probes_run, self.probe.method, final=final)
         self._probes_run += 1
         result = self.guard.call("the probe", self._run_probe, model, optimizer, method)
@@ -220,10 +292,19 @@ class Monitor:
                 self._warn_overhead()
             measurement = Measurement(step, epoch, result, result.differences(self.reference), monitor)
             self.history.append({"step": step, "epoch": epoch, **measurement.scalars()})
+            self._probes_succeeded += 1
         if self.is_main_process:
             publishing = time.perf_counter()
             self.sinks.log_measurement(measurement)
-            self.feed.after_measurement(self.sinks, measurement, self.history, final=final)
+            if result is not None:
+                self.guard.call(
+                    "drawing the dashboard figures",
+                    self.feed.after_measurement,
+                    self.sinks,
+                    measurement,
+                    self.history[-1],
+                    final=final,
+                )
             if scheduled:
                 self.overhead.add(time.perf_counter() - publishing)
         if self.overhead.clock_start is None:
@@ -281,10 +362,22 @@ class Monitor:
     def close(self) -> None:
         """The last pictures, one info line with the monitor's share of the run, then the sinks are closed.
 
-        The monitor can be opened again for another run.
+        A run in which no probe succeeded says so in a warning. The monitor can be opened again for
+        another run.
         """
+        if not self.is_open:
+            return
+        self.is_open = False
+        release_name(self._directory, self.name)
         if self.is_main_process:
-            self.guard.call("drawing the dashboard figures", self.feed.finish, self.sinks, self.history)
+            self.guard.call("drawing the dashboard figures", self.feed.finish, self.sinks)
+            if self._probes_run and not self._probes_succeeded:
+                warnings.warn(
+                    f"mnn_callback: no probe succeeded in this run ({self._probes_run} tried, "
+                    f"{self.guard.errors} errors; the first warning of each kind says why): nothing was measured",
+                    MNNWarning,
+                    stacklevel=3,
+                )
             if self.overhead.probes:
                 summary = (
                     f"scheduled probes took {self.overhead.share:.2%} of the training wall time "
@@ -335,6 +428,7 @@ class Monitor:
             self._forget(f"the saved MNN history is unreadable ({type(error).__name__}: {error})")
             return False
         self.history, self.last_step = history, last_step
+        self.feed.seed(history)
         try:
             reference = None if state.get("reference") is None else ProbeResult.from_dict(state["reference"])
         except (AttributeError, KeyError, TypeError, ValueError) as error:

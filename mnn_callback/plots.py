@@ -294,13 +294,19 @@ def layer_profile_figure(
     """
     from matplotlib.ticker import MaxNLocator
 
-    steps = sorted({row["step"] for row in rows})[-5:]
     metrics = [metric for metric in metrics if any(_finite(row.get(metric)) for row in rows)] or list(metrics[:1])
+    latest_step = max(row["step"] for row in rows)
     figure = new_figure(*COMPACT_SIZE) if compact else new_figure(5.5 * len(metrics), 4)
     axes = figure.subplots(1, len(metrics), squeeze=False)[0]
     for axis, metric in zip(axes, metrics, strict=True):
+        # a metric's own last five steps: with exact_every, cheap probes have no spectral values
+        steps = sorted({row["step"] for row in rows if _finite(row.get(metric))})[-5:] or [latest_step]
         for rank, step in enumerate(steps):
-            points = sorted((row["layer"], row.get(metric), _error(row, metric)) for row in rows if row["step"] == step)
+            points = sorted(
+                (row["layer"], row[metric] if _finite(row.get(metric)) else math.nan, _error(row, metric))
+                for row in rows
+                if row["step"] == step
+            )
             latest = rank == len(steps) - 1
             layers, values, errors = zip(*points, strict=True)
             axis.errorbar(
@@ -317,18 +323,20 @@ def layer_profile_figure(
             )
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.grid(alpha=0.3)
+        older = "" if steps[-1] == latest_step else f" (step {steps[-1]:g})"  # its last probe with a spectrum
         if compact:
             axis.set_xlabel("hidden state")
-            axis.set_title(schema.title(metric))
+            axis.set_title(schema.title(metric) + older)
         else:
             axis.set_xlabel("hidden-state index (0 = embeddings)")
             axis.set_ylabel(schema.label(metric))
-            axis.set_title(f"{schema.title(metric)} by layer")
+            axis.set_title(f"{schema.title(metric)} by layer{older}")
             axis.legend(fontsize=8)
     if compact:
         _compact_text(figure)
-        earlier = f" over the {len(steps) - 1} probes before it (blue, fading)" if len(steps) > 1 else ""
-        figure.suptitle(f"step {steps[-1]:g} (red, ± 1 s.e.){earlier}", fontsize=9)
+        shown = len({row["step"] for row in rows})
+        earlier = " over the probes before it (blue, fading)" if shown > 1 else ""
+        figure.suptitle(f"step {latest_step:g} (red, ± 1 s.e.){earlier}", fontsize=9)
         figure.tight_layout(pad=0.4, w_pad=0.6)
     else:  # fixed margins: tight_layout would draw the figure once more just to measure it
         figure.subplots_adjust(left=0.08, right=0.98, bottom=0.13, top=0.91, wspace=0.28)

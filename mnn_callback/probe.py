@@ -163,7 +163,7 @@ class Probe:
                 stacklevel=2,
             )
         self.fingerprint = self._fingerprint()
-        self._emitters: weakref.WeakKeyDictionary[nn.Module, Emitters] = weakref.WeakKeyDictionary()
+        self._emitters: weakref.WeakKeyDictionary[nn.Module, tuple[Emitters, int | None]] = weakref.WeakKeyDictionary()
         self._agreed = False
 
     def _fingerprint(self) -> str:
@@ -220,13 +220,14 @@ class Probe:
         mine: list[list[int] | None] = list(batches[rank::world_size])
         return mine + [None] * (steps - len(mine))
 
-    def _tensors(self, indices: list[int], device: torch.device) -> tuple[Tensor, Tensor]:
-        """Right-padded input ids and attention mask (right padding keeps position ids and labels simple)."""
-        width = max(len(self.sequences[i]) for i in indices)
+    def _tensors(self, indices: list[int], device: torch.device, limit: int | None = None) -> tuple[Tensor, Tensor]:
+        """Right-padded input ids and attention mask (right padding keeps position ids and labels simple),
+        each sequence cut to ``limit`` tokens (a model's position limit)."""
+        width = max(len(self.sequences[i][:limit]) for i in indices)
         input_ids = torch.zeros(len(indices), width, dtype=torch.long)
         attention_mask = torch.zeros(len(indices), width, dtype=torch.long)
         for row, index in enumerate(indices):
-            ids = self.sequences[index]
+            ids = self.sequences[index][:limit]
             input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
             attention_mask[row, : len(ids)] = 1
         return input_ids.to(device), attention_mask.to(device)
@@ -253,30 +254,41 @@ class Probe:
         self.fingerprint = self._fingerprint()
         return list(dict.fromkeys(fingerprints))
 
-    def _check_model(self, model: nn.Module) -> None:
+    def _check_model(self, model: nn.Module) -> int | None:
         """Fit the sample to ``model``, or refuse it, on every process alike (before any collective).
 
-        Sequences longer than the model's position limit (``max_position_embeddings`` /
-        ``n_positions``, or the tokenizer's ``model_max_length`` when smaller) are cut to it, with
-        one INFO line; the fingerprint stays that of the configuration.
+        Returns the length sequences are cut to for this model (None: no cut): its position
+        limit (``max_position_embeddings`` / ``n_positions``, or the tokenizer's
+        ``model_max_length`` when smaller), when a sequence is longer, with one INFO line. The
+        sample itself is left as it is (another model may take more positions), and so is the
+        fingerprint. A sequence whose measured part (from its ``measure_from``) the cut would
+        leave with fewer than 2 tokens is a ``ValueError`` naming it.
         """
         check_supported(model)
+        name = type(inspectable(model)).__name__
         limits = [limit for limit in (position_limit(model), self._tokenizer_limit) if limit is not None]
         longest = max(len(ids) for ids in self.sequences)
-        if limits and longest > min(limits):
-            limit = min(limits)
+        limit = min(limits) if limits and longest > min(limits) else None
+        if limit is not None:
             if limit < self.skip_first_tokens + 2:
                 raise ValueError(f"the model takes only {limit} positions: too few for the metrics")
-            self.sequences = [ids[:limit] for ids in self.sequences]
+            for index, start in enumerate(self.starts):
+                if limit - start < 2:
+                    raise ValueError(
+                        f"{self.sources[index]}: its metrics start at token {start} (measure_from, skip_first_tokens), "
+                        f"but {name} takes only {limit} positions, which leaves fewer than 2 tokens to measure; "
+                        "shorten what comes before the measured part"
+                    )
             logger.info(
                 "%s takes at most %d positions: probe sequences cut from up to %d tokens to %d (max_length=%d)",
-                type(inspectable(model)).__name__,
+                name,
                 limit,
                 longest,
                 limit,
                 self.max_length,
             )
-        check_token_range(self.sequences, self.sources, vocabulary_size(model), type(inspectable(model)).__name__)
+        check_token_range([ids[:limit] for ids in self.sequences], self.sources, vocabulary_size(model), name)
+        return limit
 
     def _explained(self, failure: Exception | None) -> Exception | None:
         """An index error of the model's embeddings, with what the sample asked of it (the likely cause)."""
@@ -291,15 +303,18 @@ class Probe:
         explained.__cause__ = failure
         return explained
 
-    def _emitters_of(self, model: nn.Module, device: torch.device, kwargs: dict[str, Any]) -> Emitters:
-        """Which module emits each hidden state: one short calibration forward per model, then cached."""
-        emitters = self._emitters.get(model)
-        if emitters is None:
-            self._check_model(model)
-            ids, mask = self._tensors([0], device)
+    def _emitters_of(
+        self, model: nn.Module, device: torch.device, kwargs: dict[str, Any]
+    ) -> tuple[Emitters, int | None]:
+        """Which module emits each hidden state (one short calibration forward per model, then cached),
+        and the length the sample is cut to for it (:meth:`_check_model`)."""
+        known = self._emitters.get(model)
+        if known is None:
+            limit = self._check_model(model)
+            ids, mask = self._tensors([0], device, limit)
             emitters = calibrate(model, {"input_ids": ids[:, :16], "attention_mask": mask[:, :16], **kwargs})
-            self._emitters[model] = emitters
-        return emitters
+            known = self._emitters[model] = (emitters, limit)
+        return known
 
     def run(
         self,
@@ -345,8 +360,8 @@ class Probe:
         device = model_device(forward_model)
         with preserved_training_state(forward_model, optimizer), torch.no_grad():
             kwargs = accepted_kwargs(inspectable(forward_model), {"use_cache": False, "return_dict": True})
-            emitters = self._emitters_of(forward_model, device, kwargs)
-            state = RunState(self, forward_model, emitters, device, streaming, kwargs, per_sequence, method)
+            emitters, limit = self._emitters_of(forward_model, device, kwargs)
+            state = RunState(self, forward_model, emitters, device, streaming, kwargs, per_sequence, method, limit)
             totals, failure = state.run(self._micro_batches(rank, world_size), keep_in_step=world_size > 1)
             failure = self._explained(failure)
             if world_size > 1:

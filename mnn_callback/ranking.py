@@ -14,14 +14,16 @@ import hashlib
 import json
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from mnn_callback.errors import UsageError
-from mnn_callback.files import append_jsonl, read_jsonl
+from mnn_callback.emitters import position_limit
+from mnn_callback.errors import MNNWarning, UsageError
+from mnn_callback.files import append_jsonl, atomic_write_jsonl, read_jsonl
 from mnn_callback.models import Target, discover, find_tokenizer, is_causal, load_model, model_config, model_dtype
 from mnn_callback.probe import Probe
 from mnn_callback.sample import text_paragraphs
@@ -40,6 +42,7 @@ RANKING_COLUMNS = (
     "nuclear_norm",
     "matrix_entropy",
     "erank",
+    "error",
 )
 
 
@@ -71,6 +74,11 @@ def _prompt_of(record: Any, path: str, number: int) -> str:
         if isinstance(record, dict) and isinstance(record.get(field), str):
             return record[field]
     raise ValueError(f"{path}, record {number}: expected a string or an object with 'prompt' or 'instruction'")
+
+
+def _short(prompt: str, limit: int = 40) -> str:
+    text = " ".join(prompt.split())
+    return repr(text if len(text) <= limit else text[: limit - 3] + "...")
 
 
 def _encode_prompt(tokenizer: Any, prompt: str, chat_template: bool) -> list[int]:
@@ -108,7 +116,14 @@ def _ranking_row(name: str, result: Any, response_lengths: list[int]) -> dict[st
         source = result.standard_errors if column.endswith("_se") else result.per_layer
         values = source.get(column.removesuffix("_se"))
         row[column] = values[final] if values else math.nan
+    row["error"] = ""
     return row
+
+
+def _failed_row(name: str, error: Exception) -> dict[str, Any]:
+    """The row of a model that could not be ranked: no scores, the error in one line."""
+    message = f"{type(error).__name__}: {error}".splitlines()[0][:500]
+    return {"model": name, **dict.fromkeys(RANKING_COLUMNS[2:-1]), "error": message}
 
 
 class _Ranking:
@@ -118,7 +133,7 @@ class _Ranking:
         self.prompts = prompts
         self.options = options
         self.responses_file = None if out is None else os.path.join(out, "responses.jsonl")
-        records = read_jsonl(self.responses_file) if self.responses_file and os.path.isfile(self.responses_file) else []
+        records = self._read_responses()
         self.finished = {
             (record["path"], record["config_key"]): record["summary"] for record in records if "summary" in record
         }
@@ -126,12 +141,43 @@ class _Ranking:
         self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
         self.dtype = model_dtype(options["dtype"], self.device)
 
+    def _read_responses(self) -> list[Any]:
+        """The records of ``responses.jsonl``, without response lines that no summary follows.
+
+        A model's lines and its summary are appended in one write, summary last; lines without
+        their summary were cut off (a kill, a full disk) and the model is ranked again, so they
+        are dropped from the file first (rewritten atomically, with a warning): no duplicates.
+        """
+        if not self.responses_file or not os.path.isfile(self.responses_file):
+            return []
+        records = read_jsonl(self.responses_file)
+        summaries = [index for index, record in enumerate(records) if isinstance(record, dict) and "summary" in record]
+        complete = summaries[-1] + 1 if summaries else 0
+        if complete < len(records):
+            atomic_write_jsonl(self.responses_file, records[:complete])
+            warnings.warn(
+                f"{self.responses_file}: dropped {len(records) - complete} response line(s) of a model whose summary "
+                "is missing (cut off); that model is ranked again",
+                MNNWarning,
+                stacklevel=3,
+            )
+        return records[:complete]
+
     def config_key(self) -> str:
         keys = ("max_new_tokens", "chat_template", "layers", "dtype", "seed", "tokenizer")
         content = [self.prompts, {key: str(self.options[key]) for key in keys}]
         return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
     def rank_one(self, target: Target) -> dict[str, Any]:
+        """The ranking row of ``target``: measured now, read back, or an error row when the model fails."""
+        try:
+            return self._rank_one(target)
+        except UsageError:
+            raise
+        except Exception as error:
+            return _failed_row(target.name, error)
+
+    def _rank_one(self, target: Target) -> dict[str, Any]:
         key = (target.key, self.config_key())
         if key in self.finished and not self.options["force"]:
             return self.finished[key]
@@ -148,16 +194,31 @@ class _Ranking:
         finally:
             del model
             gc.collect()
-        if self.responses_file:
-            for line in [*lines, {"model": target.name, "path": target.key, "config_key": key[1], "summary": summary}]:
-                append_jsonl(self.responses_file, line)
+        if self.responses_file:  # one write: the lines arrive with their summary, or are dropped when cut
+            summary_line = {"model": target.name, "path": target.key, "config_key": key[1], "summary": summary}
+            append_jsonl(self.responses_file, *lines, summary_line)
         return summary
+
+    def _answer(self, model: nn.Module, tokenizer: Any, number: int, prompt: str) -> tuple[list[int], list[int]]:
+        """The encoded prompt and the response to it; a failure names the prompt (its number and start)."""
+        try:
+            encoded = _encode_prompt(tokenizer, prompt, self.options["chat_template"])
+            limit = position_limit(model)
+            wanted = len(encoded) + self.options["max_new_tokens"]
+            if limit is not None and wanted > limit:
+                raise ValueError(
+                    f"it has {len(encoded)} tokens, and with max_new_tokens={self.options['max_new_tokens']} that is "
+                    f"{wanted}, more than the {limit} positions the model takes"
+                )
+            return encoded, _respond(model, tokenizer, encoded, self.options["max_new_tokens"])
+        except Exception as error:
+            raise RuntimeError(f"prompt {number} {_short(prompt)}: {type(error).__name__}: {error}") from error
 
     def _responses(self, target: Target, model: nn.Module, tokenizer: Any) -> tuple[dict[str, Any], list[dict]]:
         with torch.random.fork_rng(devices=[]):  # greedy decoding: deterministic; the global RNG is left alone
             torch.manual_seed(self.options["seed"])
-            encoded = [_encode_prompt(tokenizer, prompt, self.options["chat_template"]) for prompt in self.prompts]
-            responses = [_respond(model, tokenizer, ids, self.options["max_new_tokens"]) for ids in encoded]
+            answers = [self._answer(model, tokenizer, number, prompt) for number, prompt in enumerate(self.prompts, 1)]
+        encoded, responses = [answer[0] for answer in answers], [answer[1] for answer in answers]
         measured = [index for index, response in enumerate(responses) if len(response) >= 2]
         if not measured:
             raise UsageError(f"{target.name} gave no response of at least 2 tokens to any prompt")
@@ -185,6 +246,7 @@ class _Ranking:
             lines.append(
                 {
                     "model": target.name,
+                    "path": target.key,
                     "prompt": prompt,
                     "response": response,
                     "tokens": len(responses[index]),
@@ -220,7 +282,9 @@ def rank_models(
     and per-response metrics are appended to ``out/responses.jsonl`` as each model finishes, and
     models already ranked there with the same options are read back (``force`` redoes them).
     Returns the rows of ``ranking.csv`` (:data:`RANKING_COLUMNS`): ``rank`` by MNN ascending, ties
-    by name. Models may be directories or hub ids (``org/name@revision``).
+    by name. Models may be directories or hub ids (``org/name@revision``). A model that fails (a
+    prompt longer than its context, a chat template that raises, a model that cannot load) gets a
+    row without rank whose ``error`` names the prompt; the others are ranked.
     """
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 2:
         raise UsageError(f"max_new_tokens must be an integer >= 2, got {max_new_tokens!r}")
@@ -248,5 +312,7 @@ def rank_models(
 
         targets = tqdm(targets, desc="ranking", unit="model", disable=None)
     rows = [ranking.rank_one(target) for target in targets]
-    ordered = sorted(rows, key=lambda row: (math.inf if math.isnan(row["mnn"]) else row["mnn"], row["model"]))
-    return [{"rank": position + 1, **row} for position, row in enumerate(ordered)]
+    ranked = [row for row in rows if not row.get("error")]
+    ordered = sorted(ranked, key=lambda row: (math.inf if math.isnan(row["mnn"]) else row["mnn"], row["model"]))
+    failed = [{"rank": "", **row} for row in rows if row.get("error")]
+    return [{"rank": position + 1, **row} for position, row in enumerate(ordered)] + failed

@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 
 from mnn_callback import schema
 from mnn_callback.errors import MNNWarning
-from mnn_callback.files import append_jsonl
+from mnn_callback.files import append_jsonl, check_appendable
 from mnn_callback.guard import Guard
 from mnn_callback.results import DashboardImage, Measurement
 
@@ -228,16 +228,23 @@ class WandbSink(Sink):
 
     Uses ``run`` if given, else the active ``wandb.run`` (the one the Trainer's WandbCallback
     or Accelerate's tracker started), else starts one when ``start_run`` (``init_kwargs`` go
-    to ``wandb.init``). Logs without ``step=`` and with the step metric in the row, so W&B
-    never drops points as "steps going backwards" after a resume, mixed logging, or figures
-    that arrive after the probe they belong to.
+    to ``wandb.init``). ``prefix`` goes before every key (a second monitor of the run:
+    ``"name/"``). Logs without ``step=`` and with the step metric in the row, so W&B never drops
+    points as "steps going backwards" after a resume, mixed logging, or figures that arrive
+    after the probe they belong to.
     """
 
     name = "wandb"
     shows_images = True
 
     def __init__(
-        self, *, run: Any = None, start_run: bool = False, step_metric: str = "train/global_step", **init_kwargs: Any
+        self,
+        *,
+        run: Any = None,
+        start_run: bool = False,
+        step_metric: str = "train/global_step",
+        prefix: str = "",
+        **init_kwargs: Any,
     ) -> None:
         require_package("wandb")
         import wandb
@@ -261,17 +268,19 @@ class WandbSink(Sink):
         self.run = run
         self.directory = os.path.dirname(run.dir) if getattr(run, "dir", None) else None  # the run's local folder
         self.step_metric = step_metric
+        self.prefix = prefix
         self._image_dir = tempfile.mkdtemp(prefix="mnn-wandb-")
         run.define_metric(step_metric)
         for row in schema.logged_layer_metrics():
-            run.define_metric(f"{row.name}/*", step_metric=step_metric, step_sync=True)
-        run.define_metric("probe/*", step_metric=step_metric, step_sync=True)
+            run.define_metric(f"{prefix}{row.name}/*", step_metric=step_metric, step_sync=True)
+        run.define_metric(f"{prefix}probe/*", step_metric=step_metric, step_sync=True)
         for row in schema.LAYER_METRICS:  # the runs table can sort runs by these
             if row.headline:
-                run.define_metric(schema.headline_key(row.name), step_metric=step_metric, summary="min,last")
+                run.define_metric(prefix + schema.headline_key(row.name), step_metric=step_metric, summary="min,last")
 
     def _log(self, values: dict[str, Any], step: int) -> None:
-        self.run.log({**values, self.step_metric: step})  # a fresh dict: wandb mutates what it gets
+        row = {self.prefix + key: value for key, value in values.items()}  # a fresh dict: wandb mutates what it gets
+        self.run.log({**row, self.step_metric: step})
 
     def log_measurement(self, measurement: Measurement) -> None:
         self._log(measurement.scalars(), measurement.step)
@@ -304,7 +313,8 @@ class WandbSink(Sink):
         self._log(charts, step)
 
     def log_config(self, config: Mapping[str, Any]) -> None:
-        self.run.config.update({"mnn_callback": dict(config)}, allow_val_change=True)
+        entry = "mnn_callback" + ("." + self.prefix.rstrip("/") if self.prefix else "")  # one per monitor
+        self.run.config.update({entry: dict(config)}, allow_val_change=True)
 
     def close(self) -> None:
         if self._owns_run:
@@ -317,44 +327,51 @@ def _plain(value: Any) -> float:
 
 
 class JsonlSink(Sink):
-    """One JSON object per line, appended, flushed and fsynced at every probe.
+    """One JSON object per line, appended and fsynced at every probe.
 
-    Probe lines hold ``step``, ``epoch``, ``time`` (Unix seconds) and the flat metrics; other
-    lines hold ``event`` (``config``, ``resume``). Non-finite values are written as null. The
-    file is opened for each write, so a crash can cut at most the line being written, which
-    readers skip (:func:`mnn_callback.files.read_jsonl`).
+    Probe lines hold ``step``, ``epoch``, ``time`` (Unix seconds), ``monitor`` (the writer's name,
+    when given) and the flat metrics; other lines hold ``event`` (``config``, ``resume``,
+    ``overhead``). Non-finite values are null. Each line is one locked append
+    (:func:`~mnn_callback.files.append_jsonl`): a crash cuts at most that line, which readers
+    skip, and writers never mix lines. A path that is not a regular file, or a symbolic link out
+    of its directory, is refused (``ValueError``) before anything is written.
     """
 
     name = "jsonl"
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, *, monitor: str | None = None) -> None:
         self.path = os.fspath(path)
         directory = os.path.dirname(self.path)
         if directory:
             os.makedirs(directory, exist_ok=True)
+        check_appendable(self.path)
+        self.identity = {} if monitor is None else {"monitor": monitor}
 
     def log_measurement(self, measurement: Measurement) -> None:
-        record = {"step": measurement.step, "epoch": measurement.epoch, "time": time.time()}
+        record = {"step": measurement.step, "epoch": measurement.epoch, "time": time.time(), **self.identity}
         append_jsonl(self.path, {**record, **measurement.scalars()})
 
     def log_config(self, config: Mapping[str, Any]) -> None:
-        append_jsonl(self.path, {"event": "config", "time": time.time(), "config": dict(config)})
+        append_jsonl(self.path, {"event": "config", "time": time.time(), **self.identity, "config": dict(config)})
 
     def log_event(self, event: str, step: int, **fields: Any) -> None:
-        append_jsonl(self.path, {"event": event, "step": step, "time": time.time(), **fields})
+        append_jsonl(self.path, {"event": event, "step": step, "time": time.time(), **self.identity, **fields})
 
 
 class TrackerSink(Sink):
-    """Scalars to any Accelerate tracker (``tracker.log(values, step=step)``), as ``accelerator.log`` does."""
+    """Scalars to any Accelerate tracker (``tracker.log(values, step=step)``), as ``accelerator.log`` does;
+    ``prefix`` goes before every key."""
 
     name = "tracker"
 
-    def __init__(self, tracker: Any) -> None:
+    def __init__(self, tracker: Any, *, prefix: str = "") -> None:
         self.tracker = tracker
+        self.prefix = prefix
         self.name = f"{getattr(tracker, 'name', 'tracker')} tracker"  # type: ignore[misc]
 
     def log_measurement(self, measurement: Measurement) -> None:
-        self.tracker.log(measurement.scalars(), step=measurement.step)
+        values = {self.prefix + key: value for key, value in measurement.scalars().items()}
+        self.tracker.log(values, step=measurement.step)
 
 
 class MemorySink(Sink):

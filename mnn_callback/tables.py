@@ -15,6 +15,7 @@ from typing import Any
 from mnn_callback import schema
 from mnn_callback.errors import UsageError
 from mnn_callback.files import json_safe, read_jsonl
+from mnn_callback.identity import DEFAULT_NAME
 from mnn_callback.results import ProbeResult
 
 __all__ = ["evaluation_rows", "history_rows", "load_table", "result_rows", "write_csv"]
@@ -38,12 +39,18 @@ def result_rows(
 
 
 def history_rows(records: Iterable[Mapping[str, Any]], model: str = "run") -> list[dict[str, Any]]:
-    """Rows of a run's history: the callback's ``log_history`` entries or ``mnn_metrics.jsonl`` lines."""
+    """Rows of a run's history: the callback's ``log_history`` entries or ``mnn_metrics.jsonl`` lines.
+
+    Lines of a monitor other than the default one (their ``monitor`` field) are the model
+    ``"<model>:<monitor>"``, so two monitors' lines in one file never merge into one curve.
+    """
     rows = []
     for record in records:
         if "step" not in record or "event" in record:
             continue
-        rows.extend(schema.long_rows(record, {"model": model, "step": record["step"], "params": None}))
+        monitor = record.get("monitor", DEFAULT_NAME)
+        name = model if monitor == DEFAULT_NAME else f"{model}:{monitor}"
+        rows.extend(schema.long_rows(record, {"model": name, "step": record["step"], "params": None}))
     return rows
 
 

@@ -131,7 +131,8 @@ def test_finish_probes_the_final_step_and_closes_the_sinks(accelerator):
         assert hook.step(model, step) is None  # not due
     final = hook.finish(model, 7)
     assert final is not None and [m.step for m in memory.measurements] == [0, 7] and memory.closed
-    assert hook.step(model, 8, force=True)["probe/sequences"] == 4  # force: whatever the schedule
+    with pytest.warns(MNNWarning, match=r"step after finish\(\): a new run starts at step 8"):
+        assert hook.step(model, 8, force=True)["probe/sequences"] == 4  # force: whatever the schedule
 
 
 ENGINES_SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "hook_engines.py")
@@ -171,3 +172,33 @@ def test_sharded_engines_on_two_processes_give_the_unsharded_values_at_step_0(en
         assert sharded[0][key] == pytest.approx(unsharded[0][key], rel=1e-6, abs=1e-7), key
     assert sharded[0]["probe/sequences"] == 9
     assert all(math.isfinite(sharded[1][key]) for key in compared)
+
+
+def test_two_hooks_with_one_project_dir_keep_their_own_files(tmp_path):
+    """On main both wrote one JSONL that nothing told apart, and load_table merged them."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from mnn_callback.tables import load_table
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    accelerator = Accelerator(cpu=True, project_dir=str(tmp_path))
+    model = tiny_model("gpt2")
+    first = MNNAccelerateHook(accelerator, random_sequences(6, 4, 20), every_n_steps=2)
+    with pytest.warns(MNNWarning, match="this one is 'mnn-2'"):
+        second = MNNAccelerateHook(accelerator, random_sequences(6, 4, 20, seed=5), every_n_steps=3, layers="last")
+    named = MNNAccelerateHook(accelerator, random_sequences(6, 4, 20, seed=6), every_n_steps=6, name="long")
+    for step in range(7):
+        for hook in (first, second, named):
+            hook.step(model, step)
+    for hook in (first, second, named):
+        hook.finish(model, 6)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    files = {"mnn": "mnn_metrics.jsonl", "mnn-2": "mnn_metrics.mnn-2.jsonl", "long": "mnn_metrics.long.jsonl"}
+    steps = {"mnn": [0, 2, 4, 6], "mnn-2": [0, 3, 6], "long": [0, 6]}
+    for name, file in files.items():
+        lines = probe_lines(tmp_path / file)
+        assert [line["step"] for line in lines] == steps[name]
+        assert {line["monitor"] for line in lines} == {name}
+        assert sorted({row["step"] for row in load_table(tmp_path / file)}) == steps[name]
+    assert read_jsonl(tmp_path / files["long"])[0]["config"]["monitor"] == "long"

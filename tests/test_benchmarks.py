@@ -13,7 +13,15 @@ BENCHMARKS = os.path.join(os.path.dirname(__file__), "..", "benchmarks")
 
 
 @pytest.mark.parametrize(
-    "script", ["bench_metrics.py", "bench_probe.py", "bench_spectra.py", "bench_callback.py", "schedules.py"]
+    "script",
+    [
+        "bench_metrics.py",
+        "bench_probe.py",
+        "bench_spectra.py",
+        "bench_callback.py",
+        "bench_long_run.py",
+        "schedules.py",
+    ],
 )
 def test_benchmark_runs_at_a_tiny_size(script, tmp_path):
     options = ["--out", str(tmp_path)] if script == "schedules.py" else []  # not over the README's figure

@@ -281,3 +281,112 @@ def test_a_model_with_fewer_positions_than_max_length_is_probed_with_one_info_li
     assert callback.guard.errors == 0 and callback.history[-1]["probe/max_tokens"] == 64
     cut = [record for record in caplog.records if "takes at most 64 positions" in record.getMessage()]
     assert len(cut) == 1 and cut[0].levelno == logging.INFO
+
+
+# --- trust off the tested path: options combined, reuse, several monitors, hostile files -----------------
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_exact_every_with_dashboards_draws_every_profile_without_error(tmp_path, background):
+    """Cheap and exact probes mixed in the layer profile (on main: TypeError into train(), or lost profiles)."""
+    from helpers import event_accumulator
+
+    from mnn_callback import Dashboards
+
+    callback = MNNCallback(
+        PROBE_DATA,
+        every_n_steps=1,
+        exact_every=2,
+        sinks=["tensorboard", "jsonl"],
+        log_dir=tmp_path / "tb",
+        dashboards=Dashboards(background=background, heatmap_every=3),
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(tmp_path / "out", callback, max_steps=7).train()
+    assert not [warning for warning in caught if "failed" in str(warning.message)]
+    lines = probe_lines(tmp_path / "out" / "mnn_metrics.jsonl")
+    assert [line["step"] for line in lines] == list(range(8)) and lines[-1]["probe/errors"] == 0
+    assert ["matrix_entropy/layer_0" in line for line in lines] == [True, False] * 3 + [True, True]
+    profiles = event_accumulator(tmp_path / "tb").Images("mnn_callback/layer_profile")
+    if not background:  # drawn at every probe (in the background a waiting profile is replaced by a newer one)
+        assert [image.step for image in profiles] == list(range(8))
+    assert profiles[-1].step == 7
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_a_fifo_in_place_of_the_jsonl_is_refused_and_training_goes_on(tmp_path):
+    os.makedirs(tmp_path / "out")
+    os.mkfifo(tmp_path / "out" / "mnn_metrics.jsonl")  # opening it for writing would block forever
+    memory = __import__("mnn_callback").MemorySink()
+    callback = MNNCallback(PROBE_DATA, every_n_steps=4, sinks=["jsonl", memory])
+    with pytest.warns(MNNWarning, match="jsonl sink \\(setup\\) failed .*not a regular file"):
+        make_trainer(tmp_path / "out", callback, max_steps=4).train()
+    assert [measurement.step for measurement in memory.measurements] == [0, 4]
+
+
+def test_resume_with_a_log_history_entry_without_step_warns_once(tmp_path):
+    make_trainer(
+        tmp_path, MNNCallback(PROBE_DATA, every_n_steps=4), save_strategy="steps", save_steps=6, max_steps=6
+    ).train()
+    state_path = tmp_path / "checkpoint-6" / "trainer_state.json"
+    state = json.loads(state_path.read_text())
+    ours = [entry for entry in state["log_history"] if "probe/sequences" in entry]
+    del ours[-1]["step"]  # hand-edited, or written by another tool
+    state_path.write_text(json.dumps(state))
+    resumed = MNNCallback(PROBE_DATA, every_n_steps=4)
+    trainer = make_trainer(tmp_path, resumed, save_strategy="steps", save_steps=6)
+    with pytest.warns(MNNWarning, match="saved MNN history is unreadable") as record:
+        trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-6"))  # on main: KeyError: 'step'
+    assert sum(issubclass(warning.category, MNNWarning) for warning in record) == 1
+    assert trainer.state.global_step == 12 and [entry["step"] for entry in resumed.history] == [6, 8, 12]
+    assert resumed.history[0]["diff_erank/layer_2"] == 0.0  # a new reference, at the resume step
+
+
+def test_a_callback_reused_for_a_second_run_starts_afresh(tmp_path):
+    """As hyperparameter_search does (on main: the second run's Diff-eRank was measured against the first run's)."""
+    callback = MNNCallback(PROBE_DATA, every_n_steps=4)
+    make_trainer(tmp_path / "first", callback, seed=0).train()
+    first_reference = callback.reference
+    make_trainer(tmp_path / "second", callback, seed=1).train()
+    assert callback.reference is not first_reference
+    assert [entry["step"] for entry in callback.history] == [0, 4, 8, 12]
+    assert [callback.history[0][f"diff_erank/layer_{i}"] for i in range(3)] == [0.0, 0.0, 0.0]
+    alone = MNNCallback(PROBE_DATA, every_n_steps=4)
+    make_trainer(tmp_path / "alone", alone, seed=1).train()
+    for got, expected in zip(callback.history, alone.history, strict=True):  # the second run as if run alone
+        assert got["diff_erank/layer_2"] == pytest.approx(expected["diff_erank/layer_2"], abs=1e-6)
+    assert [line["step"] for line in probe_lines(tmp_path / "second" / "mnn_metrics.jsonl")] == [0, 4, 8, 12]
+
+
+def test_two_callbacks_in_one_trainer_keep_their_own_files_history_and_reference_across_a_resume(tmp_path):
+    def callbacks():
+        return MNNCallback(PROBE_DATA, every_n_steps=4), MNNCallback(PROBE_DATA[:6], every_n_steps=3, layers="last")
+
+    def trainer(pair, **overrides):
+        run = make_trainer(tmp_path, None, save_strategy="steps", save_steps=6, **overrides)
+        for callback in pair:
+            run.add_callback(callback)
+        return run
+
+    first = callbacks()
+    with pytest.warns(MNNWarning, match="'mnn-2'"):
+        trainer(first, max_steps=6).train()
+    assert [callback.name for callback in first] == ["mnn", "mnn-2"]
+    resumed = callbacks()
+    with pytest.warns(MNNWarning, match="'mnn-2'"):
+        trainer(resumed).train(resume_from_checkpoint=str(tmp_path / "checkpoint-6"))
+    assert [entry["step"] for entry in resumed[0].history] == [0, 4, 8, 12]
+    assert [entry["step"] for entry in resumed[1].history] == [0, 3, 6, 9, 12]
+    for callback, earlier in zip(resumed, first, strict=True):
+        assert callback.reference.to_dict()["per_layer"] == earlier.reference.to_dict()["per_layer"]
+    assert [line["step"] for line in probe_lines(tmp_path / "mnn_metrics.jsonl")] == [0, 4, 6, 8, 12]  # 6: final
+    second = probe_lines(tmp_path / "mnn_metrics.mnn-2.jsonl")
+    assert [line["step"] for line in second] == [0, 3, 6, 9, 12] and {line["monitor"] for line in second} == {"mnn-2"}
+    checkpoint = tmp_path / "checkpoint-12"
+    assert len(json.loads((checkpoint / "mnn_metrics.json").read_text())["history"]) == 4
+    assert len(json.loads((checkpoint / "mnn_metrics.mnn-2.json").read_text())["history"]) == 5
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    assert {"mnn_callback", "mnn_callback.mnn-2"} <= set(state["stateful_callbacks"])
+    assert len([entry for entry in state["log_history"] if "mnn-2/probe/sequences" in entry]) == 5

@@ -56,7 +56,8 @@ def test_tensorboard_layout_profiles_heatmaps_and_headline_keys(tmp_path):
             assert [tag for tag in all_tags if re.search(pattern, tag)], (title, pattern)  # the charts' tags exist
 
     profiles = accumulator.Images("mnn_callback/layer_profile")
-    assert [image.step for image in profiles] == [0, 2, 4, 6, 8, 10]  # one per probe
+    steps = [image.step for image in profiles]  # one per probe, unless a newer probe came before it was drawn
+    assert steps == sorted(set(steps)) and set(steps) <= {0, 2, 4, 6, 8, 10} and steps[-1] == 10
     heatmaps = accumulator.Images("mnn_callback/heatmap_mnn")
     assert [image.step for image in heatmaps] == [4, 10]  # every 3rd probe
     assert [image.step for image in accumulator.Images("mnn_callback/heatmap_matrix_entropy")] == [4, 10]
@@ -181,3 +182,81 @@ def test_layer_profiles_tick_whole_layers():
     rows = [{"model": "run", "step": 0, "layer": layer, "mnn": 0.5, "matrix_entropy": 0.6} for layer in range(3)]
     for axis in layer_profile_figure(rows).axes:
         assert all(float(tick).is_integer() for tick in axis.get_xticks())
+
+
+def test_the_figure_backlog_is_bounded():
+    """Probes faster than figures: at most 4 layer profiles wait, the oldest are dropped, so close() waits for a
+    bounded amount of drawing (on main every waiting profile was kept: 1000 fast probes made close() block 239 s)."""
+    from mnn_callback.figures import FigureWorker
+
+    worker = FigureWorker(background=True)
+    rows = [{"model": "run", "step": 0, "layer": layer, "mnn": 0.5 + 0.01 * layer} for layer in range(4)]
+    for step in range(60):
+        worker.request(profile=(step, [{**row, "step": step} for row in rows]))
+    worker.close()
+    images = worker.collect()
+    steps = [image.step for image in images]
+    assert len(steps) <= 12 and steps[-4:] == [56, 57, 58, 59]  # the newest are always drawn
+    assert worker.dropped == 60 - len(images)
+
+
+def test_the_training_threads_figure_work_does_not_grow_with_the_run(tmp_path, monkeypatch):
+    """Each probe's history entry becomes rows once; a layer profile is drawn from the last few probes only
+    (on main the whole history was converted at every probe: 11 s per probe after 5000 probes)."""
+    from helpers import tiny_model
+
+    from mnn_callback import Monitor, Probe, figures
+
+    converted = []
+    real_history_rows = figures.history_rows
+    monkeypatch.setattr(
+        figures, "history_rows", lambda records: converted.extend(records) or real_history_rows(records)
+    )
+    requested = []
+    monitor = Monitor(Probe(PROBE_DATA[:4], batch_size=4), dashboards=Dashboards(background=False, heatmap_every=0))
+    memory = MemorySink()
+    monitor.open(lambda: [memory], is_main_process=True)
+    monkeypatch.setattr(monitor.feed.worker, "request", lambda **what: requested.append(what))
+    model = tiny_model("gpt2")
+    for step in range(40):
+        monitor.measure(model, step, scheduled=True)
+    assert len(converted) == 40  # one history entry each
+    assert len(monitor.feed.rows) == 40 * 3
+    steps_drawn = [sorted({row["step"] for row in what["profile"][1]}) for what in requested]
+    assert steps_drawn[-1] == [35, 36, 37, 38, 39] and max(map(len, steps_drawn)) == 5
+
+
+NO_MATPLOTLIB = """
+import sys, warnings
+sys.modules["matplotlib"] = None  # as in the bare package: importing it fails
+sys.path.insert(0, sys.argv[2])
+from helpers import PROBE_DATA, make_trainer
+from mnn_callback import Dashboards, MNNCallback
+callback = MNNCallback(PROBE_DATA, every_n_steps=2, sinks=["tensorboard", "jsonl"], log_dir=sys.argv[1] + "/tb",
+                       dashboards=Dashboards(background=False))
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    make_trainer(sys.argv[1], callback, max_steps=4).train()
+for warning in caught:
+    if warning.category.__name__ == "MNNWarning":
+        print("WARNING", warning.message)
+"""
+
+
+def test_without_matplotlib_the_scalars_go_on_and_one_warning_says_why(tmp_path):
+    """On main, background=False without matplotlib raised ImportError into train()."""
+    from helpers import probe_lines
+
+    tests = os.path.dirname(__file__)
+    done = subprocess.run(
+        [sys.executable, "-c", NO_MATPLOTLIB, str(tmp_path), tests],
+        capture_output=True,
+        text=True,
+        timeout=HANG_TIMEOUT,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    printed = [line for line in done.stdout.splitlines() if line.startswith("WARNING")]
+    assert len(printed) == 1 and "dashboard figures need matplotlib" in printed[0], printed
+    assert [line["step"] for line in probe_lines(tmp_path / "mnn_metrics.jsonl")] == [0, 2, 4]
+    assert probe_lines(tmp_path / "mnn_metrics.jsonl")[-1]["probe/errors"] == 0
+    assert "mnn/last" in tensorboard_values(tmp_path / "tb")

@@ -54,3 +54,29 @@ def test_bad_input_is_a_usage_error(tmp_path):
         evaluate_models([tiny_model("gpt2")], str(tmp_path / "missing.txt"))
     with pytest.raises(UsageError, match="at least 2 tokens"):
         evaluate_models([tiny_model("gpt2")], [[1]])
+
+
+def gpt2_with_positions(positions: int, seed: int = 0):
+    import transformers as tf
+
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(seed)
+    config = tf.GPT2Config(vocab_size=96, n_layer=2, n_embd=32, n_head=2, n_positions=positions)
+    return tf.GPT2LMHeadModel(config)
+
+
+def test_each_model_is_measured_on_the_sample_as_given_in_any_order():
+    """On main the first model's position limit cut the shared sample for every later model (MNN 0.990 vs 0.579)."""
+    data = random_sequences(6, 90, 110, seed=7)
+    short, long = gpt2_with_positions(32, seed=1), gpt2_with_positions(128, seed=2)
+    alone = {
+        "short": evaluate_models([short], data, layers="last")[0],
+        "long": evaluate_models([long], data, layers="last")[0],
+    }
+    assert alone["long"]["max_tokens"] > 32 and alone["short"]["max_tokens"] == 32
+    for order in (["short", "long"], ["long", "short"]):
+        models = {"short": short, "long": long}
+        rows = evaluate_models([models[name] for name in order], data, layers="last")
+        for name, row in zip(order, rows, strict=True):
+            assert row["max_tokens"] == alone[name]["max_tokens"]
+            assert row["mnn"] == pytest.approx(alone[name]["mnn"], rel=1e-12)

@@ -37,7 +37,8 @@ SCRIPTS = os.path.join(os.path.dirname(__file__), "scripts")
 
 
 def test_two_process_run_survives_rank_local_failures_and_differing_samples(tmp_path):
-    """Rows 1-3 in a real 2-process DDP Trainer run (torchrun, gloo); the timeout fails the test on a hang."""
+    """Rows 1-3 and differing schedules (on main: a hang) in a real 2-process DDP Trainer run (torchrun, gloo);
+    the timeout fails the test on a hang."""
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     script = os.path.join(SCRIPTS, "train_ddp_faults.py")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
@@ -64,6 +65,10 @@ def test_two_process_run_survives_rank_local_failures_and_differing_samples(tmp_
     assert "process 1: RuntimeError: simulated: CUDA out of memory" in failed[0]
     assert "item 1 of the data: token id 101 is out of range for GPT2LMHeadModel" in failed[1]
     assert "96 tokens" in failed[1]
+    schedule = [message for message in main_warnings if "settings differ across processes" in message]
+    assert len(schedule) == 1 and "(every_n_steps: process 0 2, process 1 3)" in schedule[0]
+    assert "the monitor is off for this run on every process" in schedule[0]
+    assert probe_lines(tmp_path / "ddp" / "schedule" / "mnn_metrics.jsonl") == []  # and training finished
     for report in reports:  # strict: an error on every process alike, none waits for the other
         assert "the probe samples differ across processes" in report["strict_error"]
 

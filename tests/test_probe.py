@@ -532,3 +532,17 @@ def test_the_cheap_tier_calls_no_eigensolver_and_equals_the_exact_mnn_and_renyi2
     keys = {key.split("/")[0] for key in cheap.metrics}
     assert not keys & {"nuclear_norm", "matrix_entropy", "erank", "mnn_ratio", "nuclear_norm_se"}  # left out, not NaN
     assert Probe(random_sequences(3, 4, 9), method="cheap").run(model).config["method"] == "cheap"
+
+
+def test_a_measured_part_beyond_the_models_positions_is_an_error_naming_the_sequence():
+    """On main the sequence was cut to nothing measurable: NaN and a misleading "diverging run?" warning."""
+    import transformers as tf
+
+    model = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=96, n_layer=2, n_embd=32, n_head=2, n_positions=32))
+    data = [list(range(1, 20)), {"input_ids": list(range(1, 60)), "measure_from": 40}]
+    probe = Probe(data, max_length=64)
+    with pytest.raises(ValueError, match=r"item 1 of the data: its metrics start at token 40 .* only 32 positions"):
+        probe.run(model)
+    fits = Probe([list(range(1, 20)), {"input_ids": list(range(1, 60)), "measure_from": 20}], max_length=64)
+    result = fits.run(model)
+    assert result.token_range == (12, 15.5, 19) and not result.nan_sequences  # cut to 32: tokens 20..31 measured

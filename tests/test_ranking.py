@@ -8,6 +8,7 @@ import pytest
 import torch
 from helpers import read_csv, shakespeare_tokenizer
 
+from mnn_callback import MNNWarning
 from mnn_callback.cli import main
 from mnn_callback.files import read_jsonl
 from mnn_callback.metrics import compute_metrics
@@ -101,3 +102,42 @@ def test_bad_input_is_exit_2_and_one_line(models, tmp_path, capsys):
         assert main([*argv, "--out", str(tmp_path / "out")]) == 2
         error = capsys.readouterr().err.strip()
         assert error.startswith("mnn-callback: error:") and message in error and "\n" not in error
+
+
+def test_a_response_file_cut_mid_summary_resumes_without_duplicates(models, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(PROMPTS)
+    argv = ["rank", models[1], "--prompts", str(prompts), "--out", str(tmp_path / "out"), "--max-new-tokens", "6"]
+    assert main(argv) == 0
+    responses = tmp_path / "out" / "responses.jsonl"
+    whole = read_jsonl(responses)
+    content = responses.read_bytes()
+    responses.write_bytes(content[: content.rindex(b'"summary"') + 20])  # killed while writing the summary
+    with pytest.warns(MNNWarning, match=r"dropped 3 response line\(s\) of a model whose summary is missing"):
+        assert main(argv) == 0
+    again = read_jsonl(responses)
+    assert [record.get("prompt") for record in again] == [record.get("prompt") for record in whole]  # 3 + summary
+    assert again[-1]["summary"]["mnn"] == whole[-1]["summary"]["mnn"]
+
+
+def test_a_prompt_beyond_the_context_or_a_failing_chat_template_is_an_error_row(models, tmp_path, capsys):
+    """On main: a raw IndexError or TemplateError traceback, exit 1, nothing ranked."""
+    from transformers import AutoTokenizer
+
+    templated = shutil.copytree(models[0], tmp_path / "templated")
+    tokenizer = AutoTokenizer.from_pretrained(templated)
+    tokenizer.chat_template = "{{ raise_exception('this template takes no user turn') }}"
+    tokenizer.save_pretrained(templated)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Now is the winter of our discontent\n\n" + "To be, or not to be: " * 60 + "\n")
+    out = tmp_path / "out"
+    capsys.readouterr()
+    argv = ["rank", models[1], str(templated), "--prompts", str(prompts), "--out", str(out), "--max-new-tokens", "8"]
+    assert main(argv) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("mnn-callback:")]
+    assert len(errors) == 2, errors
+    assert errors[0].startswith(f"mnn-callback: {models[1]} failed: RuntimeError: prompt 2 'To be, or not to be:")
+    assert "more than the 256 positions the model takes" in errors[0]
+    assert "prompt 1 'Now is the winter of our discontent': TemplateError: this template takes no" in errors[1]
+    rows = read_csv(out / "ranking.csv")
+    assert [(row["rank"], row["model"], row["mnn"]) for row in rows] == [("", models[1], ""), ("", str(templated), "")]

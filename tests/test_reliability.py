@@ -165,9 +165,31 @@ def test_model_without_hidden_states_warns_and_training_goes_on(tmp_path):
     assert callback.guard.errors == 3
 
 
-def test_failing_sinks_cost_a_warning_and_the_others_keep_working(tmp_path):
+@pytest.fixture
+def full_disk(tmp_path):
+    """A directory on a real file system that is full: a 64 KiB tmpfs, filled (mounting needs root)."""
+    mount = tmp_path / "full"
+    mount.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        descriptor = os.open(mount / "filler", os.O_WRONLY | os.O_CREAT)
+        try:
+            while os.write(descriptor, b"\0" * 4096):
+                pass
+        except OSError:  # ENOSPC: full
+            pass
+        finally:
+            os.close(descriptor)
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_failing_sinks_cost_a_warning_and_the_others_keep_working(tmp_path, full_disk):
     (tmp_path / "a_file").write_text("not a directory")
-    full_disk = JsonlSink("/dev/full")  # every write fails with ENOSPC, as on a full disk
+    full_disk = JsonlSink(full_disk / "mnn_metrics.jsonl")  # every write fails with ENOSPC
     good = JsonlSink(tmp_path / "good.jsonl")
     callback = MNNCallback(
         PROBE_DATA, every_n_steps=2, sinks=["tensorboard", full_disk, good], log_dir=tmp_path / "a_file" / "tb"
@@ -196,8 +218,8 @@ def test_wandb_without_a_key_names_the_fix(monkeypatch, tmp_path):
     assert [line["step"] for line in probe_lines(tmp_path / "mnn_metrics.jsonl")] == [0, 4]
 
 
-def test_strict_mode_turns_warnings_into_errors(tmp_path):
-    callback = MNNCallback(PROBE_DATA, every_n_steps=2, sinks=[JsonlSink("/dev/full")], strict=True)
+def test_strict_mode_turns_warnings_into_errors(tmp_path, full_disk):
+    callback = MNNCallback(PROBE_DATA, every_n_steps=2, sinks=[JsonlSink(full_disk / "mnn_metrics.jsonl")], strict=True)
     with pytest.raises(OSError, match="No space left"):
         make_trainer(tmp_path, callback, max_steps=4).train()
     with pytest.raises(MNNWarning, match="truncated"):

@@ -8,6 +8,8 @@ process). Two trainings in the same processes:
   error on the rank with the longest sequences would);
 - ``OUTPUT_DIR/vocab``: the probe sample holds a token id beyond the model's vocabulary, in a
   sequence that process 1's shard holds;
+- ``OUTPUT_DIR/schedule``: process 1 is given another ``every_n_steps`` (a user error): one error
+  on process 0, the monitor off on every process, no hang;
 - ``OUTPUT_DIR/strict``: other data per process again, with ``strict=True``: every process raises.
 
 Each process writes ``report.<rank>.json``: the warnings it raised and the strict run's error.
@@ -21,7 +23,9 @@ import warnings
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 
-def train(output_dir: str, probe_data: list[list[int]], fail_from_step: int | None, strict: bool = False) -> None:
+def train(
+    output_dir: str, probe_data: list[list[int]], fail_from_step: int | None, strict: bool = False, every: int = 2
+) -> None:
     import torch.distributed as dist
     from helpers import VOCAB, random_sequences, tiny_model
     from transformers import Trainer, TrainingArguments
@@ -40,7 +44,7 @@ def train(output_dir: str, probe_data: list[list[int]], fail_from_step: int | No
     )
     train_data = [{"input_ids": ids, "labels": ids} for ids in random_sequences(64, 12, 12, seed=1)]
     trainer = Trainer(model=model, args=args, train_dataset=train_data)
-    callback = MNNCallback(probe_data, every_n_steps=2, batch_size=2, strict=strict)
+    callback = MNNCallback(probe_data, every_n_steps=every, batch_size=2, strict=strict)
     trainer.add_callback(callback)
     if fail_from_step is not None and dist.is_initialized() and dist.get_rank() == 1:
 
@@ -65,6 +69,8 @@ def main(output_dir: str) -> None:
         bad = random_sequences(9, 3, 20, seed=3)
         bad[1][0] = VOCAB + 5  # sequences are dealt out by length in micro-batches of 2: process 1 holds this one
         train(os.path.join(output_dir, "vocab"), bad, fail_from_step=None)
+        same = random_sequences(9, 3, 20, seed=3)
+        train(os.path.join(output_dir, "schedule"), same, fail_from_step=None, every=2 + rank)
     try:
         train(os.path.join(output_dir, "strict"), own_data, fail_from_step=None, strict=True)
         strict_error = None
