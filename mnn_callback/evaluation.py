@@ -201,7 +201,7 @@ class _Evaluation:
         try:
             probe = self.probe_for(target)
             key = self.config_key(probe)
-            record = self._stored(None, target.key, key)
+            record = None if target.module is not None else self._stored(None, target.key, key)  # weights may change
             if record is None:
                 record = self._measure(index, target, probe, key)
             if self.first_result is None:

@@ -152,14 +152,21 @@ def looks_local(path: str) -> bool:
     return bool(parent) and os.path.exists(parent)
 
 
+def _module_name(model: nn.Module, index: int) -> str:
+    return str(getattr(getattr(model, "config", None), "name_or_path", "") or f"model {index}")
+
+
 def discover(models: Sequence[str | os.PathLike | nn.Module], revisions: Sequence[str] | None = None) -> list[Target]:
     """Models to evaluate: model directories, run directories holding ``checkpoint-*`` (in step order),
     hub ids (``org/name@revision``, or ``org/name`` at each of ``revisions``), and modules."""
     targets: list[Target] = []
+    module_names = [_module_name(model, index) for index, model in enumerate(models) if isinstance(model, nn.Module)]
     for index, model in enumerate(models):
         if isinstance(model, nn.Module):
-            name = str(getattr(getattr(model, "config", None), "name_or_path", "") or f"model {index}")
-            targets.append(Target(name, name, None, True, module=model))
+            # in-memory weights have no file to identify them: the position in the list does
+            name = _module_name(model, index)
+            name = f"{name} #{index}" if module_names.count(name) > 1 else name
+            targets.append(Target(name, f"<module {index}: {name}>", None, True, module=model))
             continue
         path = os.fspath(model)
         if os.path.isdir(path):

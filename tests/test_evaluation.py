@@ -80,3 +80,19 @@ def test_each_model_is_measured_on_the_sample_as_given_in_any_order():
         for name, row in zip(order, rows, strict=True):
             assert row["max_tokens"] == alone[name]["max_tokens"]
             assert row["mnn"] == pytest.approx(alone[name]["mnn"], rel=1e-12)
+
+
+def test_in_memory_models_with_one_name_are_each_measured():
+    """Issue 27's wrong result: two modules loaded from one base shared a cache key, the second got the first's values."""
+    base = tiny_model("gpt2", seed=3)
+    base.config.name_or_path = "org/base"
+    scaled = tiny_model("gpt2", seed=3)
+    scaled.config.name_or_path = "org/base"
+    with pytest.importorskip("torch").no_grad():
+        for parameter in scaled.parameters():
+            parameter.mul_(3.0)
+    rows = evaluate_models([base, scaled], DATA, layers="last")
+    alone = evaluate_models([scaled], DATA, layers="last")[0]
+    assert [row["model"] for row in rows] == ["org/base #0", "org/base #1"]
+    assert rows[1]["loss"] == pytest.approx(alone["loss"], rel=1e-12) and rows[1]["loss"] != rows[0]["loss"]
+    assert rows[1]["mnn"] == pytest.approx(alone["mnn"], rel=1e-12)
