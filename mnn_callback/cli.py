@@ -76,14 +76,42 @@ def _output_directory(path: str) -> None:
         raise UsageError(f"cannot create --out {path}: {error.strerror}") from None
 
 
+def _placement_options(parser: Any) -> None:
+    from mnn_callback.models import DEVICE_MAPS
+
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
+    parser.add_argument(
+        "--device-map", choices=DEVICE_MAPS, help="split each model over the devices (Accelerate big-model inference)"
+    )
+    parser.add_argument(
+        "--max-memory", metavar="DEV=AMOUNT,...", help="with --device-map: memory per device, e.g. 0=20GiB,cpu=60GiB"
+    )
+
+
+def _main_process() -> bool:
+    from mnn_callback.distributed import world
+
+    return world()[0] == 0
+
+
 def evaluate(args: argparse.Namespace) -> int:
+    from mnn_callback.distributed import process_group_from_environment
+
+    with process_group_from_environment(args.device):
+        return _evaluate(args)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
     from mnn_callback.evaluation import UNTRAINED, evaluate_models, latest_rows
+    from mnn_callback.models import parse_max_memory
     from mnn_callback.tables import write_csv
 
     _output_directory(args.out)
     results_file = os.path.join(args.out, "metrics.jsonl")
     csv_path = os.path.join(args.out, "metrics.csv")
-    sinks = _sinks(args)
+    main_process = _main_process()  # under torchrun: the only one that writes and prints
+    sinks = _sinks(args) if main_process else []
     try:
         rows = evaluate_models(
             args.paths,
@@ -94,6 +122,8 @@ def evaluate(args: argparse.Namespace) -> int:
             force=args.force,
             device=args.device,
             dtype=args.dtype,
+            device_map=args.device_map,
+            max_memory=parse_max_memory(args.max_memory),
             seed=args.seed,
             trust_remote_code=args.trust_remote_code,
             sinks=sinks,
@@ -108,14 +138,16 @@ def evaluate(args: argparse.Namespace) -> int:
             skip_first_tokens=args.skip_first_tokens,
         )
     except KeyboardInterrupt:  # what finished is in the results file: the CSV too
-        if os.path.isfile(results_file):
+        if main_process and os.path.isfile(results_file):
             write_csv(csv_path, latest_rows(read_jsonl(results_file)))
         raise
     finally:
         for sink in sinks:
             sink.close()
-    write_csv(csv_path, latest_rows(read_jsonl(results_file)))
     failed = {row["model"]: row["error"] for row in rows if row.get("error")}
+    if not main_process:
+        return 1 if failed else 0
+    write_csv(csv_path, latest_rows(read_jsonl(results_file)))
     for model, error in failed.items():
         print(f"mnn-callback: {model} failed: {error}", file=sys.stderr)
     models = len({row["model"] for row in rows})
@@ -124,10 +156,15 @@ def evaluate(args: argparse.Namespace) -> int:
 
 
 def rank(args: argparse.Namespace) -> int:
-    import csv
+    from mnn_callback.distributed import process_group_from_environment
 
-    from mnn_callback.plots import plot_ranking
-    from mnn_callback.ranking import RANKING_COLUMNS, rank_models
+    with process_group_from_environment(args.device):
+        return _rank(args)
+
+
+def _rank(args: argparse.Namespace) -> int:
+    from mnn_callback.models import parse_max_memory
+    from mnn_callback.ranking import rank_models
 
     _output_directory(args.out)
     rows = rank_models(
@@ -141,20 +178,17 @@ def rank(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         device=args.device,
         dtype=args.dtype,
+        device_map=args.device_map,
+        max_memory=parse_max_memory(args.max_memory),
         seed=args.seed,
         trust_remote_code=args.trust_remote_code,
         force=args.force,
         progress=True,
     )
-    path = os.path.join(args.out, "ranking.csv")
-    with open(path + ".tmp", "w", encoding="utf-8", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=RANKING_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(path + ".tmp", path)
-    plot_ranking(rows, os.path.join(args.out, "ranking.png"))
-    print(f"{'rank':>4}  {'MNN':>8}  {'± s.e.':>7}  {'MNN/noise':>9}  {'tokens':>6}  model")
     failed = [row for row in rows if row["error"]]
+    if not _main_process():
+        return 1 if failed else 0
+    print(f"{'rank':>4}  {'MNN':>8}  {'± s.e.':>7}  {'MNN/noise':>9}  {'tokens':>6}  model")
     for row in rows:
         if not row["error"]:
             print(
@@ -163,7 +197,8 @@ def rank(args: argparse.Namespace) -> int:
             )
     for row in failed:
         print(f"mnn-callback: {row['model']} failed: {row['error']}", file=sys.stderr)
-    print(f"wrote {path}, {os.path.join(args.out, 'ranking.png')} and {os.path.join(args.out, 'responses.jsonl')}")
+    files = [os.path.join(args.out, name) for name in ("ranking.csv", "ranking.png", "responses.jsonl")]
+    print(f"wrote {files[0]}, {files[1]} and {files[2]}")
     return 1 if failed else 0
 
 
@@ -209,8 +244,7 @@ def _add_evaluate_command(commands: Any) -> None:
     evaluate_parser.add_argument(
         "--seed", type=int, default=0, help="seed of the sample choice and untrained reference"
     )
-    evaluate_parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    evaluate_parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
+    _placement_options(evaluate_parser)
     evaluate_parser.add_argument(
         "--method",
         choices=["exact", "fast", "cheap"],
@@ -242,8 +276,7 @@ def _add_rank_command(commands: Any) -> None:
     rank_parser.add_argument("--tokenizer", help="tokenizer directory or id (default: each model's own)")
     rank_parser.add_argument("--batch-size", type=int, default=8)
     rank_parser.add_argument("--seed", type=int, default=0)
-    rank_parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    rank_parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
+    _placement_options(rank_parser)
     rank_parser.add_argument("--force", action="store_true", help="rank again models already in responses.jsonl")
     rank_parser.add_argument("--trust-remote-code", action="store_true", help="allow models' own Python code")
     rank_parser.set_defaults(handler=rank)

@@ -6,12 +6,22 @@ no-op (or returns its input) without a process group.
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["all_gather_object", "all_reduce", "broadcast_object", "differing_across_processes", "world"]
+__all__ = [
+    "all_gather_object",
+    "all_reduce",
+    "broadcast_object",
+    "differing_across_processes",
+    "process_group_from_environment",
+    "world",
+]
 
 # The last all-reduce's work handle and buffer, referenced until the next all-reduce, module-wide
 # (they must outlive the probe that made them): otherwise gloo's worker thread may drop the last
@@ -94,3 +104,25 @@ def differing_across_processes(settings: dict[str, Any]) -> str | None:
         f"{key}: " + ", ".join(f"process {rank} {values.get(key)!r}" for rank, values in enumerate(gathered))
         for key in differing
     )
+
+
+@contextlib.contextmanager
+def process_group_from_environment(device: str = "auto") -> Iterator[None]:
+    """A process group for the block when launched as several processes (``torchrun``, ``accelerate
+    launch``: ``WORLD_SIZE`` > 1) and none is initialised yet; nothing otherwise.
+
+    NCCL when the work runs on CUDA (each process on its ``LOCAL_RANK`` GPU), gloo otherwise. On a
+    normal exit every process leaves together (a barrier) and the group is destroyed.
+    """
+    import torch.distributed as dist
+
+    if _initialized() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        yield
+        return
+    cuda = torch.cuda.is_available() and device in ("auto", "cuda")
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if cuda else "gloo")
+    yield
+    dist.barrier()  # only on a normal exit: after an error, the launcher ends the other processes
+    dist.destroy_process_group()

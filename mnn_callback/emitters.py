@@ -53,6 +53,15 @@ def inspectable(model: nn.Module) -> nn.Module:
 
 
 def model_device(model: nn.Module) -> torch.device:
+    """Where the model's inputs go: for a model dispatched over devices (``hf_device_map``, weights
+    possibly offloaded to the CPU or disk), the first accelerator it uses, else the CPU."""
+    device_map = getattr(inspectable(model), "hf_device_map", None)
+    if isinstance(device_map, Mapping) and device_map:
+        accelerators = [place for place in device_map.values() if str(place) not in ("cpu", "disk", "meta")]
+        if not accelerators:
+            return torch.device("cpu")
+        place = accelerators[0]
+        return torch.device("cuda", place) if isinstance(place, int) else torch.device(place)
     device = getattr(model, "device", None)
     if isinstance(device, torch.device):
         return device
@@ -167,7 +176,10 @@ def calibrate(model: nn.Module, forward_kwargs: dict[str, Any]) -> Emitters:
         matches = [
             (name.count("."), order, name)
             for name, (order, tensor) in records.items()
-            if calls[name] == 1 and tensor.shape == hidden.shape and torch.equal(tensor, hidden)
+            if calls[name] == 1
+            and tensor.shape == hidden.shape
+            and tensor.device == hidden.device
+            and torch.equal(tensor, hidden)
         ]
         modules.append(max(matches)[2] if matches else None)
     return Emitters(len(hidden_states), tuple(modules), int(hidden_states[-1].shape[-1]))

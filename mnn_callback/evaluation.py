@@ -13,6 +13,7 @@ import gc
 import hashlib
 import json
 import os
+import tempfile
 import time
 import warnings
 from collections.abc import Sequence
@@ -21,16 +22,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from mnn_callback.distributed import all_gather_object, broadcast_object, world
 from mnn_callback.errors import MNNWarning, UsageError
 from mnn_callback.files import append_jsonl, read_jsonl
 from mnn_callback.models import (
+    Placement,
     Target,
     discover,
     find_tokenizer,
     load_model,
     looks_local,
     model_config,
-    model_dtype,
     untrained_model,
 )
 from mnn_callback.probe import Probe
@@ -73,6 +75,12 @@ def _read_results(path: str | None) -> list[dict[str, Any]]:
     return records
 
 
+def _error_record(target: Target, error: Exception) -> dict[str, Any]:
+    """The record of a model that failed: its error in one line."""
+    message = f"{type(error).__name__}: {error}".splitlines()[0][:500]
+    return {"model": target.name, "path": target.key, "step": target.step, "error": message}
+
+
 class _Evaluation:
     """One evaluation: models in order, their probes, the reference, the results file."""
 
@@ -87,13 +95,17 @@ class _Evaluation:
             if not os.path.isdir(source) and (os.path.exists(source) or looks_local(source)):
                 raise UsageError(f"tokenizer directory not found: {source}")
         self.results_file = options.pop("results_file")
+        rank, size = world()
+        self.writer = rank == 0  # under torchrun only the main process writes files and logs to sinks
+        # one model on several processes: each runs it over its shard of the sample (the training protocol);
+        # several models: each process its own models, whole samples
+        self.split_sample = size > 1 and len(self.targets) == 1
         self.force = options.pop("force")
         self.trust_remote_code = options.pop("trust_remote_code")
         self.seed = options.pop("seed")
         self.sinks: list[Sink] = list(options.pop("sinks"))
-        device = options.pop("device")
-        self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
-        self.dtype = model_dtype(options.pop("dtype"), self.device)
+        self.placement: Placement = options.pop("placement")
+        self.device, self.dtype = self.placement.device, self.placement.dtype
         reference = options.pop("reference")
         self.reference_mode = self._reference_mode(reference)
         self.probe_options = {**options, "seed": self.seed}
@@ -138,7 +150,7 @@ class _Evaluation:
         return None
 
     def _append(self, record: dict[str, Any]) -> None:
-        if self.results_file:
+        if self.results_file and self.writer:
             append_jsonl(self.results_file, record)
         self.records.append(record)
 
@@ -154,13 +166,13 @@ class _Evaluation:
             architecture = {key: value for key, value in config.items() if key not in _NOT_ARCHITECTURE}
             name = f"untrained:{_digest(architecture)}:seed={self.seed}"
             make = lambda: untrained_model(  # noqa: E731
-                target, device=self.device, seed=self.seed, trust_remote_code=self.trust_remote_code
+                target, placement=self.placement, seed=self.seed, trust_remote_code=self.trust_remote_code
             )
         key = self.config_key(probe)
         stored = self._stored("reference", name, key)
         if stored is not None:
             return ProbeResult.from_dict(stored["result"])
-        result = probe.run(make())
+        result = probe.run(make(), distributed=self.split_sample)
         self._append({"role": "reference", "path": name, "config_key": key, "result": result.to_dict()})
         return result
 
@@ -194,40 +206,67 @@ class _Evaluation:
             )
 
     def _load(self, target: Target) -> nn.Module:
-        return load_model(target, device=self.device, dtype=self.dtype, trust_remote_code=self.trust_remote_code)
+        return load_model(target, placement=self.placement, trust_remote_code=self.trust_remote_code)
 
     def evaluate(self, index: int, target: Target) -> dict[str, Any]:
         """The record of one model: evaluated now, or read back from the results file."""
+        return self.completed(index, target, self.measured(index, target))
+
+    def measured(self, index: int, target: Target) -> tuple[str, Any]:
+        """One model's measurement, and what it is: ``("stored", record)`` read back, ``("new", record)``
+        without differences yet, ``("error", record)``, or ``("usage", message)`` for bad input.
+
+        Writes nothing: with the models shared out over processes, every process measures its own and
+        the writing process completes them in order (:meth:`completed`).
+        """
         try:
             probe = self.probe_for(target)
             key = self.config_key(probe)
-            record = None if target.module is not None else self._stored(None, target.key, key)  # weights may change
-            if record is None:
-                record = self._measure(index, target, probe, key)
-            if self.first_result is None:
-                self.first_result = ProbeResult.from_dict(record["result"])
-            return record
-        except UsageError:
-            raise
+            stored = None if target.module is not None else self._stored(None, target.key, key)  # weights may change
+            return ("stored", stored) if stored is not None else ("new", self._measure(target, probe, key))
+        except UsageError as error:
+            return ("usage", str(error))
         except Exception as error:
-            message = f"{type(error).__name__}: {error}".splitlines()[0][:500]
-            record = {"model": target.name, "path": target.key, "step": target.step, "error": message}
-            self._append(record)
-            return record
+            return ("error", _error_record(target, error))
         finally:
             gc.collect()
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
 
-    def _measure(self, index: int, target: Target, probe: Probe, key: str) -> dict[str, Any]:
+    def completed(self, index: int, target: Target, measured: tuple[str, Any]) -> dict[str, Any]:
+        """The record of ``measured`` with its Diff-eRank differences, appended and logged (in model order)."""
+        kind, record = measured
+        if kind == "usage":
+            raise UsageError(record)
+        if kind == "new":
+            try:
+                record = self._with_differences(index, target, record)
+            except UsageError:
+                raise
+            except Exception as error:  # the reference failed: this model's row says so
+                record = _error_record(target, error)
+        if kind != "stored":
+            self._append(record)
+        if self.first_result is None and "result" in record:
+            self.first_result = ProbeResult.from_dict(record["result"])
+        return record
+
+    def _with_differences(self, index: int, target: Target, record: dict[str, Any]) -> dict[str, Any]:
+        result = ProbeResult.from_dict(record["result"])
+        reference = self.reference_for(target, self.probe_for(target)) or result
+        differences = result.differences(reference) if self._comparable(result, reference, target) else {}
+        measurement = Measurement(target.step if target.step is not None else index, None, result, differences)
+        for sink in self.sinks if self.writer else ():
+            sink.log_measurement(measurement)
+        return {**record, "differences": differences}
+
+    def _measure(self, target: Target, probe: Probe, key: str) -> dict[str, Any]:
         started = time.perf_counter()
         model = self._load(target)
         params = sum(parameter.numel() for parameter in model.parameters())
-        result = probe.run(model)
+        result = probe.run(model, distributed=self.split_sample)
         del model  # one model in memory at a time
-        reference = self.reference_for(target, probe) or result
-        differences = result.differences(reference) if self._comparable(result, reference, target) else {}
-        record = {
+        return {
             "model": target.name,
             "path": target.key,
             "revision": target.revision,
@@ -237,13 +276,26 @@ class _Evaluation:
             "config_key": key,
             "seconds": time.perf_counter() - started,
             "result": result.to_dict(),
-            "differences": differences,
         }
-        self._append(record)
-        measurement = Measurement(target.step if target.step is not None else index, None, result, differences)
-        for sink in self.sinks:
-            sink.log_measurement(measurement)
-        return record
+
+    def shared_over_models(self, progress: Any) -> list[dict[str, Any]]:
+        """Every model evaluated by one process (model i by process i mod world size), in rounds; the main
+        process completes and writes each round in model order. Every process returns the same rows."""
+        rank, size = world()
+        rows: list[dict[str, Any]] = []
+        for start in range(0, len(self.targets), size):
+            index = start + rank
+            mine = self.measured(index, self.targets[index]) if index < len(self.targets) else None
+            gathered = [item for item in all_gather_object(mine) if item is not None]
+            usage = [record for kind, record in gathered if kind == "usage"]
+            if usage:  # on every process alike: nobody waits for another
+                raise UsageError(usage[0])
+            if self.writer:
+                for offset, item in enumerate(gathered):
+                    rows.extend(evaluation_rows(self.completed(start + offset, self.targets[start + offset], item)))
+            if progress is not None:
+                progress.update(len(gathered))
+        return broadcast_object(rows)
 
 
 def evaluate_models(
@@ -256,6 +308,8 @@ def evaluate_models(
     force: bool = False,
     device: str = "auto",
     dtype: str = "auto",
+    device_map: str | None = None,
+    max_memory: dict[int | str, int | str] | None = None,
     seed: int = 0,
     trust_remote_code: bool = False,
     sinks: Sequence[Sink] = (),
@@ -277,6 +331,9 @@ def evaluate_models(
         force: evaluate again models found in ``results_file``.
         device, dtype: where and in which dtype to load the models (``"auto"``: CUDA if available;
             the checkpoint's dtype on CUDA, float32 on the CPU).
+        device_map, max_memory: split each model over the available devices with Accelerate's
+            big-model inference (``"auto"``, ``"balanced"``, ``"balanced_low_0"``, ``"sequential"``;
+            ``max_memory={0: "20GiB", "cpu": "60GiB"}``), the rest offloaded to the CPU and disk.
         seed: the sample's seed and the untrained reference's.
         trust_remote_code: allow models' own Python code (off: nothing of theirs runs).
         sinks: also log each model's measurement, at its training step, to these sinks.
@@ -286,34 +343,54 @@ def evaluate_models(
         **probe_options: passed to :class:`~mnn_callback.probe.Probe` (``max_samples``, ``layers``, ...).
 
     A model that fails to load or probe gives one row with ``error`` set; the others are
-    evaluated. Bad input raises :class:`~mnn_callback.errors.UsageError`.
+    evaluated. Bad input raises :class:`~mnn_callback.errors.UsageError`. Under an initialised
+    ``torch.distributed`` process group (``torchrun``) every process must call it: several models
+    are shared out (each process its own, whole sample), one model is run by every process over
+    its shard of the sample; only the main process writes, and every process returns the rows a
+    single process would.
     """
-    evaluation = _Evaluation(
-        models,
-        data,
-        {
-            **probe_options,
-            "tokenizer": tokenizer,
-            "reference": reference,
-            "results_file": None if results_file is None else os.fspath(results_file),
-            "force": force,
-            "device": device,
-            "dtype": dtype,
-            "seed": seed,
-            "trust_remote_code": trust_remote_code,
-            "sinks": sinks,
-            "revisions": revisions,
-        },
-    )
+    with tempfile.TemporaryDirectory(prefix="mnn-offload-") as offload:
+        evaluation = _Evaluation(
+            models,
+            data,
+            {
+                **probe_options,
+                "tokenizer": tokenizer,
+                "reference": reference,
+                "results_file": None if results_file is None else os.fspath(results_file),
+                "force": force,
+                "placement": Placement.of(device, dtype, device_map, max_memory, offload),
+                "seed": seed,
+                "trust_remote_code": trust_remote_code,
+                "sinks": sinks,
+                "revisions": revisions,
+            },
+        )
+        rows = _evaluate_all(evaluation, progress)
+    if evaluation.writer:
+        evaluation.warn_if_not_comparable(rows)
+    return rows
+
+
+def _evaluate_all(evaluation: _Evaluation, progress: bool) -> list[dict[str, Any]]:
     targets = evaluation.targets
+    bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        targets = tqdm(targets, desc="evaluating", unit="model", disable=None)  # None: only on a terminal
-    rows = []
-    for index, target in enumerate(targets):
-        if progress:
-            targets.set_postfix_str(os.path.basename(target.name.rstrip("/")))
-        rows.extend(evaluation_rows(evaluation.evaluate(index, target)))
-    evaluation.warn_if_not_comparable(rows)
-    return rows
+        # on a terminal only (disable=None), on the main process only
+        bar = tqdm(total=len(targets), desc="evaluating", unit="model", disable=None if evaluation.writer else True)
+    try:
+        if world()[1] > 1 and not evaluation.split_sample:
+            return evaluation.shared_over_models(bar)
+        rows = []
+        for index, target in enumerate(targets):
+            if bar is not None:
+                bar.set_postfix_str(os.path.basename(target.name.rstrip("/")))
+            rows.extend(evaluation_rows(evaluation.evaluate(index, target)))
+            if bar is not None:
+                bar.update(1)
+        return rows
+    finally:
+        if bar is not None:
+            bar.close()

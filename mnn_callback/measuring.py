@@ -70,6 +70,7 @@ class RunState:
         self.fields = schema.averaged_fields(spectral=method != "cheap")
         self.accumulator = MetricAccumulator(num_groups=len(self.layers), device=device, fields=self.fields)
         defer = probe.defer_spectra if probe.defer_spectra is not None else device.type == "cuda"
+        defer = defer and not _spread_over_devices(model)  # one batched eigensolve needs one device
         self.pending = _PendingSpectra(self) if defer and method == "exact" else None
         self.sums = torch.zeros(len(_TOTALS), dtype=torch.float64, device=device)
         self.nan_rows: list[Tensor] = []  # per micro-batch: which sequences have a NaN metric in some layer
@@ -134,6 +135,7 @@ class RunState:
         """Add one micro-batch's per-layer metrics; which of its sequences have a NaN metric in some layer."""
         has_nan = None
         for group, values in enumerate(per_layer):
+            values = {name: value.to(self.device) for name, value in values.items()}  # a dispatched model's layers
             row = self.accumulator.update(values, group=group)
             has_nan = row if has_nan is None else has_nan | row
             if self.sequence_values.numel():
@@ -143,6 +145,7 @@ class RunState:
         return has_nan
 
     def measure(self, attention_mask: Tensor, hidden: Tensor) -> Any:
+        attention_mask = attention_mask.to(hidden.device)  # computed where the hidden state lives
         if self.pending is not None:
             return self.pending.prepare(hidden, attention_mask, self.probe.dtype)
         return compute_metrics(hidden, attention_mask, dtype=self.probe.dtype, method=self.method)
@@ -230,6 +233,12 @@ class RunState:
             if sequences.numel()
             else None,
         )
+
+
+def _spread_over_devices(model: nn.Module) -> bool:
+    """Whether ``model`` was dispatched over several devices (Accelerate's big-model inference)."""
+    device_map = getattr(model, "hf_device_map", None) or {}
+    return len({str(place) for place in device_map.values() if str(place) not in ("disk", "meta")}) > 1
 
 
 def _hook_adapter(

@@ -21,6 +21,8 @@ from torch import nn
 from mnn_callback.errors import UsageError
 
 __all__ = [
+    "DEVICE_MAPS",
+    "Placement",
     "Target",
     "discover",
     "find_tokenizer",
@@ -28,6 +30,7 @@ __all__ = [
     "is_causal",
     "load_model",
     "looks_local",
+    "parse_max_memory",
     "step_of_revision",
     "untrained_model",
 ]
@@ -219,7 +222,62 @@ def is_causal(config: Any) -> bool:
     return any(name.endswith(("ForCausalLM", "LMHeadModel")) for name in (config.architectures or []))
 
 
-def load_model(target: Target, *, device: torch.device, dtype: torch.dtype | str, trust_remote_code: bool) -> nn.Module:
+@dataclass(frozen=True)
+class Placement:
+    """Where a loaded model goes: one ``device``, or (``device_map``) split over the available
+    devices by Accelerate's big-model inference, within ``max_memory`` per device, the rest
+    offloaded to the CPU and to ``offload_folder`` on disk."""
+
+    device: torch.device
+    dtype: torch.dtype | str
+    device_map: str | None = None  # "auto", "balanced", "balanced_low_0" or "sequential"
+    max_memory: dict[int | str, int | str] | None = None
+    offload_folder: str | None = None
+
+    @classmethod
+    def of(
+        cls,
+        device: str,
+        dtype: str,
+        device_map: str | None = None,
+        max_memory: dict[int | str, int | str] | None = None,
+        offload_folder: str | None = None,
+    ) -> Placement:
+        """From the options of ``evaluate``/``rank``: ``device`` ``"auto"`` is CUDA when available (this
+        process's GPU under ``torchrun``: ``LOCAL_RANK``), ``dtype`` ``"auto"`` as :func:`model_dtype`."""
+        if device_map is not None and device_map not in DEVICE_MAPS:
+            raise UsageError(f"device_map must be one of {', '.join(DEVICE_MAPS)}, got {device_map!r}")
+        if max_memory is not None and device_map is None:
+            raise UsageError("max_memory needs device_map (e.g. device_map='auto')")
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        place = torch.device(device)
+        if place.type == "cuda" and place.index is None:
+            place = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return cls(place, model_dtype(dtype, place), device_map, max_memory, offload_folder)
+
+
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def parse_max_memory(text: str | None) -> dict[int | str, str] | None:
+    """``"0=20GiB,cpu=60GiB"`` as Accelerate's ``max_memory`` (``{0: "20GiB", "cpu": "60GiB"}``).
+
+    >>> parse_max_memory("0=20GiB,cpu=60GiB")
+    {0: '20GiB', 'cpu': '60GiB'}
+    """
+    if not text:
+        return None
+    memory: dict[int | str, str] = {}
+    for part in text.split(","):
+        device, equals, amount = part.strip().partition("=")
+        if not equals or not amount or not (device.isdigit() or device in ("cpu", "mps", "disk")):
+            raise UsageError(f"--max-memory takes DEVICE=AMOUNT pairs such as 0=20GiB,cpu=60GiB; got {part!r}")
+        memory[int(device) if device.isdigit() else device] = amount
+    return memory
+
+
+def load_model(target: Target, *, placement: Placement, trust_remote_code: bool) -> nn.Module:
     """A model for probing: the causal-LM class when the config names one (for the loss), else the base model."""
     if target.module is not None:
         return target.module
@@ -230,8 +288,15 @@ def load_model(target: Target, *, device: torch.device, dtype: torch.dtype | str
     config = AutoConfig.from_pretrained(target.path, **options)
     model_class = AutoModelForCausalLM if is_causal(config) else AutoModel
     dtype_option = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
-    model = model_class.from_pretrained(target.path, config=config, **{dtype_option: dtype}, **options)
-    return model.to(device).eval()
+    options[dtype_option] = placement.dtype
+    if placement.device_map is not None:
+        dispatch = {"device_map": placement.device_map, "max_memory": placement.max_memory}
+        model = model_class.from_pretrained(
+            target.path, config=config, **dispatch, offload_folder=placement.offload_folder, **options
+        )
+        return model.eval()
+    model = model_class.from_pretrained(target.path, config=config, **options)
+    return model.to(placement.device).eval()
 
 
 def model_config(target: Target, trust_remote_code: bool) -> Any:
@@ -243,10 +308,11 @@ def model_config(target: Target, trust_remote_code: bool) -> Any:
     return AutoConfig.from_pretrained(target.path, trust_remote_code=trust_remote_code, **target.options)
 
 
-def untrained_model(target: Target, *, device: torch.device, seed: int, trust_remote_code: bool) -> nn.Module:
+def untrained_model(target: Target, *, placement: Placement, seed: int, trust_remote_code: bool) -> nn.Module:
     """A randomly initialised model from ``target``'s config with a fixed seed (the Diff-eRank paper's reference).
 
-    The global torch RNG is restored afterwards.
+    Built in CPU memory, then moved to the device or dispatched like the trained models. The
+    global torch RNG is restored afterwards.
     """
     from transformers import AutoModel, AutoModelForCausalLM
 
@@ -258,4 +324,9 @@ def untrained_model(target: Target, *, device: torch.device, seed: int, trust_re
         model = model_class.from_config(config, trust_remote_code=trust_remote_code)
     finally:
         torch.set_rng_state(generator_state)
-    return model.to(device).eval()
+    if placement.device_map is None:
+        return model.to(placement.device).eval()
+    from accelerate import dispatch_model, infer_auto_device_map
+
+    device_map = infer_auto_device_map(model, max_memory=placement.max_memory)
+    return dispatch_model(model, device_map, offload_dir=placement.offload_folder).eval()

@@ -9,11 +9,13 @@ mean response length is written beside every score, and ``mnn_vs_noise`` is the 
 
 from __future__ import annotations
 
+import csv
 import gc
 import hashlib
 import json
 import math
 import os
+import tempfile
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -21,10 +23,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from mnn_callback.emitters import position_limit
+from mnn_callback.distributed import all_gather_object, broadcast_object, world
+from mnn_callback.emitters import model_device, position_limit
 from mnn_callback.errors import MNNWarning, UsageError
 from mnn_callback.files import append_jsonl, atomic_write_jsonl, read_jsonl
-from mnn_callback.models import Target, discover, find_tokenizer, is_causal, load_model, model_config, model_dtype
+from mnn_callback.models import Placement, Target, discover, find_tokenizer, is_causal, load_model, model_config
 from mnn_callback.probe import Probe
 from mnn_callback.sample import text_paragraphs
 
@@ -91,7 +94,7 @@ def _encode_prompt(tokenizer: Any, prompt: str, chat_template: bool) -> list[int
 @torch.no_grad()
 def _respond(model: nn.Module, tokenizer: Any, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
     """The greedy response's token ids (up to and without the first end-of-sequence token)."""
-    device = next(model.parameters()).device
+    device = model_device(model)  # the first device of a model dispatched over several
     input_ids = torch.tensor([prompt_ids], device=device)
     eos = tokenizer.eos_token_id
     output = model.generate(
@@ -133,13 +136,12 @@ class _Ranking:
         self.prompts = prompts
         self.options = options
         self.responses_file = None if out is None else os.path.join(out, "responses.jsonl")
+        self.writer = world()[0] == 0  # under torchrun only the main process writes
         records = self._read_responses()
         self.finished = {
             (record["path"], record["config_key"]): record["summary"] for record in records if "summary" in record
         }
-        device = options["device"]
-        self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
-        self.dtype = model_dtype(options["dtype"], self.device)
+        self.placement: Placement = options["placement"]
 
     def _read_responses(self) -> list[Any]:
         """The records of ``responses.jsonl``, without response lines that no summary follows.
@@ -153,7 +155,7 @@ class _Ranking:
         records = read_jsonl(self.responses_file)
         summaries = [index for index, record in enumerate(records) if isinstance(record, dict) and "summary" in record]
         complete = summaries[-1] + 1 if summaries else 0
-        if complete < len(records):
+        if complete < len(records) and self.writer:
             atomic_write_jsonl(self.responses_file, records[:complete])
             warnings.warn(
                 f"{self.responses_file}: dropped {len(records) - complete} response line(s) of a model whose summary "
@@ -170,32 +172,51 @@ class _Ranking:
 
     def rank_one(self, target: Target) -> dict[str, Any]:
         """The ranking row of ``target``: measured now, read back, or an error row when the model fails."""
-        try:
-            return self._rank_one(target)
-        except UsageError:
-            raise
-        except Exception as error:
-            return _failed_row(target.name, error)
+        return self.completed(target, self.answered(target))
 
-    def _rank_one(self, target: Target) -> dict[str, Any]:
-        key = (target.key, self.config_key())
-        if key in self.finished and not self.options["force"]:
-            return self.finished[key]
-        config = model_config(target, self.options["trust"])
-        if not is_causal(config):
-            architecture = ", ".join(config.architectures or [type(config).__name__])
-            raise UsageError(f"{target.name} ({architecture}) cannot generate: ranking needs a causal language model")
-        model = load_model(target, device=self.device, dtype=self.dtype, trust_remote_code=self.options["trust"])
-        tokenizer = find_tokenizer(target, self.options["tokenizer"], self.options["trust"])
-        if tokenizer is None:
-            raise UsageError(f"no tokenizer found for {target.name}: pass one")
+    def answered(self, target: Target) -> tuple[str, Any]:
+        """``target``'s responses and scores, writing nothing: ``("stored", summary)`` read back,
+        ``("new", (summary, lines))``, ``("error", row)``, or ``("usage", message)`` for bad input."""
         try:
-            summary, lines = self._responses(target, model, tokenizer)
+            key = (target.key, self.config_key())
+            if key in self.finished and not self.options["force"]:
+                return "stored", self.finished[key]
+            config = model_config(target, self.options["trust"])
+            if not is_causal(config):
+                architecture = ", ".join(config.architectures or [type(config).__name__])
+                raise UsageError(
+                    f"{target.name} ({architecture}) cannot generate: ranking needs a causal language model"
+                )
+            model = load_model(target, placement=self.placement, trust_remote_code=self.options["trust"])
+            tokenizer = find_tokenizer(target, self.options["tokenizer"], self.options["trust"])
+            if tokenizer is None:
+                raise UsageError(f"no tokenizer found for {target.name}: pass one")
+            try:
+                return "new", self._responses(target, model, tokenizer)
+            finally:
+                del model
+        except UsageError as error:
+            return "usage", str(error)
+        except Exception as error:
+            return "error", _failed_row(target.name, error)
         finally:
-            del model
             gc.collect()
-        if self.responses_file:  # one write: the lines arrive with their summary, or are dropped when cut
-            summary_line = {"model": target.name, "path": target.key, "config_key": key[1], "summary": summary}
+
+    def completed(self, target: Target, answered: tuple[str, Any]) -> dict[str, Any]:
+        """The row of an answered model; its lines and summary appended (one write, main process only)."""
+        kind, payload = answered
+        if kind == "usage":
+            raise UsageError(payload)
+        if kind != "new":
+            return payload
+        summary, lines = payload
+        if self.responses_file and self.writer:  # one write: the lines arrive with their summary, or are dropped
+            summary_line = {
+                "model": target.name,
+                "path": target.key,
+                "config_key": self.config_key(),
+                "summary": summary,
+            }
             append_jsonl(self.responses_file, *lines, summary_line)
         return summary
 
@@ -232,7 +253,7 @@ class _Ranking:
             seed=self.options["seed"],
             compute_loss=False,
         )
-        result = probe.run(model, per_sequence=True)
+        result = probe.run(model, per_sequence=True, distributed=False)  # each process its own model
         summary = _ranking_row(target.name, result, [len(responses[i]) for i in measured])
         lines = []
         for index, prompt in enumerate(self.prompts):
@@ -268,6 +289,8 @@ def rank_models(
     batch_size: int = 8,
     device: str = "auto",
     dtype: str = "auto",
+    device_map: str | None = None,
+    max_memory: dict[int | str, int | str] | None = None,
     seed: int = 0,
     trust_remote_code: bool = False,
     force: bool = False,
@@ -279,8 +302,11 @@ def rank_models(
     model answers every prompt greedily (``max_new_tokens``; through the tokenizer's chat template
     unless ``chat_template=False``); one forward over prompt + response then measures the response
     tokens only, at ``layers`` (the ranking uses the final hidden state). With ``out``, responses
-    and per-response metrics are appended to ``out/responses.jsonl`` as each model finishes, and
-    models already ranked there with the same options are read back (``force`` redoes them).
+    and per-response metrics are appended to ``out/responses.jsonl`` as each model finishes,
+    models already ranked there with the same options are read back (``force`` redoes them), and
+    ``ranking.csv`` and ``ranking.png`` are written. ``device_map``/``max_memory`` split each model
+    over the devices (as in :func:`~mnn_callback.evaluation.evaluate_models`). Under ``torchrun``
+    every process calls it and ranks its own models; the main process writes.
     Returns the rows of ``ranking.csv`` (:data:`RANKING_COLUMNS`): ``rank`` by MNN ascending, ties
     by name. Models may be directories or hub ids (``org/name@revision``). A model that fails (a
     prompt longer than its context, a chat template that raises, a model that cannot load) gets a
@@ -294,25 +320,70 @@ def rank_models(
     targets = discover(models)
     if out is not None:
         os.makedirs(out, exist_ok=True)
-    options = {
-        "tokenizer": tokenizer,
-        "max_new_tokens": max_new_tokens,
-        "chat_template": chat_template,
-        "layers": layers,
-        "batch_size": batch_size,
-        "device": device,
-        "dtype": dtype,
-        "seed": seed,
-        "trust": trust_remote_code,
-        "force": force,
-    }
-    ranking = _Ranking(texts, None if out is None else os.fspath(out), options)
-    if progress:
-        from tqdm.auto import tqdm
-
-        targets = tqdm(targets, desc="ranking", unit="model", disable=None)
-    rows = [ranking.rank_one(target) for target in targets]
+    with tempfile.TemporaryDirectory(prefix="mnn-offload-") as offload:
+        options = {
+            "tokenizer": tokenizer,
+            "max_new_tokens": max_new_tokens,
+            "chat_template": chat_template,
+            "layers": layers,
+            "batch_size": batch_size,
+            "dtype": dtype,
+            "placement": Placement.of(device, dtype, device_map, max_memory, offload),
+            "seed": seed,
+            "trust": trust_remote_code,
+            "force": force,
+        }
+        ranking = _Ranking(texts, None if out is None else os.fspath(out), options)
+        rows = _rank_all(ranking, targets, progress)
     ranked = [row for row in rows if not row.get("error")]
     ordered = sorted(ranked, key=lambda row: (math.inf if math.isnan(row["mnn"]) else row["mnn"], row["model"]))
     failed = [{"rank": "", **row} for row in rows if row.get("error")]
-    return [{"rank": position + 1, **row} for position, row in enumerate(ordered)] + failed
+    table = [{"rank": position + 1, **row} for position, row in enumerate(ordered)] + failed
+    if out is not None and ranking.writer:
+        _write_ranking(os.fspath(out), table)
+    return table
+
+
+def _rank_all(ranking: _Ranking, targets: list[Target], progress: bool) -> list[dict[str, Any]]:
+    """Every model's row, in order: one after another, or under ``torchrun`` each process its own
+    (model i on process i mod world size), gathered and written in order by the main process."""
+    rank, size = world()
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(targets), desc="ranking", unit="model", disable=None if ranking.writer else True)
+    rows: list[dict[str, Any]] = []
+    try:
+        for start in range(0, len(targets), size):
+            if size == 1:
+                gathered = [ranking.answered(targets[start])]
+            else:
+                mine = ranking.answered(targets[start + rank]) if start + rank < len(targets) else None
+                gathered = [item for item in all_gather_object(mine) if item is not None]
+            usage = [payload for kind, payload in gathered if kind == "usage"]
+            if usage:  # on every process alike
+                raise UsageError(usage[0])
+            rows += [ranking.completed(targets[start + offset], item) for offset, item in enumerate(gathered)]
+            if bar is not None:
+                bar.update(len(gathered))
+    finally:
+        if bar is not None:
+            bar.close()
+    return rows if size == 1 else broadcast_object(rows)
+
+
+def _write_ranking(out: str, rows: list[dict[str, Any]]) -> None:
+    """``ranking.csv`` (atomically) and, with matplotlib, ``ranking.png``."""
+    path = os.path.join(out, "ranking.csv")
+    with open(path + ".tmp", "w", encoding="utf-8", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=RANKING_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(path + ".tmp", path)
+    try:
+        from mnn_callback.plots import plot_ranking
+    except ImportError:
+        warnings.warn("ranking.png needs matplotlib: pip install 'mnn-callback[plot]'", MNNWarning, stacklevel=3)
+        return
+    plot_ranking(rows, os.path.join(out, "ranking.png"))

@@ -52,3 +52,25 @@ def test_findings_report_runs_at_a_tiny_size(tmp_path):
     for section in ("## 1.", "## 2.", "## 3.", "## 4.", "**Verdict"):
         assert section in report
     assert (tmp_path / "docs" / "images" / "findings_family.png").stat().st_size > 10_000
+
+
+def test_the_gpu_benchmark_refuses_a_cpu_in_one_line_and_runs_tiny_shapes_with_smoke(tmp_path):
+    import torch
+
+    script = os.path.join(BENCHMARKS, "gpu.py")
+    if not torch.cuda.is_available():
+        refused = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=HANG_TIMEOUT)
+        assert refused.returncode == 2 and refused.stderr.strip().count("\n") == 0 and "needs CUDA" in refused.stderr
+    command = [
+        sys.executable,
+        script,
+        "--smoke",
+        "--out",
+        str(tmp_path / "table.md"),
+        "--json",
+        str(tmp_path / "r.json"),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=HANG_TIMEOUT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = (tmp_path / "table.md").read_text()
+    assert table.count("\n| ") == 11 and "Trainer callback at every_n_steps=100" in table  # header + 10 figures

@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import TINY_DEMO, assert_png, probe_lines, read_csv, tensorboard_values
+from helpers import HANG_TIMEOUT, TINY_DEMO, assert_png, probe_lines, read_csv, tensorboard_values
 
 from mnn_callback.cli import CSV_COLUMNS, main
 from mnn_callback.files import read_jsonl
@@ -247,3 +247,93 @@ def test_a_command_without_its_extra_exits_2_naming_the_pip_command(argv, absent
     assert len(error.splitlines()) == 1
     assert absent in error
     assert f"pip install 'mnn-callback[{extra}]'" in error
+
+
+# --- post hoc beyond one device: dispatched models, work shared across processes ----------------------------
+
+
+def torchrun_cli(*argv, processes=2):
+    """``torchrun -m mnn_callback ARGV`` (gloo, CPU); the timeout fails the test on a hang."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+    command = (
+        [*launcher, "-m", "mnn_callback", *argv] if processes > 1 else [sys.executable, "-m", "mnn_callback", *argv]
+    )
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=HANG_TIMEOUT)
+
+
+def test_two_processes_share_the_checkpoints_and_write_what_one_would(run_copy, tmp_path):
+    """3 checkpoints over 2 processes (each its own models), then one model over 2 processes (each its shard)."""
+    data = str(run_copy / "heldout.jsonl")
+    for name, processes in (("one", 1), ("two", 2)):
+        done = torchrun_cli(
+            "evaluate",
+            str(run_copy),
+            "--data",
+            data,
+            "--out",
+            str(tmp_path / name),
+            *PROBE,
+            "--device",
+            "cpu",
+            processes=processes,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "two" / "metrics.csv").read_text() == (tmp_path / "one" / "metrics.csv").read_text()
+    references = [record for record in read_jsonl(tmp_path / "two" / "metrics.jsonl") if record.get("role")]
+    assert references == []  # the first model is the reference: nothing measured twice
+
+    final = str(run_copy / "checkpoint-12")
+    for name, processes in (("one-model", 1), ("one-model-two", 2)):
+        argv = ["evaluate", final, "--data", data, "--out", str(tmp_path / name), *PROBE, "--reference-untrained"]
+        done = torchrun_cli(*argv, "--device", "cpu", processes=processes)
+        assert done.returncode == 0, done.stderr[-3000:]
+    one, two = read_csv(tmp_path / "one-model" / "metrics.csv"), read_csv(tmp_path / "one-model-two" / "metrics.csv")
+    assert len(one) == len(two) == 3
+    for expected, got in zip(one, two, strict=True):
+        for column in ("mnn", "erank", "diff_erank", "loss", "sequences", "tokens"):
+            assert float(got[column]) == pytest.approx(float(expected[column]), rel=1e-9, abs=1e-12), column
+
+
+def test_a_checkpoint_failing_on_one_process_is_an_error_row_not_a_hang(run_copy, tmp_path):
+    weights = run_copy / "checkpoint-6" / "model.safetensors"  # checkpoint 1 of 3: process 1's
+    weights.write_bytes(b"not safetensors")
+    done = torchrun_cli(
+        "evaluate", str(run_copy), "--data", str(run_copy / "heldout.jsonl"), "--out", str(tmp_path / "out"), *PROBE,
+        "--device", "cpu",
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr[-3000:]
+    rows = read_csv(tmp_path / "out" / "metrics.csv")
+    assert [(row["step"], bool(row["error"])) for row in rows if row["layer"] in ("", "0")] == [
+        ("0", False),
+        ("6", True),
+        ("12", False),
+    ]
+    assert done.stderr.count("checkpoint-6 failed") == 1  # one process prints
+
+
+def test_a_model_dispatched_with_offload_gives_the_undispatched_values(tmp_path):
+    """Accelerate's big-model inference on CPU: max_memory so small that blocks go to disk; equal values."""
+    from helpers import random_sequences, tiny_model
+
+    from mnn_callback.evaluation import evaluate_models
+    from mnn_callback.models import Placement, load_model
+
+    path = tmp_path / "model"
+    tiny_model("gpt2", layers=4, hidden=64).save_pretrained(path)
+    (target,) = discover([str(path)])
+    placement = Placement.of("cpu", "float32", "auto", {"cpu": "300KB"}, str(tmp_path / "offload"))
+    dispatched = load_model(target, placement=placement, trust_remote_code=False)
+    assert "disk" in set(dispatched.hf_device_map.values()) and "cpu" in set(dispatched.hf_device_map.values())
+    data = random_sequences(6, 5, 20, seed=4)
+    options = {"reference": "untrained", "batch_size": 4}
+    plain = evaluate_models([str(path)], data, device="cpu", **options)
+    split = evaluate_models([str(path)], data, device="cpu", device_map="auto", max_memory={"cpu": "300KB"}, **options)
+    for expected, got in zip(plain, split, strict=True):
+        for column in ("mnn", "matrix_entropy", "erank", "diff_erank", "loss"):
+            assert got[column] == expected[column], column
+    out = tmp_path / "cli"
+    argv = ["evaluate", str(path), "--data", str(tmp_path / "data.jsonl"), "--out", str(out), "--device-map", "auto"]
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps({"input_ids": ids}) + "\n" for ids in data))
+    assert main([*argv, "--max-memory", "cpu=300KB"]) == 0
+    assert main([*argv, "--max-memory", "cpu:300KB"]) == 2  # one line naming the form

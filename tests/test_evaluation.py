@@ -83,7 +83,7 @@ def test_each_model_is_measured_on_the_sample_as_given_in_any_order():
 
 
 def test_in_memory_models_with_one_name_are_each_measured():
-    """Issue 27's wrong result: two modules loaded from one base shared a cache key, the second got the first's values."""
+    """Issue 27's wrong result: two modules of one base shared a cache key; the second got the first's values."""
     base = tiny_model("gpt2", seed=3)
     base.config.name_or_path = "org/base"
     scaled = tiny_model("gpt2", seed=3)

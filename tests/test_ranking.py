@@ -141,3 +141,36 @@ def test_a_prompt_beyond_the_context_or_a_failing_chat_template_is_an_error_row(
     assert "prompt 1 'Now is the winter of our discontent': TemplateError: this template takes no" in errors[1]
     rows = read_csv(out / "ranking.csv")
     assert [(row["rank"], row["model"], row["mnn"]) for row in rows] == [("", models[1], ""), ("", str(templated), "")]
+
+
+def test_two_processes_rank_their_own_models_and_write_one_ranking(models, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from helpers import HANG_TIMEOUT
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(PROMPTS)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    outputs = {}
+    for processes in (1, 2):
+        out = tmp_path / f"out{processes}"
+        argv = ["-m", "mnn_callback", "rank", models[0], models[1], "--prompts", str(prompts), "--out", str(out)]
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+        command = [*(launcher if processes == 2 else [sys.executable]), *argv, "--max-new-tokens", "8"]
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=HANG_TIMEOUT)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert done.stdout.count("MNN/noise") == 1  # one table, printed by the main process
+        outputs[processes] = out
+    assert (outputs[2] / "ranking.csv").read_text() == (outputs[1] / "ranking.csv").read_text()
+    assert read_jsonl(outputs[2] / "responses.jsonl") == read_jsonl(outputs[1] / "responses.jsonl")
+    assert (outputs[2] / "ranking.png").stat().st_size > 10_000
+
+
+def test_rank_models_in_python_writes_what_the_command_writes(models, tmp_path):
+    from mnn_callback.ranking import rank_models
+
+    rows = rank_models([models[0]], PROMPTS.split("\n\n"), out=tmp_path, max_new_tokens=6)
+    assert [row["model"] for row in read_csv(tmp_path / "ranking.csv")] == [row["model"] for row in rows]
+    assert (tmp_path / "ranking.png").stat().st_size > 10_000 and (tmp_path / "responses.jsonl").is_file()

@@ -108,3 +108,27 @@ def test_a_failed_probe_still_reaches_every_sink_with_its_error_count(tmp_path):
     (line,) = probe_lines(tmp_path / "h.jsonl")
     assert line["step"] == 7 and line["probe/errors"] == 3.0
     assert not any("/layer_" in key for key in line)
+
+
+def test_a_second_monitor_writes_its_own_keys_into_the_same_wandb_run(measurements):
+    """A monitor named other than "mnn" prefixes its keys, so two monitors' curves never share a chart."""
+    import wandb
+
+    run = wandb.init(project="two-monitors")
+    first, second = WandbSink(run=run), WandbSink(run=run, prefix="long/")
+    for sink in (first, second):
+        sink.log_config({"fingerprint": "f"})
+        sink.log_measurement(measurements[1])
+        sink.close()
+    run.finish()
+    wandb.teardown()
+    (run_dir,) = offline_runs(os.environ["WANDB_DIR"])
+    history = wait_for_run(run_dir).history
+    expected = measurements[1].scalars()
+    (plain,) = [row for row in history if "mnn/layer_0" in row]
+    (named,) = [row for row in history if "long/mnn/layer_0" in row]
+    assert {key: plain[key] for key in expected} == pytest.approx(expected, rel=1e-12)
+    assert {key: named[f"long/{key}"] for key in expected} == pytest.approx(expected, rel=1e-12)
+    assert not any(key.startswith("long/") for key in plain)
+    config = wait_for_run(run_dir).config
+    assert config["mnn_callback"] == config["mnn_callback.long"] == {"fingerprint": "f"}
