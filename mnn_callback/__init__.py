@@ -30,6 +30,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "MNNCallback": "mnn_callback.callback",
     "MNNAccelerateHook": "mnn_callback.accelerate_hook",
+    "MNNMonitor": "mnn_callback.loop",
     "evaluate_models": "mnn_callback.evaluation",
     "rank_models": "mnn_callback.ranking",
 }
@@ -39,6 +40,7 @@ __all__ = [
     "JsonlSink",
     "MNNAccelerateHook",
     "MNNCallback",
+    "MNNMonitor",
     "MNNWarning",
     "Measurement",
     "MemorySink",

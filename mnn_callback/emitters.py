@@ -8,7 +8,8 @@ Works with Hugging Face transformers models (decoder-only and encoders) and any 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Mapping
+import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +25,9 @@ __all__ = [
     "hidden_states_of",
     "inspectable",
     "model_device",
+    "named_emitters",
     "position_limit",
+    "probed_module",
     "vocabulary_size",
 ]
 
@@ -100,7 +103,9 @@ def hidden_states_of(output: Any, model: nn.Module) -> tuple[Tensor, ...]:
         raise TypeError(
             f"{type(inspectable(model)).__name__} did not return hidden states: the probe needs a model whose "
             "forward(input_ids=..., attention_mask=..., output_hidden_states=True) returns `hidden_states` "
-            "(any Hugging Face transformers model does)"
+            "(any Hugging Face transformers model does), or modules=[...] naming the modules whose outputs are the "
+            "hidden states (e.g. modules=['transformer.h.*']) and, if the model is not called as model(input_ids), "
+            "forward=lambda model, input_ids, attention_mask: ..."
         )
     return tuple(hidden_states)
 
@@ -112,7 +117,7 @@ def _positive(value: Any) -> int | None:
 def position_limit(model: nn.Module) -> int | None:
     """How many positions the model can embed (``max_position_embeddings`` / ``n_positions``), if it says."""
     config = getattr(inspectable(model), "config", None)
-    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "block_size"):
         limit = _positive(getattr(config, name, None))
         if limit is not None:
             return limit
@@ -183,3 +188,63 @@ def calibrate(model: nn.Module, forward_kwargs: dict[str, Any]) -> Emitters:
         ]
         modules.append(max(matches)[2] if matches else None)
     return Emitters(len(hidden_states), tuple(modules), int(hidden_states[-1].shape[-1]))
+
+
+def probed_module(model: nn.Module) -> nn.Module:
+    """The module to probe in a wrapper that is known: a sentence-transformers ``SentenceTransformer``'s
+    transformer (its first module's ``auto_model``); ``model`` itself otherwise."""
+    inner = inspectable(model)
+    if type(inner).__name__ == "SentenceTransformer" and isinstance(inner, nn.Sequential) and len(inner):
+        auto_model = getattr(inner[0], "auto_model", None)
+        if isinstance(auto_model, nn.Module):
+            return auto_model
+    return model
+
+
+def _pattern(pattern: str) -> re.Pattern[str]:
+    """A module-name pattern: ``*`` stands for one part of a dotted name (``transformer.h.*``: the blocks)."""
+    return re.compile("^" + re.escape(pattern).replace(r"\*", r"[^.]*") + "$")
+
+
+def named_emitters(model: nn.Module, patterns: Sequence[str], run: Callable[[], Any]) -> Emitters:
+    """The modules whose outputs are the hidden states, named by ``patterns`` in their order (each
+    pattern's matches in the model's module order); ``run()`` makes one short forward, which must
+    call each of them exactly once, with a tensor output (its last dimension is the width).
+    """
+    inner = inspectable(model)  # names as the user's model has them, not a DDP/FSDP wrapper's
+    outer = next((f"{name}." if name else "" for name, module in model.named_modules() if module is inner), "")
+    names = [name for name, _ in inner.named_modules() if name]
+    chosen: list[str] = []
+    for pattern in patterns:
+        matches = [name for name in names if _pattern(pattern).match(name) and name not in chosen]
+        if not matches:
+            shown = ", ".join(name for name in names if name.count(".") <= 2)[:300]
+            raise ValueError(f"no module of {type(inner).__name__} matches {pattern!r} (its modules: {shown}, ...)")
+        chosen += matches
+    chosen = [outer + name for name in chosen]
+    modules = dict(model.named_modules())
+    calls: dict[str, int] = {}
+    widths: dict[str, int] = {}
+
+    def record(name: str) -> Callable[..., None]:
+        def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
+            calls[name] = calls.get(name, 0) + 1
+            tensor = first_tensor(output)
+            if tensor is not None and tensor.dim() == 3:
+                widths[name] = int(tensor.shape[-1])
+
+        return hook
+
+    handles = [modules[name].register_forward_hook(record(name)) for name in chosen]
+    try:
+        run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    wrong = [f"{name} ({calls.get(name, 0)} calls)" for name in chosen if calls.get(name) != 1 or name not in widths]
+    if wrong:
+        raise ValueError(
+            "each module named in modules= must run once per forward and output (batch, tokens, width): "
+            + ", ".join(wrong)
+        )
+    return Emitters(len(chosen), tuple(chosen), widths[chosen[-1]])

@@ -156,7 +156,7 @@ class RunState:
         """Per-layer results (metric dicts, or pending Gram matrices) of one micro-batch, loss sum and tokens."""
         per_layer: list[Any] = [None] * len(self.layers)
         measure = functools.partial(self.measure, self._metric_mask(attention_mask, indices))
-        call_kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, **self.kwargs}
+        call_kwargs = dict(self.kwargs)
         if self.wants_loss:
             call_kwargs["labels"] = input_ids.masked_fill(attention_mask == 0, -100)
         handles = []
@@ -166,9 +166,13 @@ class RunState:
                 for group, layer in enumerate(self.layers):
                     hook = functools.partial(_hook_adapter, measure, per_layer, group)
                     handles.append(modules[self.emitters.modules[layer]].register_forward_hook(hook))
-                output = self.model(**call_kwargs, output_hidden_states=False)
+                output = self.probe.call(
+                    self.model, input_ids, attention_mask, {**call_kwargs, "output_hidden_states": False}
+                )
             else:
-                output = self.model(**call_kwargs, output_hidden_states=True)
+                output = self.probe.call(
+                    self.model, input_ids, attention_mask, {**call_kwargs, "output_hidden_states": True}
+                )
                 hidden_states = hidden_states_of(output, self.model)
                 for group, layer in enumerate(self.layers):
                     per_layer[group] = measure(hidden_states[layer])

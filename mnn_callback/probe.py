@@ -15,7 +15,7 @@ import math
 import time
 import warnings
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -29,7 +29,9 @@ from mnn_callback.emitters import (
     check_supported,
     inspectable,
     model_device,
+    named_emitters,
     position_limit,
+    probed_module,
     vocabulary_size,
 )
 from mnn_callback.errors import MNNWarning
@@ -61,6 +63,18 @@ def _positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return value
+
+
+def _not_hugging_face(model: nn.Module, error: TypeError) -> str:
+    """What to do when a model is not called like a Hugging Face model (or returns no hidden states)."""
+    name = type(inspectable(model)).__name__
+    if "hidden states" in str(error):
+        return str(error)
+    return (
+        f"{name} cannot be probed as a Hugging Face model ({error}): pass modules=[...] naming the modules whose "
+        "outputs are the hidden states (e.g. modules=['transformer.h.*']) and, if it is not called as "
+        "model(input_ids), forward=lambda model, input_ids, attention_mask: ..."
+    )
 
 
 class Probe:
@@ -96,6 +110,12 @@ class Probe:
         pack: concatenate the documents (the tokenizer's EOS between them, when it has one) and
             cut ``max_samples`` chunks of exactly ``max_length`` tokens, so every sequence of
             every probe has the same n (MNN depends on n: see ``mnn_vs_noise``).
+        modules: for a model that does not return Hugging Face ``hidden_states`` (nanoGPT-style
+            code, torchtitan, ...): the modules whose outputs are the hidden states, as names or
+            patterns whose ``*`` stands for one part of a dotted name, in order (e.g.
+            ``["transformer.h.*", "transformer.ln_f"]``); each must run once per forward.
+        forward: how to call such a model, ``forward(model, input_ids, attention_mask)``; default
+            ``model(input_ids)`` with ``modules``, else Hugging Face keyword arguments.
         skip_first_tokens: the metrics use each sequence's valid tokens from the (k+1)-th on (a
             BOS or attention-sink token with huge activations can fake compression); the model
             still sees them, and the loss is unchanged.
@@ -118,6 +138,8 @@ class Probe:
         text_column: str = "text",
         dtype: torch.dtype = torch.float32,
         compute_loss: bool | None = None,
+        modules: str | Sequence[str] | None = None,
+        forward: Callable[[nn.Module, Tensor, Tensor], Any] | None = None,
         method: str = "exact",
         defer_spectra: bool | None = None,
         pack: bool = False,
@@ -138,6 +160,12 @@ class Probe:
         self.defer_spectra = defer_spectra
         self.seed = seed
         self.compute_loss = compute_loss
+        self.modules = [modules] if isinstance(modules, str) else None if modules is None else list(modules)
+        if self.modules is not None and (not self.modules or not all(isinstance(m, str) and m for m in self.modules)):
+            raise ValueError(f"modules must be module names or patterns such as 'transformer.h.*', got {modules!r}")
+        if forward is not None and not callable(forward):
+            raise TypeError(f"forward must be callable as forward(model, input_ids, attention_mask), got {forward!r}")
+        self.forward = forward
         self.pack = bool(pack)
         if isinstance(skip_first_tokens, bool) or not isinstance(skip_first_tokens, int) or skip_first_tokens < 0:
             raise ValueError(f"skip_first_tokens must be an integer >= 0, got {skip_first_tokens!r}")
@@ -168,6 +196,8 @@ class Probe:
 
     def _fingerprint(self) -> str:
         settings = {"layers": self.layers, "dtype": str(self.dtype), "method": self.method}
+        if self.modules is not None:
+            settings["modules"] = self.modules
         return fingerprint(self.sequences, starts=self.starts, **settings)
 
     @property
@@ -187,6 +217,7 @@ class Probe:
             "method": self.method,
             "pack": self.pack,
             "skip_first_tokens": self.skip_first_tokens,
+            **({"modules": self.modules} if self.modules is not None else {}),
             "sequences": len(self.sequences),
             "tokens": self.num_tokens,
             "fingerprint": self.fingerprint,
@@ -312,9 +343,25 @@ class Probe:
         if known is None:
             limit = self._check_model(model)
             ids, mask = self._tensors([0], device, limit)
-            emitters = calibrate(model, {"input_ids": ids[:, :16], "attention_mask": mask[:, :16], **kwargs})
+            ids, mask = ids[:, :16], mask[:, :16]
+            if self.modules is not None:
+                emitters = named_emitters(model, self.modules, lambda: self.call(model, ids, mask, kwargs))
+            else:
+                try:
+                    emitters = calibrate(model, {"input_ids": ids, "attention_mask": mask, **kwargs})
+                except TypeError as error:
+                    raise TypeError(_not_hugging_face(model, error)) from error
             known = self._emitters[model] = (emitters, limit)
         return known
+
+    def call(self, model: nn.Module, input_ids: Tensor, attention_mask: Tensor, kwargs: dict[str, Any]) -> Any:
+        """One forward of ``model`` as this probe calls it: ``forward``, ``model(input_ids)`` with
+        ``modules``, else Hugging Face's keyword arguments (``kwargs``: ``use_cache``, ``labels``, ...)."""
+        if self.forward is not None:
+            return self.forward(model, input_ids, attention_mask)
+        if self.modules is not None:
+            return model(input_ids)
+        return model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
     def run(
         self,
@@ -347,7 +394,7 @@ class Probe:
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         started = time.perf_counter()
-        forward_model = getattr(model, "_orig_mod", model)  # eager module of a torch.compile wrapper
+        forward_model = probed_module(getattr(model, "_orig_mod", model))  # eager module of a compile wrapper
         if not isinstance(forward_model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         rank, world_size = (0, 1) if distributed is False else world()

@@ -390,3 +390,43 @@ def test_two_callbacks_in_one_trainer_keep_their_own_files_history_and_reference
     state = json.loads((checkpoint / "trainer_state.json").read_text())
     assert {"mnn_callback", "mnn_callback.mnn-2"} <= set(state["stateful_callbacks"])
     assert len([entry for entry in state["log_history"] if "mnn-2/probe/sequences" in entry]) == 5
+
+
+def test_sentence_transformers_trainer_logs_real_metrics_with_no_extra_arguments(tmp_path):
+    """SentenceTransformerTrainer on the real MiniLM weights: the callback probes the transformer inside
+    the SentenceTransformer by itself (on main every probe failed and the run ended without a metric)."""
+    pytest.importorskip("sentence_transformers")
+    from datasets import Dataset
+    from helpers import minilm_path
+    from sentence_transformers import (
+        SentenceTransformer,
+        SentenceTransformerTrainer,
+        SentenceTransformerTrainingArguments,
+        losses,
+    )
+
+    model = SentenceTransformer(str(minilm_path()), device="cpu")
+    pairs = Dataset.from_dict(
+        {"anchor": [f"question {i} about the sea" for i in range(16)], "positive": [f"answer {i}" for i in range(16)]}
+    )
+    arguments = SentenceTransformerTrainingArguments(
+        str(tmp_path), max_steps=4, per_device_train_batch_size=4, report_to="none", use_cpu=True, save_strategy="no"
+    )
+    texts = [f"The tide came in over the rocks, number {i}." for i in range(8)]
+    callback = MNNCallback(texts, tokenizer=model.tokenizer, every_n_steps=2)
+    trainer = SentenceTransformerTrainer(
+        model=model,
+        args=arguments,
+        train_dataset=pairs,
+        loss=losses.MultipleNegativesRankingLoss(model),
+        callbacks=[callback],
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    assert not [warning for warning in caught if issubclass(warning.category, MNNWarning)]
+    lines = probe_lines(tmp_path / "mnn_metrics.jsonl")
+    assert [line["step"] for line in lines] == [0, 2, 4] and lines[-1]["probe/errors"] == 0
+    assert sum(key.startswith("mnn/layer_") for key in lines[0]) == 7  # embeddings + 6 layers
+    expected = Probe(texts, tokenizer=model.tokenizer).run(model[0].auto_model)
+    assert lines[-1]["mnn/layer_6"] == pytest.approx(expected.per_layer["mnn"][6], rel=1e-5)
