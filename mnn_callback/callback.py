@@ -23,7 +23,7 @@ from mnn_callback.figures import Dashboards
 from mnn_callback.files import atomic_write_json
 from mnn_callback.identity import DEFAULT_NAME, named_file, validate_name
 from mnn_callback.monitor import Monitor
-from mnn_callback.sinks import JSONL_FILE, SINKS, JsonlSink, Sink, TensorBoardSink, WandbSink, require_package
+from mnn_callback.sinks import JSONL_FILE, JsonlSink, Sink, TensorBoardSink, WandbSink, check_sink_specs
 
 __all__ = ["CHECKPOINT_FILE", "MNNCallback", "trainer_tensorboard_dir"]
 
@@ -138,14 +138,7 @@ class MNNCallback(TrainerCallback):
         **probe_options: Any,
     ) -> None:
         self.requested_name = validate_name(name)
-        if sinks is not None:
-            for sink in sinks:
-                if isinstance(sink, str):
-                    if sink not in SINKS:
-                        raise ValueError(f"unknown sink {sink!r}; known sinks: {', '.join(SINKS)}")
-                    require_package(sink)
-                elif not isinstance(sink, Sink):
-                    raise TypeError(f"sinks must be names or Sink objects, got {type(sink).__name__}")
+        check_sink_specs(sinks)
         self.monitor = Monitor.of_data(
             data,
             tokenizer=tokenizer,

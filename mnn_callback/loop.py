@@ -29,7 +29,15 @@ from mnn_callback.errors import MNNWarning
 from mnn_callback.figures import Dashboards
 from mnn_callback.identity import DEFAULT_NAME, named_file, validate_name
 from mnn_callback.monitor import Monitor
-from mnn_callback.sinks import JSONL_FILE, SINKS, JsonlSink, Sink, TensorBoardSink, WandbSink, require_package
+from mnn_callback.sinks import (
+    JSONL_FILE,
+    JsonlSink,
+    Sink,
+    TensorBoardSink,
+    WandbSink,
+    check_sink_specs,
+    require_package,
+)
 
 __all__ = ["MNNMonitor"]
 
@@ -71,13 +79,7 @@ class MNNMonitor:
         dashboards: Dashboards | bool = True,
         **probe_options: Any,
     ) -> None:
-        for sink in sinks or ():
-            if isinstance(sink, str) and sink not in SINKS:
-                raise ValueError(f"unknown sink {sink!r}; known sinks: {', '.join(SINKS)}")
-            if isinstance(sink, str):
-                require_package(sink)
-            elif not isinstance(sink, Sink):
-                raise TypeError(f"sinks must be names or Sink objects, got {type(sink).__name__}")
+        check_sink_specs(sinks)
         self.requested_name = validate_name(name)
         self.monitor = Monitor.of_data(
             data,

@@ -37,6 +37,7 @@ __all__ = [
     "TensorBoardSink",
     "TrackerSink",
     "WandbSink",
+    "check_sink_specs",
     "require_package",
 ]
 
@@ -86,18 +87,11 @@ class Sink:
 
 
 class TensorBoardSink(Sink):
-    """TensorBoard: per-layer metrics with the layer as the run, everything else in the main run.
-
-    The main run (``log_dir``, the Trainer's own directory by default) gets the probe's scalars
-    (``probe/loss``, ...), the headline keys (``mnn/last``, ...), the figures and the
-    custom-scalars layout. Each hidden state ``i`` gets a sub-run ``log_dir/layer_{i:02d}`` whose
-    tags are the metric names (``by layer/mnn``, ...): TensorBoard's default view then shows one
-    card per metric with one coloured line per layer. Flushed after every probe.
-
-    Pass ``log_dir`` to own the main writer (closed by :meth:`close`), or an existing ``writer``
-    (e.g. Accelerate's TensorBoard tracker), which is flushed but left open. A writer that failed
-    (its thread dies on a full disk and every later write fails) is replaced by a new event file
-    in the same directory at the next call, with one warning.
+    """TensorBoard: the main run (``log_dir``) gets the probe's scalars, headline keys, figures and the
+    custom-scalars layout; hidden state ``i`` a sub-run ``log_dir/layer_{i:02d}`` with tags ``by layer/mnn``,
+    ... (one card per metric, one line per layer). Flushed after every probe. ``log_dir``: the sink owns
+    the main writer; ``writer`` (e.g. Accelerate's tracker): flushed, left open. A failed writer (full
+    disk) is replaced by a new event file in the same directory at the next call, with one warning.
     """
 
     name = "tensorboard"
@@ -226,12 +220,10 @@ def _wandb_has_credentials(wandb: Any) -> bool:
 class WandbSink(Sink):
     """Logs to a W&B run against ``train/global_step``, the step metric of transformers' WandbCallback.
 
-    Uses ``run`` if given, else the active ``wandb.run`` (the one the Trainer's WandbCallback
-    or Accelerate's tracker started), else starts one when ``start_run`` (``init_kwargs`` go
-    to ``wandb.init``). ``prefix`` goes before every key (a second monitor of the run:
-    ``"name/"``). Logs without ``step=`` and with the step metric in the row, so W&B never drops
-    points as "steps going backwards" after a resume, mixed logging, or figures that arrive
-    after the probe they belong to.
+    Uses ``run``, else the active ``wandb.run``, else starts one when ``start_run`` (``init_kwargs``
+    go to ``wandb.init``). ``prefix`` goes before every key (a second monitor: ``"name/"``). Logs the
+    step metric in the row, not ``step=``, so W&B never drops points as "steps going backwards"
+    (resumes, mixed logging, figures arriving after their probe).
     """
 
     name = "wandb"
@@ -375,11 +367,7 @@ class TrackerSink(Sink):
 
 
 class MemorySink(Sink):
-    """Keeps everything it receives, in memory: for tests, notebooks and custom handling.
-
-    ``measurements``, ``images``, ``configs``, ``events`` (``(event, step, fields)``) and
-    ``layouts`` are lists in arrival order; :attr:`closed` tells whether :meth:`close` ran.
-    """
+    """Keeps everything it receives in lists, in arrival order (``events``: ``(event, step, fields)``)."""
 
     name = "memory"
     shows_images = True
@@ -416,6 +404,17 @@ class MemorySink(Sink):
 
 
 SINKS: dict[str, type[Sink]] = {"tensorboard": TensorBoardSink, "wandb": WandbSink, "jsonl": JsonlSink}
+
+
+def check_sink_specs(sinks: Sequence[Any] | None) -> None:
+    """Refuse an adapter's ``sinks=`` entries it cannot use: unknown names, missing packages, non-sinks."""
+    for sink in sinks or ():
+        if isinstance(sink, str) and sink not in SINKS:
+            raise ValueError(f"unknown sink {sink!r}; known sinks: {', '.join(SINKS)}")
+        if isinstance(sink, str):
+            require_package(sink)
+        elif not isinstance(sink, Sink):
+            raise TypeError(f"sinks must be names or Sink objects, got {type(sink).__name__}")
 
 
 class SinkSet:
