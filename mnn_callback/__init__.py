@@ -24,6 +24,7 @@ from mnn_callback.monitor import Monitor
 from mnn_callback.probe import Probe
 from mnn_callback.results import Measurement, ProbeResult
 from mnn_callback.sinks import JsonlSink, MemorySink, Sink, TensorBoardSink, WandbSink
+from mnn_callback.trackers import MlflowSink
 
 __version__ = "0.1.0"
 
@@ -45,6 +46,7 @@ __all__ = [
     "Measurement",
     "MemorySink",
     "MetricAccumulator",
+    "MlflowSink",
     "Monitor",
     "Probe",
     "ProbeResult",

@@ -19,7 +19,8 @@ from typing import Any
 
 from mnn_callback.identity import DEFAULT_NAME
 from mnn_callback.loop import MNNMonitor
-from mnn_callback.sinks import JSONL_FILE, Sink, TensorBoardSink, TrackerSink, WandbSink
+from mnn_callback.sinks import JSONL_FILE, Sink, TensorBoardSink, WandbSink
+from mnn_callback.trackers import TrackerSink
 
 __all__ = ["MNNAccelerateHook"]
 

@@ -13,22 +13,26 @@ from __future__ import annotations
 import glob
 import os
 import socket
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
 from torch import nn
 from transformers import TrainerCallback
 
+from mnn_callback.errors import MNNWarning
 from mnn_callback.figures import Dashboards
 from mnn_callback.files import atomic_write_json
 from mnn_callback.identity import DEFAULT_NAME, named_file, validate_name
 from mnn_callback.monitor import Monitor
 from mnn_callback.sinks import JSONL_FILE, JsonlSink, Sink, TensorBoardSink, WandbSink, check_sink_specs
+from mnn_callback.trackers import MlflowSink
 
 __all__ = ["CHECKPOINT_FILE", "MNNCallback", "trainer_tensorboard_dir"]
 
 CHECKPOINT_FILE = "mnn_metrics.json"
 STATE_KEY = "mnn_callback"  # our entry in TrainerState.stateful_callbacks (saved in trainer_state.json)
+TRACKERS = ("tensorboard", "wandb", "mlflow")  # report_to entries the MNN scalars follow
 
 
 def _report_to(args: Any) -> list[str]:
@@ -93,9 +97,10 @@ class MNNCallback(TrainerCallback):
         exact_every: every K-th probe (and the first and the last) with the full spectra, the
             others with ``method="cheap"`` (MNN, Rényi-2, loss).
         tokenizer: turns text data into ids (or the directory of one).
-        sinks: where to log: names from ``"tensorboard"``, ``"wandb"``, ``"jsonl"`` or
+        sinks: where to log: names from ``"tensorboard"``, ``"wandb"``, ``"mlflow"``, ``"jsonl"`` or
             :class:`~mnn_callback.sinks.Sink` objects. Default: those of
-            ``TrainingArguments.report_to`` (tensorboard, wandb) plus JSONL, always.
+            ``TrainingArguments.report_to`` (tensorboard, wandb, mlflow; any other is named in one
+            warning) plus JSONL, always.
         log_dir: TensorBoard directory; default: the one the Trainer's own TensorBoard callback
             writes to (:func:`trainer_tensorboard_dir`).
         reference: the Diff-eRank reference: a model (e.g. the base model of a fine-tune,
@@ -194,7 +199,17 @@ class MNNCallback(TrainerCallback):
     def _make_sinks(self, args: Any) -> list[Sink]:
         specs = self.sink_specs
         if specs is None:
-            specs = [name for name in ("tensorboard", "wandb") if name in _report_to(args)] + ["jsonl"]
+            reported = _report_to(args)
+            specs = [name for name in TRACKERS if name in reported] + ["jsonl"]
+            others = [name for name in reported if name not in TRACKERS]
+            if others:
+                warnings.warn(
+                    f"the MNN scalars do not go to {', '.join(others)} (report_to): no sink of this package "
+                    f"writes there; they are in {JSONL_FILE} and the other trackers, and a Sink subclass in "
+                    "sinks=[...] can forward them",
+                    MNNWarning,
+                    stacklevel=2,
+                )
         sinks = []
         for spec in specs:
             if isinstance(spec, Sink):
@@ -205,6 +220,8 @@ class MNNCallback(TrainerCallback):
                 directory = self.log_dir or trainer_tensorboard_dir(args)
                 self.tensorboard_dir = os.path.join(directory, self.name) if named else directory
                 sink = self.guard.call("the tensorboard sink (setup)", TensorBoardSink, self.tensorboard_dir)
+            elif spec == "mlflow":
+                sink = self.guard.call("the mlflow sink (setup)", MlflowSink, prefix=self._key_prefix)
             elif spec == "wandb":
                 sink = self.guard.call("the wandb sink (setup)", WandbSink, prefix=self._key_prefix)
                 self.wandb_dir = getattr(sink, "directory", None)

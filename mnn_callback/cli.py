@@ -184,6 +184,7 @@ def _rank(args: argparse.Namespace) -> int:
         trust_remote_code=args.trust_remote_code,
         force=args.force,
         progress=True,
+        checkpoints=args.checkpoints,
     )
     failed = [row for row in rows if row["error"]]
     if not _main_process():
@@ -278,6 +279,9 @@ def _add_rank_command(commands: Any) -> None:
     rank_parser.add_argument("--seed", type=int, default=0)
     _placement_options(rank_parser)
     rank_parser.add_argument("--force", action="store_true", help="rank again models already in responses.jsonl")
+    rank_parser.add_argument(
+        "--checkpoints", action="store_true", help="rank every checkpoint-* of a run directory, not its final model"
+    )
     rank_parser.add_argument("--trust-remote-code", action="store_true", help="allow models' own Python code")
     rank_parser.set_defaults(handler=rank)
 

@@ -38,6 +38,7 @@ from mnn_callback.sinks import (
     check_sink_specs,
     require_package,
 )
+from mnn_callback.trackers import MlflowSink
 
 __all__ = ["MNNMonitor"]
 
@@ -131,9 +132,10 @@ class MNNMonitor:
                 directory = self.log_dir or os.path.join(self.out_dir or ".", "runs")
                 directory = os.path.join(directory, self.name) if named else directory
                 sinks.append(self.guard.call("the tensorboard sink (setup)", TensorBoardSink, directory))
-            elif spec == "wandb":
+            elif spec in ("wandb", "mlflow"):  # the active run of each
                 prefix = f"{self.name}/" if named else ""
-                sinks.append(self.guard.call("the wandb sink (setup)", WandbSink, prefix=prefix))
+                kind = WandbSink if spec == "wandb" else MlflowSink
+                sinks.append(self.guard.call(f"the {spec} sink (setup)", kind, prefix=prefix))
         return [sink for sink in sinks if sink is not None]
 
     def _jsonl_sinks(self) -> list[Sink]:

@@ -127,19 +127,25 @@ def _step_of(path: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def _directory_targets(path: str) -> list[Target]:
-    """A run directory's ``checkpoint-*`` (in step order), else the model directory itself."""
-    checkpoints = [
+def _directory_targets(path: str, checkpoints: bool = True) -> list[Target]:
+    """A run directory's ``checkpoint-*`` (in step order), else the model directory itself.
+
+    ``checkpoints=False``: a run directory stands for its final model (the model saved at its root,
+    else its last checkpoint).
+    """
+    found = [
         os.path.join(path, name)
         for name in os.listdir(path)
         if _CHECKPOINT.match(name) and _is_model_dir(os.path.join(path, name))
     ]
-    if checkpoints:  # a final model saved beside them is normally the last checkpoint again
-        ordered = sorted(checkpoints, key=lambda p: (_step_of(p) or -1, p))
+    ordered = sorted(found, key=lambda p: (_step_of(p) or -1, p))
+    if ordered and checkpoints:  # a final model saved beside them is normally the last checkpoint again
         return [Target(checkpoint, os.path.abspath(checkpoint), _step_of(checkpoint), True) for checkpoint in ordered]
-    if not _is_model_dir(path):
-        raise UsageError(f"{path} holds neither a model (config.json) nor checkpoint-* directories")
-    return [Target(path, os.path.abspath(path), _step_of(path), True)]
+    if _is_model_dir(path):
+        return [Target(path, os.path.abspath(path), _step_of(path), True)]
+    if ordered:  # the final model, and none at the root: the last checkpoint
+        return [Target(ordered[-1], os.path.abspath(ordered[-1]), _step_of(ordered[-1]), True)]
+    raise UsageError(f"{path} holds neither a model (config.json) nor checkpoint-* directories")
 
 
 def looks_local(path: str) -> bool:
@@ -159,9 +165,12 @@ def _module_name(model: nn.Module, index: int) -> str:
     return str(getattr(getattr(model, "config", None), "name_or_path", "") or f"model {index}")
 
 
-def discover(models: Sequence[str | os.PathLike | nn.Module], revisions: Sequence[str] | None = None) -> list[Target]:
-    """Models to evaluate: model directories, run directories holding ``checkpoint-*`` (in step order),
-    hub ids (``org/name@revision``, or ``org/name`` at each of ``revisions``), and modules."""
+def discover(
+    models: Sequence[str | os.PathLike | nn.Module], revisions: Sequence[str] | None = None, *, checkpoints: bool = True
+) -> list[Target]:
+    """Models to evaluate: model directories, run directories holding ``checkpoint-*`` (in step order;
+    ``checkpoints=False``: their final model), hub ids (``org/name@revision``, or ``org/name`` at each
+    of ``revisions``), and modules."""
     targets: list[Target] = []
     module_names = [_module_name(model, index) for index, model in enumerate(models) if isinstance(model, nn.Module)]
     for index, model in enumerate(models):
@@ -173,7 +182,7 @@ def discover(models: Sequence[str | os.PathLike | nn.Module], revisions: Sequenc
             continue
         path = os.fspath(model)
         if os.path.isdir(path):
-            targets.extend(_directory_targets(path))
+            targets.extend(_directory_targets(path, checkpoints))
         elif os.path.exists(path):
             raise UsageError(f"{path} is not a directory (expected a model or run directory)")
         else:

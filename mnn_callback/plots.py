@@ -67,10 +67,20 @@ def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
-def model_label(model: str) -> str:
-    """A short name that still tells models apart: the last two parts of a path (``run/checkpoint-400``)."""
-    parts = [part for part in str(model).replace("\\", "/").split("/") if part]
-    return "/".join(parts[-2:]) if parts else str(model)
+def model_labels(models: Sequence[str]) -> dict[str, str]:
+    """Short names that still tell the models apart: the shortest path suffix, at least two parts when
+    there are (``run/checkpoint-400``), long enough that no two models share it.
+
+    >>> model_labels(["/a/run/final", "/b/run/final"])
+    {'/a/run/final': 'a/run/final', '/b/run/final': 'b/run/final'}
+    """
+    split = {model: [part for part in str(model).replace("\\", "/").split("/") if part] for model in models}
+    longest = max((len(parts) for parts in split.values()), default=1)
+    for size in range(2, longest + 1):
+        labels = {model: "/".join(parts[-size:]) or model for model, parts in split.items()}
+        if len(set(labels.values())) == len(split):
+            return labels
+    return {model: "/".join(parts) or model for model, parts in split.items()}
 
 
 def run_of(model: str) -> str:
@@ -226,13 +236,14 @@ def plot_family(rows: Sequence[dict[str, Any]], path: str) -> str | None:
     figure = new_figure(4.2 * len(metrics), 4)
     axes = figure.subplots(1, len(metrics), squeeze=False)[0]
     points = sorted(final.items(), key=lambda item: item[1]["params"])
+    labels = model_labels(list(final))
     for axis, metric in zip(axes, metrics, strict=True):
         values = [row.get(metric) for _, row in points]
         errors = [_error(row, metric) for _, row in points]
         axis.errorbar([row["params"] for _, row in points], values, yerr=errors, marker="o", capsize=3)
         for model, row in points:
             axis.annotate(
-                model_label(model), (row["params"], row.get(metric)), fontsize=8, rotation=15, xytext=(3, 3),
+                labels[model], (row["params"], row.get(metric)), fontsize=8, rotation=15, xytext=(3, 3),
                 textcoords="offset points",
             )  # fmt: skip
         axis.set_xscale("log")
@@ -360,6 +371,7 @@ def plot_ranking(rows: Sequence[dict[str, Any]], path: str) -> str | None:
     rows = [row for row in rows if _finite(row.get("mnn"))]
     if not rows:
         return None
+    labels = model_labels([row["model"] for row in rows])
     figure = new_figure(11, 0.45 * len(rows) + 2)
     axes = figure.subplots(1, 2, sharey=True)
     positions = list(range(len(rows)))[::-1]
@@ -371,7 +383,7 @@ def plot_ranking(rows: Sequence[dict[str, Any]], path: str) -> str | None:
         axis.grid(alpha=0.3)
     axes[0].set_yticks(positions)
     axes[0].set_yticklabels(
-        [f"{row['rank']}. {model_label(row['model'])} ({row['mean_response_tokens']:.0f} tokens)" for row in rows]
+        [f"{row['rank']}. {labels[row['model']]} ({row['mean_response_tokens']:.0f} tokens)" for row in rows]
     )
     figure.tight_layout()
     return save_figure(figure, path)

@@ -295,6 +295,7 @@ def rank_models(
     trust_remote_code: bool = False,
     force: bool = False,
     progress: bool = False,
+    checkpoints: bool = False,
 ) -> list[dict[str, Any]]:
     """Rank causal LMs by the MNN of their own greedy responses to ``prompts``, lowest MNN first.
 
@@ -308,7 +309,8 @@ def rank_models(
     over the devices (as in :func:`~mnn_callback.evaluation.evaluate_models`). Under ``torchrun``
     every process calls it and ranks its own models; the main process writes.
     Returns the rows of ``ranking.csv`` (:data:`RANKING_COLUMNS`): ``rank`` by MNN ascending, ties
-    by name. Models may be directories or hub ids (``org/name@revision``). A model that fails (a
+    by name. Models may be directories or hub ids (``org/name@revision``); a run directory stands for
+    its final model (``checkpoints=True``: each of its checkpoints). A model that fails (a
     prompt longer than its context, a chat template that raises, a model that cannot load) gets a
     row without rank whose ``error`` names the prompt; the others are ranked.
     """
@@ -317,7 +319,7 @@ def rank_models(
     texts = read_prompts(prompts) if isinstance(prompts, (str, os.PathLike)) else list(prompts)
     if not texts:
         raise UsageError("no prompt to answer")
-    targets = discover(models)
+    targets = discover(models, checkpoints=checkpoints)
     if out is not None:
         os.makedirs(out, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="mnn-offload-") as offload:

@@ -1,4 +1,4 @@
-"""Where measurements go: TensorBoard, Weights & Biases, a JSONL file, other trackers, memory.
+"""Where measurements go: TensorBoard, Weights & Biases, a JSONL file, memory (other trackers: ``trackers.py``).
 
 One small class per backend, each importing its package lazily (``import mnn_callback`` needs
 neither tensorboard nor wandb). Every sink receives the same structured
@@ -35,7 +35,6 @@ __all__ = [
     "Sink",
     "SinkSet",
     "TensorBoardSink",
-    "TrackerSink",
     "WandbSink",
     "check_sink_specs",
     "require_package",
@@ -46,7 +45,7 @@ JSONL_FILE = "mnn_metrics.jsonl"  # default name of the JSONL history, in the ru
 
 def require_package(sink_name: str) -> None:
     """Raise ``ImportError`` naming the fix when the package a sink needs cannot be imported."""
-    package = {"tensorboard": "tensorboard", "wandb": "wandb"}.get(sink_name)
+    package = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}.get(sink_name)
     if package is None:
         return
     try:
@@ -350,22 +349,6 @@ class JsonlSink(Sink):
         append_jsonl(self.path, {"event": event, "step": step, "time": time.time(), **self.identity, **fields})
 
 
-class TrackerSink(Sink):
-    """Scalars to any Accelerate tracker (``tracker.log(values, step=step)``), as ``accelerator.log`` does;
-    ``prefix`` goes before every key."""
-
-    name = "tracker"
-
-    def __init__(self, tracker: Any, *, prefix: str = "") -> None:
-        self.tracker = tracker
-        self.prefix = prefix
-        self.name = f"{getattr(tracker, 'name', 'tracker')} tracker"  # type: ignore[misc]
-
-    def log_measurement(self, measurement: Measurement) -> None:
-        values = {self.prefix + key: value for key, value in measurement.scalars().items()}
-        self.tracker.log(values, step=measurement.step)
-
-
 class MemorySink(Sink):
     """Keeps everything it receives in lists, in arrival order (``events``: ``(event, step, fields)``)."""
 
@@ -404,13 +387,14 @@ class MemorySink(Sink):
 
 
 SINKS: dict[str, type[Sink]] = {"tensorboard": TensorBoardSink, "wandb": WandbSink, "jsonl": JsonlSink}
+SINK_NAMES = (*SINKS, "mlflow")  # mlflow: trackers.MlflowSink
 
 
 def check_sink_specs(sinks: Sequence[Any] | None) -> None:
     """Refuse an adapter's ``sinks=`` entries it cannot use: unknown names, missing packages, non-sinks."""
     for sink in sinks or ():
-        if isinstance(sink, str) and sink not in SINKS:
-            raise ValueError(f"unknown sink {sink!r}; known sinks: {', '.join(SINKS)}")
+        if isinstance(sink, str) and sink not in SINK_NAMES:
+            raise ValueError(f"unknown sink {sink!r}; known sinks: {', '.join(SINK_NAMES)}")
         if isinstance(sink, str):
             require_package(sink)
         elif not isinstance(sink, Sink):

@@ -430,3 +430,29 @@ def test_sentence_transformers_trainer_logs_real_metrics_with_no_extra_arguments
     assert sum(key.startswith("mnn/layer_") for key in lines[0]) == 7  # embeddings + 6 layers
     expected = Probe(texts, tokenizer=model.tokenizer).run(model[0].auto_model)
     assert lines[-1]["mnn/layer_6"] == pytest.approx(expected.per_layer["mnn"][6], rel=1e-5)
+
+
+def test_the_scalars_follow_report_to_into_mlflow(tmp_path, monkeypatch):
+    """report_to=["mlflow"] (a local sqlite store): the MNN curves beside the Trainer's loss in the same run
+    (on main they never reached MLflow, with no warning)."""
+    mlflow = pytest.importorskip("mlflow")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "mnn")
+    callback = MNNCallback(PROBE_DATA, every_n_steps=4)
+    make_trainer(tmp_path / "out", callback, report_to=["mlflow"]).train()
+    client = mlflow.MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("mnn").experiment_id])
+    logged = probe_lines(tmp_path / "out" / "mnn_metrics.jsonl")
+    for key in ("mnn/layer_2", "matrix_entropy/last", "probe/loss"):
+        history = client.get_metric_history(run.info.run_id, key)
+        assert [(metric.step, metric.value) for metric in history] == [(line["step"], line[key]) for line in logged]
+    assert "loss" in run.data.metrics  # the Trainer's own metrics, in the same run
+
+
+def test_a_tracker_without_a_sink_is_named_in_one_warning(tmp_path):
+    callback = MNNCallback(PROBE_DATA)
+    arguments = TrainingArguments(str(tmp_path), report_to=["clearml"], use_cpu=True)
+    with pytest.warns(MNNWarning, match=r"the MNN scalars do not go to clearml \(report_to\)"):
+        sinks = callback._make_sinks(arguments)
+    assert [sink.name for sink in sinks] == ["jsonl"]

@@ -174,3 +174,22 @@ def test_rank_models_in_python_writes_what_the_command_writes(models, tmp_path):
     rows = rank_models([models[0]], PROMPTS.split("\n\n"), out=tmp_path, max_new_tokens=6)
     assert [row["model"] for row in read_csv(tmp_path / "ranking.csv")] == [row["model"] for row in rows]
     assert (tmp_path / "ranking.png").stat().st_size > 10_000 and (tmp_path / "responses.jsonl").is_file()
+
+
+def test_a_run_directory_is_ranked_by_its_final_model_unless_checkpoints_are_asked_for(models, tmp_path):
+    from mnn_callback.ranking import rank_models
+
+    run = shutil.copytree(models[0], tmp_path / "run")  # the final model at the run's root
+    shutil.copytree(models[1], run / "checkpoint-2")
+    shutil.copytree(models[0], run / "checkpoint-60")
+    prompts = PROMPTS.split("\n\n")[:2]
+    (final,) = rank_models([str(run)], prompts, max_new_tokens=4)
+    assert final["model"] == str(run)
+    rows = rank_models([str(run)], prompts, max_new_tokens=4, checkpoints=True)
+    assert sorted(row["model"] for row in rows) == [str(run / "checkpoint-2"), str(run / "checkpoint-60")]
+    other = shutil.copytree(models[0], tmp_path / "other" / "run")
+    pair = rank_models([str(run), str(other)], prompts, max_new_tokens=4, out=tmp_path / "out")
+    assert len({row["model"] for row in pair}) == 2
+    from mnn_callback.plots import model_labels
+
+    assert sorted(model_labels([row["model"] for row in pair]).values()) == ["other/run", f"{tmp_path.name}/run"]
