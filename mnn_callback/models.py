@@ -24,6 +24,7 @@ __all__ = [
     "DEVICE_MAPS",
     "Placement",
     "Target",
+    "adapter_base",
     "discover",
     "find_tokenizer",
     "hub_revisions",
@@ -36,6 +37,7 @@ __all__ = [
 ]
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+ADAPTER_CONFIG = "adapter_config.json"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _STEP = re.compile(r"step(\d+)")
 
@@ -115,6 +117,31 @@ def _is_model_dir(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "config.json"))
 
 
+def _is_adapter_dir(path: str) -> bool:
+    """A PEFT adapter (LoRA, ...) saved on its own: ``adapter_config.json`` and its weights, no ``config.json``."""
+    return os.path.isfile(os.path.join(path, ADAPTER_CONFIG)) and not _is_model_dir(path)
+
+
+def _loadable(path: str) -> bool:
+    return _is_model_dir(path) or _is_adapter_dir(path)
+
+
+def adapter_base(target: Target) -> Target | None:
+    """The base model of an adapter directory (its ``adapter_config.json``'s ``base_model_name_or_path``):
+    a local directory, or a hub id (from the cache when offline); None when ``target`` is no adapter."""
+    if not (target.local and target.module is None and _is_adapter_dir(target.path)):
+        return None
+    try:
+        with open(os.path.join(target.path, ADAPTER_CONFIG), encoding="utf-8") as handle:
+            base = json.load(handle)["base_model_name_or_path"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise UsageError(f"{target.path}: unreadable {ADAPTER_CONFIG} ({type(error).__name__}: {error})") from None
+    if not isinstance(base, str) or not base:
+        raise UsageError(f"{target.path}: {ADAPTER_CONFIG} names no base model (base_model_name_or_path)")
+    local = os.path.isdir(base)
+    return Target(base, os.path.abspath(base) if local else base, target.step, local)
+
+
 def _step_of(path: str) -> int | None:
     state = os.path.join(path, "trainer_state.json")
     if os.path.isfile(state):
@@ -136,16 +163,20 @@ def _directory_targets(path: str, checkpoints: bool = True) -> list[Target]:
     found = [
         os.path.join(path, name)
         for name in os.listdir(path)
-        if _CHECKPOINT.match(name) and _is_model_dir(os.path.join(path, name))
+        if _CHECKPOINT.match(name) and _loadable(os.path.join(path, name))
     ]
     ordered = sorted(found, key=lambda p: (_step_of(p) or -1, p))
     if ordered and checkpoints:  # a final model saved beside them is normally the last checkpoint again
         return [Target(checkpoint, os.path.abspath(checkpoint), _step_of(checkpoint), True) for checkpoint in ordered]
-    if _is_model_dir(path):
+    if _loadable(path):
         return [Target(path, os.path.abspath(path), _step_of(path), True)]
     if ordered:  # the final model, and none at the root: the last checkpoint
         return [Target(ordered[-1], os.path.abspath(ordered[-1]), _step_of(ordered[-1]), True)]
-    raise UsageError(f"{path} holds neither a model (config.json) nor checkpoint-* directories")
+    shown = ", ".join(sorted(os.listdir(path))[:12]) or "nothing"
+    raise UsageError(
+        f"{path} holds neither a model (config.json), a PEFT adapter ({ADAPTER_CONFIG}) nor checkpoint-* directories "
+        f"with one (it holds: {shown})"
+    )
 
 
 def looks_local(path: str) -> bool:
@@ -200,7 +231,7 @@ def _load_tokenizer(source: str, options: dict[str, Any], trust_remote_code: boo
 
 def find_tokenizer(target: Target, tokenizer: Any, trust_remote_code: bool) -> Any:
     """``tokenizer`` (an object, or a directory or id to load), else the model's own, else one saved
-    in its run directory; None if none is found."""
+    in its run directory, else (an adapter) its base model's; None if none is found."""
     if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)):
         return tokenizer
     if tokenizer is not None:
@@ -216,7 +247,8 @@ def find_tokenizer(target: Target, tokenizer: Any, trust_remote_code: bool) -> A
             return _load_tokenizer(candidate, target.options, trust_remote_code)
         except (OSError, ValueError):
             continue
-    return None
+    base = adapter_base(target)
+    return None if base is None else find_tokenizer(base, None, trust_remote_code)
 
 
 def model_dtype(name: str, device: torch.device) -> torch.dtype | str:
@@ -290,6 +322,14 @@ def load_model(target: Target, *, placement: Placement, trust_remote_code: bool)
     """A model for probing: the causal-LM class when the config names one (for the loss), else the base model."""
     if target.module is not None:
         return target.module
+    base = adapter_base(target)
+    if base is not None:  # the base model with the adapter merged into its weights
+        try:
+            from peft import PeftModel
+        except ImportError:
+            raise ImportError(f"{target.name} is a PEFT adapter: loading it needs peft (pip install peft)") from None
+        model = load_model(base, placement=placement, trust_remote_code=trust_remote_code)
+        return PeftModel.from_pretrained(model, target.path).merge_and_unload().eval()
     import transformers
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
@@ -309,9 +349,12 @@ def load_model(target: Target, *, placement: Placement, trust_remote_code: bool)
 
 
 def model_config(target: Target, trust_remote_code: bool) -> Any:
-    """The model's configuration (transformers ``PretrainedConfig``)."""
+    """The model's configuration (transformers ``PretrainedConfig``; an adapter's: its base model's)."""
     if target.module is not None:
         return getattr(target.module, "config", None)
+    base = adapter_base(target)
+    if base is not None:
+        return model_config(base, trust_remote_code)
     from transformers import AutoConfig
 
     return AutoConfig.from_pretrained(target.path, trust_remote_code=trust_remote_code, **target.options)

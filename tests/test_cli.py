@@ -337,3 +337,47 @@ def test_a_model_dispatched_with_offload_gives_the_undispatched_values(tmp_path)
     (tmp_path / "data.jsonl").write_text("".join(json.dumps({"input_ids": ids}) + "\n" for ids in data))
     assert main([*argv, "--max-memory", "cpu=300KB"]) == 0
     assert main([*argv, "--max-memory", "cpu:300KB"]) == 2  # one line naming the form
+
+
+def test_a_lora_run_its_checkpoints_and_an_adapter_directory_are_evaluated(tmp_path):
+    """PEFT post hoc (on main: "holds neither a model (config.json) nor checkpoint-* directories")."""
+    peft = pytest.importorskip("peft")
+    from helpers import make_trainer, random_sequences, tiny_model
+    from transformers import AutoModelForCausalLM
+
+    from mnn_callback import Probe
+
+    base_dir = tmp_path / "base"
+    tiny_model("gpt2", seed=2).save_pretrained(base_dir)
+    base = AutoModelForCausalLM.from_pretrained(base_dir, local_files_only=True)
+    lora = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True))
+    run = tmp_path / "run"
+    trainer = make_trainer(run, None, model=lora, max_steps=4, save_strategy="steps", save_steps=2, learning_rate=0.05)
+    trainer.train()
+    trainer.save_model(str(run))  # the final adapter at the run's root
+    assert (
+        not (run / "checkpoint-4" / "config.json").exists() and (run / "checkpoint-4" / "adapter_config.json").exists()
+    )
+
+    data = tmp_path / "data.jsonl"
+    ids = random_sequences(6, 5, 20, seed=4)
+    data.write_text("".join(json.dumps({"input_ids": sequence}) + "\n" for sequence in ids))
+    options = ["--data", str(data), "--layers", "last", "--device", "cpu"]
+    assert main(["evaluate", str(run), "--out", str(tmp_path / "series"), *options]) == 0
+    rows = read_csv(tmp_path / "series" / "metrics.csv")
+    assert [int(row["step"]) for row in rows] == [2, 4]
+    merged = peft.PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(base_dir, local_files_only=True), str(run / "checkpoint-4")
+    ).merge_and_unload()
+    expected = Probe(ids).run(merged.eval())
+    assert float(rows[1]["mnn"]) == pytest.approx(expected.per_layer["mnn"][-1], rel=1e-5)
+    assert float(rows[1]["loss"]) == pytest.approx(expected.loss, rel=1e-5)
+    untouched = Probe(ids).run(AutoModelForCausalLM.from_pretrained(base_dir, local_files_only=True).eval())
+    assert float(rows[1]["loss"]) != pytest.approx(untouched.loss, rel=1e-6)  # the adapter was merged in
+
+    adapter_only = tmp_path / "adapter"
+    shutil.copytree(run / "checkpoint-4", adapter_only)
+    assert main(["evaluate", str(adapter_only), "--out", str(tmp_path / "one"), *options]) == 0
+    assert read_csv(tmp_path / "one" / "metrics.csv")[0]["mnn"] == rows[1]["mnn"]
+    (tmp_path / "empty").mkdir()
+    assert main(["evaluate", str(tmp_path / "empty"), "--out", str(tmp_path / "none"), *options]) == 2
