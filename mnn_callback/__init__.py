@@ -32,6 +32,7 @@ _LAZY = {
     "MNNCallback": "mnn_callback.callback",
     "MNNAccelerateHook": "mnn_callback.accelerate_hook",
     "MNNMonitor": "mnn_callback.loop",
+    "MNNLightningCallback": "mnn_callback.lightning",
     "evaluate_models": "mnn_callback.evaluation",
     "rank_models": "mnn_callback.ranking",
 }
@@ -41,6 +42,7 @@ __all__ = [
     "JsonlSink",
     "MNNAccelerateHook",
     "MNNCallback",
+    "MNNLightningCallback",
     "MNNMonitor",
     "MNNWarning",
     "Measurement",

@@ -311,11 +311,12 @@ class Probe:
                         "shorten what comes before the measured part"
                     )
             logger.info(
-                "%s takes at most %d positions: probe sequences cut from up to %d tokens to %d (max_length=%d)",
+                "%s takes at most %d positions: the probe sequences are cut to %d tokens for it (the longest has %d; "
+                "max_length=%d only bounds the sample)",
                 name,
                 limit,
-                longest,
                 limit,
+                longest,
                 self.max_length,
             )
         check_token_range([ids[:limit] for ids in self.sequences], self.sources, vocabulary_size(model), name)

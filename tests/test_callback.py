@@ -281,6 +281,7 @@ def test_a_model_with_fewer_positions_than_max_length_is_probed_with_one_info_li
     assert callback.guard.errors == 0 and callback.history[-1]["probe/max_tokens"] == 64
     cut = [record for record in caplog.records if "takes at most 64 positions" in record.getMessage()]
     assert len(cut) == 1 and cut[0].levelno == logging.INFO
+    assert "cut to 64 tokens" in cut[0].getMessage()  # the limit actually applied, not max_length=512
 
 
 # --- trust off the tested path: options combined, reuse, several monitors, hostile files -----------------
