@@ -29,8 +29,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import benchmark_parser, machine, save_results
 
 from mnn_callback import Dashboards, MemorySink, MNNWarning, Monitor, Probe
-from mnn_callback.figures import DashboardFeed, render_dashboard
-from mnn_callback.files import append_jsonl
+from mnn_callback.output.figures import DashboardFeed, render_dashboard
+from mnn_callback.output.files import append_jsonl
 
 
 class TimedFeed(DashboardFeed):

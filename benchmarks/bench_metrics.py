@@ -23,8 +23,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import benchmark_parser, machine, median_seconds, save_results
 
-from mnn_callback.metrics import compute_metrics
-from mnn_callback.noise import expected_noise_mnn
+from mnn_callback.core.metrics import compute_metrics
+from mnn_callback.core.noise import expected_noise_mnn
 
 
 def timed(fn, device: torch.device, repeats: int) -> tuple[float, object]:

@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import benchmark_parser, machine, median_seconds, save_results, seconds
 
-from mnn_callback.probe import Probe
+from mnn_callback.probing.probe import Probe
 
 
 def peak_bytes(fn, device: torch.device) -> int:

@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import benchmark_parser, machine, save_results, seconds, synchronize
 
-from mnn_callback.metrics import compute_metrics, finish_metrics, prepare_metrics
+from mnn_callback.core.metrics import compute_metrics, finish_metrics, prepare_metrics
 
 
 def repeated_seconds(fn, device: torch.device, repeats: int = 1) -> float:

@@ -52,12 +52,12 @@ from findings_stats import (
     table,
 )
 
-from mnn_callback import metrics
+from mnn_callback.core import metrics
+from mnn_callback.core.metrics import compute_metrics
+from mnn_callback.core.noise import expected_noise_mnn
 from mnn_callback.demo import load_text, prepare_data, split_text, train_gpt2
-from mnn_callback.metrics import compute_metrics
-from mnn_callback.noise import expected_noise_mnn
-from mnn_callback.probe import Probe
-from mnn_callback.results import ProbeResult
+from mnn_callback.probing.probe import Probe
+from mnn_callback.probing.results import ProbeResult
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 DEFAULT_SIZES = ["2x32x2", "4x64x4", "4x128x4", "6x192x6"]
@@ -492,7 +492,7 @@ def _length_verdict(name: str, each: dict) -> tuple[str, list]:
 
 
 def section_length(setup: Setup, long_model_dir: str, long_heldout: str) -> tuple[list[str], dict]:
-    from mnn_callback.files import read_jsonl
+    from mnn_callback.output.files import read_jsonl
 
     model = load_gpt2(long_model_dir)
     chunks = [record["input_ids"] for record in read_jsonl(long_heldout)][: setup.samples]
@@ -510,7 +510,7 @@ def section_length(setup: Setup, long_model_dir: str, long_heldout: str) -> tupl
         "### MNN rises with input length (the paper's Table 13)",
         "",
         "The same held-out sequences cut to each length (so differences are paired by sequence), final hidden state. "
-        "Noise = E[MNN] of Gaussian hidden states of the same n and d (mnn_callback.noise), what MNN would be "
+        "Noise = E[MNN] of Gaussian hidden states of the same n and d (mnn_callback.core.noise), what MNN would be "
         "with random directions.",
         "",
         table(["model", "tokens", "MNN [95% CI]", "noise", "MNN / noise [95% CI]"], gpt2_rows + minilm_rows),
@@ -525,7 +525,7 @@ def section_length(setup: Setup, long_model_dir: str, long_heldout: str) -> tupl
 
 
 def schema_title(name: str) -> str:
-    from mnn_callback import schema
+    from mnn_callback.core import schema
 
     return schema.title(name)
 
@@ -729,7 +729,8 @@ def section_cost(quick: bool) -> list[str]:
 def draw_figures(setup: Setup, runs: dict, main_runs: list[list[Checkpoint]], length_each: dict, images: str) -> None:
     from matplotlib import colormaps
 
-    from mnn_callback import plots, schema
+    from mnn_callback.core import schema
+    from mnn_callback.output import plots
 
     layers = main_runs[0][0].result.layers
     figure = plots.new_figure(12, 4.5)

@@ -34,7 +34,7 @@ from bench_spectra import count_syncs, forward_seconds, hidden_states, repeated_
 from common import benchmark_parser, machine, save_results, seconds
 
 from mnn_callback import MNNCallback, Probe
-from mnn_callback.metrics import compute_metrics, finish_metrics, prepare_metrics
+from mnn_callback.core.metrics import compute_metrics, finish_metrics, prepare_metrics
 
 
 def gpt2_small_tiers(device: torch.device, smoke: bool) -> dict[str, float]:

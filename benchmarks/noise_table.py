@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import benchmark_parser
 
-from mnn_callback.noise import SMALL, TABLE_FILE, cap, monte_carlo_mnn
+from mnn_callback.core.noise import SMALL, TABLE_FILE, cap, monte_carlo_mnn
 
 TARGET_RELATIVE_SE = 5e-4
 

@@ -13,9 +13,10 @@ import argparse
 import os
 import sys
 
-from mnn_callback import evaluate_models, plots
+from mnn_callback import evaluate_models
 from mnn_callback.demo import prepare_data, train_gpt2
-from mnn_callback.tables import write_csv
+from mnn_callback.output import plots
+from mnn_callback.output.tables import write_csv
 
 # (n_layer, n_embd, n_head): about 0.05M to 3M parameters with the 512-token vocabulary
 DEFAULT_SIZES = ["2x32x2", "4x64x4", "4x128x4", "6x192x6"]

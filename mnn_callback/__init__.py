@@ -9,32 +9,32 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from mnn_callback import schema
-from mnn_callback.accumulator import MetricAccumulator
-from mnn_callback.errors import MNNWarning, UsageError
-from mnn_callback.figures import Dashboards
-from mnn_callback.metrics import (
+from mnn_callback.core import schema
+from mnn_callback.core.accumulator import MetricAccumulator
+from mnn_callback.core.errors import MNNWarning, UsageError
+from mnn_callback.core.metrics import (
     compute_metrics,
     effective_rank,
     matrix_entropy,
     matrix_nuclear_norm,
     nuclear_norm,
 )
-from mnn_callback.monitor import Monitor
-from mnn_callback.probe import Probe
-from mnn_callback.results import Measurement, ProbeResult
-from mnn_callback.sinks import JsonlSink, MemorySink, Sink, TensorBoardSink, WandbSink
-from mnn_callback.trackers import MlflowSink
+from mnn_callback.monitoring.monitor import Monitor
+from mnn_callback.output.figures import Dashboards
+from mnn_callback.output.sinks import JsonlSink, MemorySink, Sink, TensorBoardSink, WandbSink
+from mnn_callback.output.trackers import MlflowSink
+from mnn_callback.probing.probe import Probe
+from mnn_callback.probing.results import Measurement, ProbeResult
 
 __version__ = "0.1.0"
 
 _LAZY = {
-    "MNNCallback": "mnn_callback.callback",
-    "MNNAccelerateHook": "mnn_callback.accelerate_hook",
-    "MNNMonitor": "mnn_callback.loop",
-    "MNNLightningCallback": "mnn_callback.lightning",
-    "evaluate_models": "mnn_callback.evaluation",
-    "rank_models": "mnn_callback.ranking",
+    "MNNCallback": "mnn_callback.adapters.callback",
+    "MNNAccelerateHook": "mnn_callback.adapters.accelerate_hook",
+    "MNNMonitor": "mnn_callback.adapters.loop",
+    "MNNLightningCallback": "mnn_callback.adapters.lightning",
+    "evaluate_models": "mnn_callback.posthoc.evaluation",
+    "rank_models": "mnn_callback.posthoc.ranking",
 }
 
 __all__ = [

@@ -19,9 +19,9 @@ import os
 import sys
 from typing import Any
 
-from mnn_callback.errors import UsageError
-from mnn_callback.files import read_jsonl
-from mnn_callback.schema import CSV_COLUMNS
+from mnn_callback.core.errors import UsageError
+from mnn_callback.core.schema import CSV_COLUMNS
+from mnn_callback.output.files import read_jsonl
 
 __all__ = ["CSV_COLUMNS", "build_parser", "main"]
 
@@ -57,7 +57,7 @@ def _layers(text: str) -> str | list[int]:
 
 
 def _sinks(args: argparse.Namespace) -> list[Any]:
-    from mnn_callback.sinks import TensorBoardSink, WandbSink
+    from mnn_callback.output.sinks import TensorBoardSink, WandbSink
 
     sinks = []
     if args.tensorboard:
@@ -77,7 +77,7 @@ def _output_directory(path: str) -> None:
 
 
 def _placement_options(parser: Any) -> None:
-    from mnn_callback.models import DEVICE_MAPS
+    from mnn_callback.posthoc.models import DEVICE_MAPS
 
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
@@ -90,22 +90,22 @@ def _placement_options(parser: Any) -> None:
 
 
 def _main_process() -> bool:
-    from mnn_callback.distributed import world
+    from mnn_callback.probing.distributed import world
 
     return world()[0] == 0
 
 
 def evaluate(args: argparse.Namespace) -> int:
-    from mnn_callback.distributed import process_group_from_environment
+    from mnn_callback.probing.distributed import process_group_from_environment
 
     with process_group_from_environment(args.device):
         return _evaluate(args)
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from mnn_callback.evaluation import UNTRAINED, evaluate_models, latest_rows
-    from mnn_callback.models import parse_max_memory
-    from mnn_callback.tables import write_csv
+    from mnn_callback.output.tables import write_csv
+    from mnn_callback.posthoc.evaluation import UNTRAINED, evaluate_models, latest_rows
+    from mnn_callback.posthoc.models import parse_max_memory
 
     _output_directory(args.out)
     results_file = os.path.join(args.out, "metrics.jsonl")
@@ -156,15 +156,15 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def rank(args: argparse.Namespace) -> int:
-    from mnn_callback.distributed import process_group_from_environment
+    from mnn_callback.probing.distributed import process_group_from_environment
 
     with process_group_from_environment(args.device):
         return _rank(args)
 
 
 def _rank(args: argparse.Namespace) -> int:
-    from mnn_callback.models import parse_max_memory
-    from mnn_callback.ranking import rank_models
+    from mnn_callback.posthoc.models import parse_max_memory
+    from mnn_callback.posthoc.ranking import rank_models
 
     _output_directory(args.out)
     rows = rank_models(
@@ -204,8 +204,8 @@ def _rank(args: argparse.Namespace) -> int:
 
 
 def plot(args: argparse.Namespace) -> int:
-    from mnn_callback.plots import plot_all
-    from mnn_callback.tables import load_table
+    from mnn_callback.output.plots import plot_all
+    from mnn_callback.output.tables import load_table
 
     rows = load_table(args.table)
     if not rows:

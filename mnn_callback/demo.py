@@ -201,7 +201,7 @@ def train_gpt2(
     import transformers
     from transformers import GPT2LMHeadModel, Trainer
 
-    from mnn_callback.callback import MNNCallback
+    from mnn_callback.adapters.callback import MNNCallback
 
     seq_len = len(data.train_chunks[0])
     torch.manual_seed(seed)
@@ -311,8 +311,8 @@ def _environment(values: dict[str, str]):
 
 def _figures(out: str, posthoc: str, docs_images: str | None) -> list[str]:
     """The demo's PNGs: from the run's history and from the post hoc results."""
-    from mnn_callback import plots
-    from mnn_callback.tables import load_table
+    from mnn_callback.output import plots
+    from mnn_callback.output.tables import load_table
 
     plot_dir = os.path.join(out, "plots")
     history = load_table(out)
@@ -332,10 +332,10 @@ def _figures(out: str, posthoc: str, docs_images: str | None) -> list[str]:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from mnn_callback.callback import MNNCallback
-    from mnn_callback.evaluation import evaluate_models, latest_rows
-    from mnn_callback.files import read_jsonl
-    from mnn_callback.tables import write_csv
+    from mnn_callback.adapters.callback import MNNCallback
+    from mnn_callback.output.files import read_jsonl
+    from mnn_callback.output.tables import write_csv
+    from mnn_callback.posthoc.evaluation import evaluate_models, latest_rows
 
     started = time.perf_counter()
     data = prepare_data(args.out, seq_len=args.seq_len, max_train_chars=args.max_train_chars)

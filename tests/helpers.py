@@ -127,7 +127,7 @@ def make_trainer(output_dir, callback=None, *, seed=0, model=None, eval_dataset=
 
 def probe_lines(path):
     """The probe lines of a JSONL history (no event lines)."""
-    from mnn_callback.files import read_jsonl
+    from mnn_callback.output.files import read_jsonl
 
     return [record for record in read_jsonl(path) if "step" in record and "event" not in record]
 

@@ -14,7 +14,7 @@ import torch
 from helpers import HANG_TIMEOUT, event_accumulator, probe_lines, random_sequences, tensorboard_values, tiny_model
 
 from mnn_callback import MNNAccelerateHook, MNNWarning
-from mnn_callback.files import read_jsonl
+from mnn_callback.output.files import read_jsonl
 
 EXAMPLE = os.path.join(os.path.dirname(__file__), "..", "examples", "accelerate_loop.py")
 TINY = ["--n-layer", "2", "--n-embd", "32", "--seq-len", "48", "--max-train-chars", "60000", "--probe-samples", "12"]
@@ -179,7 +179,7 @@ def test_two_hooks_with_one_project_dir_keep_their_own_files(tmp_path):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
-    from mnn_callback.tables import load_table
+    from mnn_callback.output.tables import load_table
 
     AcceleratorState._reset_state(reset_partial_state=True)
     accelerator = Accelerator(cpu=True, project_dir=str(tmp_path))

@@ -9,8 +9,8 @@ import pytest
 import torch
 from helpers import make_hidden
 
-from mnn_callback.accumulator import MetricAccumulator
-from mnn_callback.metrics import compute_metrics
+from mnn_callback.core.accumulator import MetricAccumulator
+from mnn_callback.core.metrics import compute_metrics
 
 FIELDS = ("mnn", "nuclear_norm", "matrix_entropy", "entropy_nats", "renyi2_entropy")
 

@@ -25,8 +25,8 @@ from transformers import TrainingArguments
 from wandb_reader import offline_runs, read_offline_run
 
 from mnn_callback import MNNCallback, MNNWarning
-from mnn_callback.files import read_jsonl
-from mnn_callback.probe import Probe
+from mnn_callback.output.files import read_jsonl
+from mnn_callback.probing.probe import Probe
 
 SCRIPTS = os.path.join(os.path.dirname(__file__), "scripts")
 

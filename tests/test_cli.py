@@ -12,8 +12,8 @@ import pytest
 from helpers import HANG_TIMEOUT, TINY_DEMO, assert_png, probe_lines, read_csv, tensorboard_values
 
 from mnn_callback.cli import CSV_COLUMNS, main
-from mnn_callback.files import read_jsonl
-from mnn_callback.models import discover
+from mnn_callback.output.files import read_jsonl
+from mnn_callback.posthoc.models import discover
 
 PROBE = ["--max-samples", "8", "--max-length", "32", "--batch-size", "16"]
 
@@ -316,8 +316,8 @@ def test_a_model_dispatched_with_offload_gives_the_undispatched_values(tmp_path)
     """Accelerate's big-model inference on CPU: max_memory so small that blocks go to disk; equal values."""
     from helpers import random_sequences, tiny_model
 
-    from mnn_callback.evaluation import evaluate_models
-    from mnn_callback.models import Placement, load_model
+    from mnn_callback.posthoc.evaluation import evaluate_models
+    from mnn_callback.posthoc.models import Placement, load_model
 
     path = tmp_path / "model"
     tiny_model("gpt2", layers=4, hidden=64).save_pretrained(path)
@@ -345,15 +345,19 @@ def test_a_lora_run_its_checkpoints_and_an_adapter_directory_are_evaluated(tmp_p
     from helpers import make_trainer, random_sequences, tiny_model
     from transformers import AutoModelForCausalLM
 
-    from mnn_callback import Probe
+    from mnn_callback import MNNCallback, Probe
 
     base_dir = tmp_path / "base"
     tiny_model("gpt2", seed=2).save_pretrained(base_dir)
     base = AutoModelForCausalLM.from_pretrained(base_dir, local_files_only=True)
     lora = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True))
     run = tmp_path / "run"
-    trainer = make_trainer(run, None, model=lora, max_steps=4, save_strategy="steps", save_steps=2, learning_rate=0.05)
+    callback = MNNCallback(random_sequences(6, 5, 20, seed=4), every_n_steps=2)  # PEFT models train as they are
+    trainer = make_trainer(
+        run, callback, model=lora, max_steps=4, save_strategy="steps", save_steps=2, learning_rate=0.05
+    )
     trainer.train()
+    assert [line["step"] for line in probe_lines(run / "mnn_metrics.jsonl")] == [0, 2, 4]
     trainer.save_model(str(run))  # the final adapter at the run's root
     assert (
         not (run / "checkpoint-4" / "config.json").exists() and (run / "checkpoint-4" / "adapter_config.json").exists()

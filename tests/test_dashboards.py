@@ -71,7 +71,7 @@ def test_tensorboard_layout_profiles_heatmaps_and_headline_keys(tmp_path):
 
 
 def test_dashboards_can_be_switched_off(tmp_path, monkeypatch):
-    from mnn_callback import figures
+    from mnn_callback.output import figures
 
     drawn = []
     monkeypatch.setattr(figures, "render_dashboard", lambda *args, **kwargs: drawn.append(1) or [])
@@ -112,8 +112,8 @@ def test_wandb_records_images_and_summary_definitions(tmp_path, monkeypatch):
 MEMORY_SCRIPT = """
 import gc, sys
 import numpy as np
-from mnn_callback.figures import render_dashboard
-from mnn_callback.sinks import TensorBoardSink
+from mnn_callback.output.figures import render_dashboard
+from mnn_callback.output.sinks import TensorBoardSink
 
 def rss_mb():
     with open("/proc/self/status", encoding="utf-8") as handle:
@@ -177,7 +177,7 @@ def test_figures_are_drawn_off_the_training_thread_and_the_worker_is_joined(tmp_
 
 
 def test_layer_profiles_tick_whole_layers():
-    from mnn_callback.plots import layer_profile_figure
+    from mnn_callback.output.plots import layer_profile_figure
 
     rows = [{"model": "run", "step": 0, "layer": layer, "mnn": 0.5, "matrix_entropy": 0.6} for layer in range(3)]
     for axis in layer_profile_figure(rows).axes:
@@ -187,7 +187,7 @@ def test_layer_profiles_tick_whole_layers():
 def test_the_figure_backlog_is_bounded():
     """Probes faster than figures: at most 4 layer profiles wait, the oldest are dropped, so close() waits for a
     bounded amount of drawing (on main every waiting profile was kept: 1000 fast probes made close() block 239 s)."""
-    from mnn_callback.figures import FigureWorker
+    from mnn_callback.output.figures import FigureWorker
 
     worker = FigureWorker(background=True)
     rows = [{"model": "run", "step": 0, "layer": layer, "mnn": 0.5 + 0.01 * layer} for layer in range(4)]
@@ -205,7 +205,8 @@ def test_the_training_threads_figure_work_does_not_grow_with_the_run(tmp_path, m
     (on main the whole history was converted at every probe: 11 s per probe after 5000 probes)."""
     from helpers import tiny_model
 
-    from mnn_callback import Monitor, Probe, figures
+    from mnn_callback import Monitor, Probe
+    from mnn_callback.output import figures
 
     converted = []
     real_history_rows = figures.history_rows

@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from mnn_callback.distributed import all_gather_object, all_reduce, broadcast_object, world
+from mnn_callback.probing.distributed import all_gather_object, all_reduce, broadcast_object, world
 
 
 def _worker(rank: int, world_size: int, init_file: str, out_file: str) -> None:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 from helpers import random_sequences, tiny_model
 
-from mnn_callback import Probe, UsageError, evaluate_models, schema
-from mnn_callback.files import read_jsonl
+from mnn_callback import Probe, UsageError, evaluate_models
+from mnn_callback.core import schema
+from mnn_callback.output.files import read_jsonl
 
 DATA = random_sequences(6, 5, 20, seed=4)
 

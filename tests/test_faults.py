@@ -27,8 +27,8 @@ from helpers import (
 
 from mnn_callback import JsonlSink, MNNCallback, MNNWarning, Monitor, Probe
 from mnn_callback.cli import main
-from mnn_callback.files import read_jsonl
-from mnn_callback.results import Measurement
+from mnn_callback.output.files import read_jsonl
+from mnn_callback.probing.results import Measurement
 
 SCRIPTS = os.path.join(os.path.dirname(__file__), "scripts")
 

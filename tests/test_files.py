@@ -12,12 +12,12 @@ from helpers import HANG_TIMEOUT
 
 from mnn_callback import MNNWarning
 from mnn_callback.cli import main
-from mnn_callback.files import append_jsonl, check_appendable, read_jsonl
-from mnn_callback.sinks import JsonlSink
+from mnn_callback.output.files import append_jsonl, check_appendable, read_jsonl
+from mnn_callback.output.sinks import JsonlSink
 
 WRITER = """
 import sys
-from mnn_callback.files import append_jsonl
+from mnn_callback.output.files import append_jsonl
 path, writer, count, width = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 for number in range(count):
     append_jsonl(path, {"writer": writer, "number": number, "padding": "x" * (width + 997 * (number % 7))})
@@ -82,7 +82,7 @@ def test_a_fifo_is_refused_without_blocking(tmp_path):
     path = tmp_path / "mnn_metrics.jsonl"
     os.mkfifo(path)
     script = (
-        "import sys\nfrom mnn_callback.files import append_jsonl\n"
+        "import sys\nfrom mnn_callback.output.files import append_jsonl\n"
         "try:\n    append_jsonl(sys.argv[1], {'step': 0})\nexcept ValueError as error:\n    print(error)\n"
     )
     done = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=120)

@@ -7,7 +7,7 @@ import gc
 import pytest
 
 from mnn_callback import MNNWarning
-from mnn_callback.identity import claim_name, named_file, release_name, validate_name
+from mnn_callback.core.identity import claim_name, named_file, release_name, validate_name
 
 
 class Owner:

@@ -8,18 +8,21 @@ import os
 import pytest
 
 PACKAGE = os.path.join(os.path.dirname(__file__), "..", "mnn_callback")
-# The bottom layer: pure math on tensors, importing nothing of the package but each other and the errors.
-MATH = {"metrics", "spectra", "noise", "accumulator", "errors"}
-# Adapters on top: nothing in the package imports them (the CLI and the demo are entry points).
-TOP = {"callback", "accelerate_hook", "cli", "demo", "__main__"}
+# The layers, bottom first: a module imports only from its own layer and the layers below it. The math
+# (core's metrics, spectra, noise, accumulator) imports nothing of the package but itself and the errors.
+LAYERS = ["core", "probing", "output", "monitoring", {"adapters", "posthoc"}, {"cli", "demo", "__main__"}]
+MATH = {"core.metrics", "core.spectra", "core.noise", "core.accumulator", "core.errors"}
 
 
 def modules() -> dict[str, ast.Module]:
+    """Every module of the package by dotted name below it (``core.metrics``); ``__init__`` files excluded."""
     trees = {}
-    for name in sorted(os.listdir(PACKAGE)):
-        if name.endswith(".py"):
-            with open(os.path.join(PACKAGE, name), encoding="utf-8") as handle:
-                trees[name[:-3]] = ast.parse(handle.read())
+    for directory, _, names in os.walk(PACKAGE):
+        for name in sorted(names):
+            if name.endswith(".py") and name != "__init__.py":
+                relative = os.path.relpath(os.path.join(directory, name[:-3]), PACKAGE)
+                with open(os.path.join(directory, name), encoding="utf-8") as handle:
+                    trees[relative.replace(os.sep, ".")] = ast.parse(handle.read())
     return trees
 
 
@@ -28,18 +31,31 @@ def package_imports(tree: ast.Module) -> set[str]:
     found = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("mnn_callback"):
-            if node.module == "mnn_callback":
-                found.update(alias.name for alias in node.names)
-            else:
-                found.add(node.module.split(".")[1])
+            inside = node.module.removeprefix("mnn_callback").lstrip(".")
+            found.update(f"{inside}.{alias.name}".lstrip(".") for alias in node.names)
+            found.add(inside)
         elif isinstance(node, ast.Import):
-            found.update(alias.name.split(".")[1] for alias in node.names if alias.name.startswith("mnn_callback."))
+            found.update(
+                alias.name.removeprefix("mnn_callback.")
+                for alias in node.names
+                if alias.name.startswith("mnn_callback.")
+            )
     return found
 
 
 def import_graph() -> dict[str, set[str]]:
     trees = modules()
-    return {name: package_imports(tree) & set(trees) - {name} for name, tree in trees.items() if name != "__init__"}
+    return {name: package_imports(tree) & set(trees) - {name} for name, tree in trees.items()}
+
+
+def layer(module: str) -> int:
+    top = module.split(".")[0]
+    return next(index for index, names in enumerate(LAYERS) if top in ({names} if isinstance(names, str) else names))
+
+
+def test_every_module_is_in_a_layer():
+    for name in modules():
+        assert layer(name) >= 0, name
 
 
 def test_no_import_cycles():
@@ -65,8 +81,11 @@ def test_math_at_the_bottom_adapters_on_top():
     for name in MATH:
         assert graph[name] <= MATH, f"{name} imports {graph[name] - MATH}"
     for name, targets in graph.items():
-        if name not in ("cli", "__main__"):
-            assert not targets & (TOP - {"callback"} if name == "demo" else TOP), f"{name} imports {targets & TOP}"
+        for target in targets:
+            assert layer(target) <= layer(name), f"{name} imports {target}, a layer above it"
+            siblings = layer(target) == layer(name) == LAYERS.index({"adapters", "posthoc"})
+            if siblings and name.split(".")[0] != target.split(".")[0]:
+                pytest.fail(f"{name} imports {target}: the adapters and post hoc stay apart")
 
 
 def code_lines(function: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
@@ -80,7 +99,7 @@ def code_lines(function: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
 
 def test_modules_and_functions_stay_small():
     for name, tree in modules().items():
-        with open(os.path.join(PACKAGE, f"{name}.py"), encoding="utf-8") as handle:
+        with open(os.path.join(PACKAGE, *name.split(".")) + ".py", encoding="utf-8") as handle:
             lines = len(handle.read().splitlines())
         assert lines <= 460, f"{name}.py has {lines} lines"
         for node in ast.walk(tree):

@@ -11,7 +11,7 @@ import torch
 from helpers import HANG_TIMEOUT, probe_lines, random_sequences, tiny_model
 
 from mnn_callback import MNNMonitor, MNNWarning, Probe
-from mnn_callback.files import read_jsonl
+from mnn_callback.output.files import read_jsonl
 
 EXAMPLE = os.path.join(os.path.dirname(__file__), "..", "examples", "plain_loop.py")
 SHORT = ["--steps", "12", "--every", "6", "--block-size", "32", "--batch-size", "8", "--probe-samples", "8"]

@@ -12,8 +12,9 @@ import torch
 from helpers import DEVICES, make_hidden
 from reference import reference_metrics
 
-from mnn_callback import MNNWarning, metrics
-from mnn_callback.metrics import (
+from mnn_callback import MNNWarning
+from mnn_callback.core import metrics
+from mnn_callback.core.metrics import (
     compute_metrics,
     effective_rank,
     matrix_entropy,
@@ -310,5 +311,5 @@ def test_gram_chunking_does_not_change_results():
 
 
 def test_metrics_module_imports_no_transformers():
-    code = "import sys, mnn_callback.metrics; sys.exit('transformers' in sys.modules)"
+    code = "import sys, mnn_callback.core.metrics; sys.exit('transformers' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

@@ -11,7 +11,7 @@ import pytest
 from helpers import HANG_TIMEOUT, PROBE_DATA, read_csv, tiny_model
 
 from mnn_callback import UsageError, evaluate_models
-from mnn_callback.models import discover, step_of_revision
+from mnn_callback.posthoc.models import discover, step_of_revision
 
 
 def hub_cache(root, repo: str, revisions: dict[str, object]) -> dict[str, str]:

@@ -9,8 +9,8 @@ import torch
 from helpers import PROBE_DATA, random_sequences, tiny_model
 
 from mnn_callback import MemorySink, MNNWarning, Monitor, Probe
-from mnn_callback.files import read_jsonl
-from mnn_callback.schedule import Overhead
+from mnn_callback.monitoring.schedule import Overhead
+from mnn_callback.output.files import read_jsonl
 
 
 def monitor_with_memory(**options) -> tuple[Monitor, MemorySink]:

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from mnn_callback.metrics import compute_metrics, matrix_nuclear_norm
-from mnn_callback.noise import _mnn_of_full_matrices, expected_noise_mnn, monte_carlo_mnn, noise_table
+from mnn_callback.core.metrics import compute_metrics, matrix_nuclear_norm
+from mnn_callback.core.noise import _mnn_of_full_matrices, expected_noise_mnn, monte_carlo_mnn, noise_table
 
 # grid points, points between grid points on both axes, both sides of n = d, the corners of 2..8192
 SHAPES = [

@@ -12,8 +12,8 @@ import sys, matplotlib
 matplotlib.use("pdf")
 matplotlib.rcParams["font.size"] = 7.5
 before = dict(matplotlib.rcParams)
-from mnn_callback import plots
-from mnn_callback.figures import render_dashboard
+from mnn_callback.output import plots
+from mnn_callback.output.figures import render_dashboard
 rows = [
     {"model": m, "step": s, "params": p, "layer": l, "mnn": 0.5 + 0.01 * s - 0.02 * l, "nuclear_norm": 0.3,
      "matrix_entropy": 0.6 - 0.01 * s, "erank": 10.0, "loss": 3.0}

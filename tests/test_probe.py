@@ -14,8 +14,8 @@ import torch.multiprocessing as mp
 from helpers import DEVICES, minilm_path, random_sequences, shakespeare_tokenizer, tiny_model
 
 from mnn_callback import MNNWarning
-from mnn_callback.metrics import compute_metrics
-from mnn_callback.probe import Probe, ProbeResult
+from mnn_callback.core.metrics import compute_metrics
+from mnn_callback.probing.probe import Probe, ProbeResult
 
 ARCHITECTURES = ["gpt2", "llama", "neox", "bert"]
 

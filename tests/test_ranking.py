@@ -10,8 +10,8 @@ from helpers import read_csv, shakespeare_tokenizer
 
 from mnn_callback import MNNWarning
 from mnn_callback.cli import main
-from mnn_callback.files import read_jsonl
-from mnn_callback.metrics import compute_metrics
+from mnn_callback.core.metrics import compute_metrics
+from mnn_callback.output.files import read_jsonl
 
 PROMPTS = "To be, or not to be:\n\nNow is the winter of our discontent\n\nShall I compare thee to a summer's day?\n"
 
@@ -169,7 +169,7 @@ def test_two_processes_rank_their_own_models_and_write_one_ranking(models, tmp_p
 
 
 def test_rank_models_in_python_writes_what_the_command_writes(models, tmp_path):
-    from mnn_callback.ranking import rank_models
+    from mnn_callback.posthoc.ranking import rank_models
 
     rows = rank_models([models[0]], PROMPTS.split("\n\n"), out=tmp_path, max_new_tokens=6)
     assert [row["model"] for row in read_csv(tmp_path / "ranking.csv")] == [row["model"] for row in rows]
@@ -177,7 +177,7 @@ def test_rank_models_in_python_writes_what_the_command_writes(models, tmp_path):
 
 
 def test_a_run_directory_is_ranked_by_its_final_model_unless_checkpoints_are_asked_for(models, tmp_path):
-    from mnn_callback.ranking import rank_models
+    from mnn_callback.posthoc.ranking import rank_models
 
     run = shutil.copytree(models[0], tmp_path / "run")  # the final model at the run's root
     shutil.copytree(models[1], run / "checkpoint-2")
@@ -190,6 +190,6 @@ def test_a_run_directory_is_ranked_by_its_final_model_unless_checkpoints_are_ask
     other = shutil.copytree(models[0], tmp_path / "other" / "run")
     pair = rank_models([str(run), str(other)], prompts, max_new_tokens=4, out=tmp_path / "out")
     assert len({row["model"] for row in pair}) == 2
-    from mnn_callback.plots import model_labels
+    from mnn_callback.output.plots import model_labels
 
     assert sorted(model_labels([row["model"] for row in pair]).values()) == ["other/run", f"{tmp_path.name}/run"]

@@ -18,10 +18,10 @@ from hypothesis import strategies as st
 from transformers import TrainerCallback
 
 from mnn_callback import MNNCallback, MNNWarning
-from mnn_callback.files import atomic_write_json, read_jsonl
-from mnn_callback.metrics import compute_metrics
-from mnn_callback.probe import Probe
-from mnn_callback.sinks import JsonlSink, TensorBoardSink, WandbSink
+from mnn_callback.core.metrics import compute_metrics
+from mnn_callback.output.files import atomic_write_json, read_jsonl
+from mnn_callback.output.sinks import JsonlSink, TensorBoardSink, WandbSink
+from mnn_callback.probing.probe import Probe
 
 SCRIPTS = os.path.join(os.path.dirname(__file__), "scripts")
 

@@ -9,10 +9,11 @@ import pytest
 from helpers import PROBE_DATA, assert_png, event_accumulator, probe_lines, tensorboard_values, tiny_model
 from wandb_reader import offline_runs, wait_for_run
 
-from mnn_callback import JsonlSink, MemorySink, Probe, TensorBoardSink, WandbSink, schema
-from mnn_callback.figures import render_dashboard
-from mnn_callback.results import Measurement
-from mnn_callback.tables import result_rows
+from mnn_callback import JsonlSink, MemorySink, Probe, TensorBoardSink, WandbSink
+from mnn_callback.core import schema
+from mnn_callback.output.figures import render_dashboard
+from mnn_callback.output.tables import result_rows
+from mnn_callback.probing.results import Measurement
 
 
 @pytest.fixture(scope="module")

@@ -10,10 +10,10 @@ import torch
 from helpers import DEVICES, make_hidden, minilm_path, shakespeare_tokenizer
 from reference import reference_metrics
 
-from mnn_callback import metrics
-from mnn_callback.metrics import compute_metrics, finish_metrics, prepare_metrics
-from mnn_callback.probe import Probe
-from mnn_callback.spectra import POLAR_COEFFICIENTS, polar_nuclear_norm, slq_entropy
+from mnn_callback.core import metrics
+from mnn_callback.core.metrics import compute_metrics, finish_metrics, prepare_metrics
+from mnn_callback.core.spectra import POLAR_COEFFICIENTS, polar_nuclear_norm, slq_entropy
+from mnn_callback.probing.probe import Probe
 
 
 def with_spectrum(singular_values, rows: int = 320, columns: int = 400, seed: int = 0) -> torch.Tensor:

@@ -15,7 +15,7 @@ def main(out: str, monitor: bool) -> None:
     import torch
     from helpers import PROBE_DATA, random_sequences, tiny_model
 
-    from mnn_callback.lightning import MNNLightningCallback
+    from mnn_callback.adapters.lightning import MNNLightningCallback
 
     class Module(lightning.LightningModule):
         def __init__(self) -> None:

@@ -12,7 +12,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from mnn_callback.errors import MNNWarning
+from mnn_callback.core.errors import MNNWarning
 
 try:  # POSIX: appenders of one file take turns (Windows has no flock; its appends are not shared here)
     import fcntl
@@ -182,7 +182,7 @@ def read_jsonl(path: str | os.PathLike) -> list[Any]:
     """The records of a JSONL file (UTF-8, a byte-order mark allowed); blank lines skipped.
 
     Lines that are not valid JSON (a line cut by a crash, a hand edit, nesting too deep to parse)
-    are skipped with one :class:`~mnn_callback.errors.MNNWarning` naming them. A file that is not
+    are skipped with one :class:`~mnn_callback.core.errors.MNNWarning` naming them. A file that is not
     UTF-8 text raises ``ValueError``.
     """
     path = os.fspath(path)

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from mnn_callback import schema
+from mnn_callback.core import schema
 
 __all__ = ["DashboardImage", "Measurement", "ProbeResult"]
 
@@ -26,7 +26,7 @@ def _number(value: float | None) -> float:
 class ProbeResult:
     """Data-set metrics of one probe run.
 
-    ``per_layer[name][j]`` is metric ``name`` (see :mod:`mnn_callback.schema`) at hidden-state
+    ``per_layer[name][j]`` is metric ``name`` (see :mod:`mnn_callback.core.schema`) at hidden-state
     index ``layers[j]``: means over sequences (``mnn``, ``nuclear_norm``, ``matrix_entropy``,
     ``entropy_nats``, ``renyi2_entropy``) and the values derived from them (``erank`` =
     exp(mean entropy in nats), ``mnn_ratio``); ``standard_errors[name][j]`` the standard error of
@@ -62,7 +62,7 @@ class ProbeResult:
         return math.exp(self.loss) if not self.loss > 700 else math.inf
 
     def probe_values(self) -> dict[str, float]:
-        """The probe-level fields of :data:`~mnn_callback.schema.PROBE_FIELDS` this result knows."""
+        """The probe-level fields of :data:`~mnn_callback.core.schema.PROBE_FIELDS` this result knows."""
         values: dict[str, float] = {
             "sequences": self.sequences,
             "tokens": self.tokens,

@@ -11,8 +11,8 @@
     torch.save({"mnn": monitor.state_dict(), ...}, "checkpoint.pt")  # plain values, weights_only-safe
 
 No framework is needed: the process group, if any, is ``torch.distributed``'s, and only its rank
-0 writes. :class:`~mnn_callback.accelerate_hook.MNNAccelerateHook` is this adapter with the
-accelerator's trackers and main process. The work is done by a :class:`~mnn_callback.monitor.Monitor`.
+0 writes. :class:`~mnn_callback.adapters.accelerate_hook.MNNAccelerateHook` is this adapter with the
+accelerator's trackers and main process. The work is done by a :class:`~mnn_callback.monitoring.monitor.Monitor`.
 """
 
 from __future__ import annotations
@@ -24,12 +24,11 @@ from typing import Any
 
 from torch import nn
 
-from mnn_callback.distributed import world
-from mnn_callback.errors import MNNWarning
-from mnn_callback.figures import Dashboards
-from mnn_callback.identity import DEFAULT_NAME, named_file, validate_name
-from mnn_callback.monitor import Monitor
-from mnn_callback.sinks import (
+from mnn_callback.core.errors import MNNWarning
+from mnn_callback.core.identity import DEFAULT_NAME, named_file, validate_name
+from mnn_callback.monitoring.monitor import Monitor
+from mnn_callback.output.figures import Dashboards
+from mnn_callback.output.sinks import (
     JSONL_FILE,
     JsonlSink,
     Sink,
@@ -38,7 +37,8 @@ from mnn_callback.sinks import (
     check_sink_specs,
     require_package,
 )
-from mnn_callback.trackers import MlflowSink
+from mnn_callback.output.trackers import MlflowSink
+from mnn_callback.probing.distributed import world
 
 __all__ = ["MNNMonitor"]
 
@@ -47,15 +47,15 @@ class MNNMonitor:
     """Probe the model of any training loop on a schedule and log how its representations compress.
 
     Args:
-        data: the held-out sample (see :class:`~mnn_callback.probe.Probe`).
+        data: the held-out sample (see :class:`~mnn_callback.probing.probe.Probe`).
         out_dir: where ``mnn_metrics.jsonl`` goes (and TensorBoard, under ``out_dir/runs``).
         sinks: names from ``"tensorboard"``, ``"wandb"`` (the active ``wandb.run``), ``"jsonl"``, or
-            :class:`~mnn_callback.sinks.Sink` objects; default: ``"jsonl"`` with an ``out_dir``,
+            :class:`~mnn_callback.output.sinks.Sink` objects; default: ``"jsonl"`` with an ``out_dir``,
             and ``"tensorboard"`` too when it is installed.
         log_dir: the TensorBoard directory (default ``out_dir/runs``).
         every_n_steps, schedule, max_overhead, exact_every, reference, strict, dashboards, name:
-            as for :class:`~mnn_callback.callback.MNNCallback`.
-        **probe_options: passed to :class:`~mnn_callback.probe.Probe`.
+            as for :class:`~mnn_callback.adapters.callback.MNNCallback`.
+        **probe_options: passed to :class:`~mnn_callback.probing.probe.Probe`.
 
     :meth:`step` must be called on every process of a ``torch.distributed`` group at the same
     steps (the sample is sharded, the sums all-reduced); rank 0 writes. After :meth:`finish`, a

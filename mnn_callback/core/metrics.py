@@ -24,7 +24,7 @@ space is rotated. MNN does (its column norms depend on the basis: the same data 
 in one basis and 0.91 in another), and it is capped at ``(min(n, d) / n)^1/2``, near which random
 directions already sit; so a lower MNN is not by itself a more compressed representation.
 ``mnn_vs_noise`` compares it with random Gaussian hidden states of the same n and d
-(:mod:`mnn_callback.noise`). The order-2 (Rényi) entropy is a different quantity from the Shannon
+(:mod:`mnn_callback.core.noise`). The order-2 (Rényi) entropy is a different quantity from the Shannon
 one (it weighs large eigenvalues more, and is never larger); it is exact and costs one Frobenius
 norm of the Gram matrix.
 
@@ -44,8 +44,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from mnn_callback.noise import expected_noise_mnn
-from mnn_callback.spectra import (
+from mnn_callback.core.noise import expected_noise_mnn
+from mnn_callback.core.spectra import (
     eigvalsh_safely,
     polar_nuclear_norm,
     renyi2_nats,
@@ -246,7 +246,7 @@ def compute_metrics(
         dtype: compute dtype, ``torch.float32`` (default) or ``torch.float64``.
         method: ``"exact"`` (eigendecomposition of the smaller Gram matrix), ``"fast"`` (matmul
             only, for GPUs: polar iteration for the nuclear norm, stochastic Lanczos quadrature for
-            the entropy; see :mod:`mnn_callback.spectra` for the errors), or ``"cheap"`` (MNN and
+            the entropy; see :mod:`mnn_callback.core.spectra` for the errors), or ``"cheap"`` (MNN and
             the Rényi-2 entropy only: no spectrum, and no key for the spectral metrics).
 
     Returns:

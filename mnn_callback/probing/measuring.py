@@ -1,6 +1,6 @@
 """One probe run: forward passes with per-layer hooks, metrics streamed into sums, the result.
 
-:class:`RunState` holds what one :meth:`~mnn_callback.probe.Probe.run` needs: the plan (layers,
+:class:`RunState` holds what one :meth:`~mnn_callback.probing.probe.Probe.run` needs: the plan (layers,
 hooks, loss), the accumulated sums, the Gram matrices waiting for one batched eigensolve, and
 the failure protocol that keeps processes in step.
 """
@@ -16,13 +16,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mnn_callback import schema
-from mnn_callback.accumulator import MetricAccumulator
-from mnn_callback.distributed import all_gather_object, all_reduce
-from mnn_callback.emitters import Emitters, first_tensor, hidden_states_of
-from mnn_callback.errors import MNNWarning, ProbeFailedError
-from mnn_callback.metrics import PendingMetrics, compute_metrics, finish_metrics, prepare_metrics
-from mnn_callback.results import ProbeResult
+from mnn_callback.core import schema
+from mnn_callback.core.accumulator import MetricAccumulator
+from mnn_callback.core.errors import MNNWarning, ProbeFailedError
+from mnn_callback.core.metrics import PendingMetrics, compute_metrics, finish_metrics, prepare_metrics
+from mnn_callback.probing.distributed import all_gather_object, all_reduce
+from mnn_callback.probing.emitters import Emitters, first_tensor, hidden_states_of
+from mnn_callback.probing.results import ProbeResult
 
 __all__ = ["RunState", "raise_if_failed_anywhere"]
 
@@ -51,7 +51,7 @@ class RunState:
 
     def __init__(
         self,
-        probe: Any,  # the mnn_callback.probe.Probe being run
+        probe: Any,  # the mnn_callback.probing.probe.Probe being run
         model: nn.Module,
         emitters: Emitters,
         device: torch.device,

@@ -4,7 +4,7 @@
 
     trainer = lightning.Trainer(callbacks=[MNNLightningCallback(held_out_ids, every_n_steps=100, module="model")])
 
-A thin translation of Lightning's events to :class:`~mnn_callback.loop.MNNMonitor`: the probe at
+A thin translation of Lightning's events to :class:`~mnn_callback.adapters.loop.MNNMonitor`: the probe at
 the start of fitting (the Diff-eRank reference), after each optimizer step on the schedule, and
 at the end; the history and reference go into Lightning's checkpoints (``state_dict``). Every
 process probes its shard under Lightning's DDP strategy; the global-zero process writes, into the
@@ -18,7 +18,7 @@ from typing import Any
 
 from torch import nn
 
-from mnn_callback.loop import MNNMonitor
+from mnn_callback.adapters.loop import MNNMonitor
 
 try:  # the unified package first, then the standalone one
     from lightning.pytorch import Callback
@@ -35,12 +35,12 @@ class MNNLightningCallback(MNNMonitor, Callback):
     """Probe the model of a Lightning run on a schedule and log how its representations compress.
 
     Args:
-        data: the held-out sample (see :class:`~mnn_callback.probe.Probe`).
+        data: the held-out sample (see :class:`~mnn_callback.probing.probe.Probe`).
         module: the attribute of the LightningModule that holds the model to probe (e.g.
             ``"model"`` for a Hugging Face model kept as ``self.model``); default: the
             LightningModule itself (then ``modules=``/``forward=`` name its hidden states).
         out_dir: where the files go; default: the trainer's ``log_dir`` (else ``default_root_dir``).
-        **options: as for :class:`~mnn_callback.loop.MNNMonitor` (``every_n_steps``, ``schedule``,
+        **options: as for :class:`~mnn_callback.adapters.loop.MNNMonitor` (``every_n_steps``, ``schedule``,
             ``sinks``, ``name``, probe options, ...).
     """
 

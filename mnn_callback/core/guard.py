@@ -7,7 +7,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
-from mnn_callback.errors import MNNWarning
+from mnn_callback.core.errors import MNNWarning
 
 T = TypeVar("T")
 

@@ -15,7 +15,7 @@ import warnings
 import weakref
 from typing import Any
 
-from mnn_callback.errors import MNNWarning
+from mnn_callback.core.errors import MNNWarning
 
 __all__ = ["DEFAULT_NAME", "claim_name", "named_file", "release_name", "validate_name"]
 

@@ -25,7 +25,7 @@ from torch import Tensor
 
 __all__ = ["TABLE_FILE", "expected_noise_mnn", "monte_carlo_mnn", "noise_table"]
 
-TABLE_FILE = Path(__file__).resolve().parent / "data" / "mnn_noise.json"
+TABLE_FILE = Path(__file__).resolve().parent.parent / "data" / "mnn_noise.json"
 SMALL = 16  # every n up to this many tokens is a grid point of every row
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mnn_callback.errors import UsageError
+from mnn_callback.core.errors import UsageError
 
 __all__ = [
     "DEVICE_MAPS",

@@ -23,13 +23,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from mnn_callback.distributed import all_gather_object, broadcast_object, world
-from mnn_callback.emitters import model_device, position_limit
-from mnn_callback.errors import MNNWarning, UsageError
-from mnn_callback.files import append_jsonl, atomic_write_jsonl, read_jsonl
-from mnn_callback.models import Placement, Target, discover, find_tokenizer, is_causal, load_model, model_config
-from mnn_callback.probe import Probe
-from mnn_callback.sample import text_paragraphs
+from mnn_callback.core.errors import MNNWarning, UsageError
+from mnn_callback.output.files import append_jsonl, atomic_write_jsonl, read_jsonl
+from mnn_callback.posthoc.models import Placement, Target, discover, find_tokenizer, is_causal, load_model, model_config
+from mnn_callback.probing.distributed import all_gather_object, broadcast_object, world
+from mnn_callback.probing.emitters import model_device, position_limit
+from mnn_callback.probing.probe import Probe
+from mnn_callback.probing.sample import text_paragraphs
 
 __all__ = ["RANKING_COLUMNS", "rank_models", "read_prompts"]
 
@@ -306,7 +306,7 @@ def rank_models(
     and per-response metrics are appended to ``out/responses.jsonl`` as each model finishes,
     models already ranked there with the same options are read back (``force`` redoes them), and
     ``ranking.csv`` and ``ranking.png`` are written. ``device_map``/``max_memory`` split each model
-    over the devices (as in :func:`~mnn_callback.evaluation.evaluate_models`). Under ``torchrun``
+    over the devices (as in :func:`~mnn_callback.posthoc.evaluation.evaluate_models`). Under ``torchrun``
     every process calls it and ranks its own models; the main process writes.
     Returns the rows of ``ranking.csv`` (:data:`RANKING_COLUMNS`): ``rank`` by MNN ascending, ties
     by name. Models may be directories or hub ids (``org/name@revision``); a run directory stands for
@@ -384,7 +384,7 @@ def _write_ranking(out: str, rows: list[dict[str, Any]]) -> None:
         writer.writerows(rows)
     os.replace(path + ".tmp", path)
     try:
-        from mnn_callback.plots import plot_ranking
+        from mnn_callback.output.plots import plot_ranking
     except ImportError:
         warnings.warn("ranking.png needs matplotlib: pip install 'mnn-callback[plot]'", MNNWarning, stacklevel=3)
         return

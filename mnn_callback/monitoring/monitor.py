@@ -17,15 +17,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from mnn_callback.distributed import all_reduce, differing_across_processes
-from mnn_callback.errors import MNNWarning
-from mnn_callback.figures import DashboardFeed, Dashboards
-from mnn_callback.guard import Guard
-from mnn_callback.identity import DEFAULT_NAME, claim_name, release_name
-from mnn_callback.probe import Probe
-from mnn_callback.results import Measurement, ProbeResult
-from mnn_callback.schedule import Overhead, Schedule
-from mnn_callback.sinks import Sink, SinkSet
+from mnn_callback.core.errors import MNNWarning
+from mnn_callback.core.guard import Guard
+from mnn_callback.core.identity import DEFAULT_NAME, claim_name, release_name
+from mnn_callback.monitoring.schedule import Overhead, Schedule
+from mnn_callback.output.figures import DashboardFeed, Dashboards
+from mnn_callback.output.sinks import Sink, SinkSet
+from mnn_callback.probing.distributed import all_reduce, differing_across_processes
+from mnn_callback.probing.probe import Probe
+from mnn_callback.probing.results import Measurement, ProbeResult
 
 __all__ = ["OVERHEAD_WARNING_SHARE", "Monitor"]
 

@@ -1,6 +1,6 @@
 """Sinks for the other experiment trackers, each through its own client: MLflow, and any Accelerate tracker.
 
-Like :mod:`mnn_callback.sinks` (one small class per backend, lazy imports, no question of which
+Like :mod:`mnn_callback.output.sinks` (one small class per backend, lazy imports, no question of which
 process runs them), for trackers whose runs other code starts: the Trainer's integrations, an
 accelerator's ``init_trackers``.
 """
@@ -11,8 +11,8 @@ import re
 import time
 from typing import Any
 
-from mnn_callback.results import Measurement
-from mnn_callback.sinks import Sink, require_package
+from mnn_callback.output.sinks import Sink, require_package
+from mnn_callback.probing.results import Measurement
 
 __all__ = ["MlflowSink", "TrackerSink"]
 

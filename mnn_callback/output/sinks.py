@@ -2,7 +2,7 @@
 
 One small class per backend, each importing its package lazily (``import mnn_callback`` needs
 neither tensorboard nor wandb). Every sink receives the same structured
-:class:`~mnn_callback.results.Measurement`; its keys come from :mod:`mnn_callback.schema`.
+:class:`~mnn_callback.probing.results.Measurement`; its keys come from :mod:`mnn_callback.core.schema`.
 :class:`SinkSet` fans out to several sinks so that one failing sink (an unwritable directory, a
 full disk) costs a warning while the others keep working. Sinks never ask which process they
 run on: the monitor creates them on the main process only.
@@ -21,11 +21,11 @@ import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, ClassVar
 
-from mnn_callback import schema
-from mnn_callback.errors import MNNWarning
-from mnn_callback.files import append_jsonl, check_appendable
-from mnn_callback.guard import Guard
-from mnn_callback.results import DashboardImage, Measurement
+from mnn_callback.core import schema
+from mnn_callback.core.errors import MNNWarning
+from mnn_callback.core.guard import Guard
+from mnn_callback.output.files import append_jsonl, check_appendable
+from mnn_callback.probing.results import DashboardImage, Measurement
 
 __all__ = [
     "JSONL_FILE",
@@ -323,7 +323,7 @@ class JsonlSink(Sink):
     Probe lines hold ``step``, ``epoch``, ``time`` (Unix seconds), ``monitor`` (the writer's name,
     when given) and the flat metrics; other lines hold ``event`` (``config``, ``resume``,
     ``overhead``). Non-finite values are null. Each line is one locked append
-    (:func:`~mnn_callback.files.append_jsonl`): a crash cuts at most that line, which readers
+    (:func:`~mnn_callback.output.files.append_jsonl`): a crash cuts at most that line, which readers
     skip, and writers never mix lines. A path that is not a regular file, or a symbolic link out
     of its directory, is refused (``ValueError``) before anything is written.
     """

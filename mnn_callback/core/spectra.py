@@ -24,7 +24,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from mnn_callback.errors import MNNWarning
+from mnn_callback.core.errors import MNNWarning
 
 __all__ = [
     "POLAR_COEFFICIENTS",

@@ -2,7 +2,7 @@
 
 The fields the probe accumulates, the flat keys of the sinks and of the JSONL history, the
 dashboard charts, the plots' labels and the CSV columns are all derived from the two tables
-below. Adding a metric means computing it per sequence in :mod:`mnn_callback.metrics` and
+below. Adding a metric means computing it per sequence in :mod:`mnn_callback.core.metrics` and
 adding a row to :data:`LAYER_METRICS`; nothing else.
 
 Flat keys: ``{name}/layer_{i}`` per hidden state ``i``, ``{name}_se/layer_{i}`` for standard
@@ -45,7 +45,7 @@ class LayerMetric:
     """One value per probed hidden state.
 
     ``averaged``: the mean over sequences of the per-sequence value of the same name returned by
-    :func:`~mnn_callback.metrics.compute_metrics`, logged with its standard error. Otherwise the
+    :func:`~mnn_callback.core.metrics.compute_metrics`, logged with its standard error. Otherwise the
     value comes from ``derive`` (the layer's other values) or is ``difference_of`` a metric
     between the Diff-eRank reference and now.
     """

@@ -1,10 +1,10 @@
 """The probe: a fixed held-out sample through the current model, per-layer metrics in one pass.
 
-:class:`Probe` fixes its sample once, at construction (:mod:`mnn_callback.sample`);
+:class:`Probe` fixes its sample once, at construction (:mod:`mnn_callback.probing.sample`);
 :meth:`Probe.run` sends it through a model in micro-batches and turns each chosen hidden state
 into data-set metrics as soon as that layer's activations exist (forward hooks), so the extra
 memory stays near one layer's activations for one micro-batch. Training is left untouched
-(:mod:`mnn_callback.training_state`). Under ``torch.distributed`` the sample is sharded and the
+(:mod:`mnn_callback.probing.training_state`). Under ``torch.distributed`` the sample is sharded and the
 sums are all-reduced, so every process gets the single-process result.
 """
 
@@ -21,8 +21,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mnn_callback.distributed import all_gather_object, all_reduce, broadcast_object, world
-from mnn_callback.emitters import (
+from mnn_callback.core.errors import MNNWarning
+from mnn_callback.core.metrics import METHODS
+from mnn_callback.probing.distributed import all_gather_object, all_reduce, broadcast_object, world
+from mnn_callback.probing.emitters import (
     Emitters,
     accepted_kwargs,
     calibrate,
@@ -34,12 +36,10 @@ from mnn_callback.emitters import (
     probed_module,
     vocabulary_size,
 )
-from mnn_callback.errors import MNNWarning
-from mnn_callback.measuring import RunState, raise_if_failed_anywhere
-from mnn_callback.metrics import METHODS
-from mnn_callback.results import ProbeResult
-from mnn_callback.sample import check_token_range, fingerprint, fixed_sample, load_tokenizer, packed_sample
-from mnn_callback.training_state import preserved_training_state
+from mnn_callback.probing.measuring import RunState, raise_if_failed_anywhere
+from mnn_callback.probing.results import ProbeResult
+from mnn_callback.probing.sample import check_token_range, fingerprint, fixed_sample, load_tokenizer, packed_sample
+from mnn_callback.probing.training_state import preserved_training_state
 
 __all__ = ["Probe", "ProbeResult", "preserved_training_state"]
 
@@ -101,7 +101,7 @@ class Probe:
         compute_loss: compute the sample's next-token loss; None (default) does so for causal
             language models (class names ending in ``ForCausalLM`` or ``LMHeadModel``).
         method: ``"exact"`` spectra (eigendecomposition), ``"fast"`` (matmul only, for GPUs; see
-            :func:`~mnn_callback.metrics.compute_metrics`), or ``"cheap"`` (MNN, Rényi-2 and the
+            :func:`~mnn_callback.core.metrics.compute_metrics`), or ``"cheap"`` (MNN, Rényi-2 and the
             loss: no spectrum; the spectral metrics are left out of the result).
         defer_spectra: exact method only: keep the Gram matrices of every layer and micro-batch
             and solve them in ONE batched eigensolve at the end of the probe (one host

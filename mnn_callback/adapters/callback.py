@@ -5,7 +5,7 @@ step 0, every ``every_n_steps`` steps and at the end of training, and logs MNN, 
 Entropy, eRank, Diff-eRank, the exact nuclear norm and the sample's loss to TensorBoard,
 Weights & Biases and ``<output_dir>/mnn_metrics.jsonl``, into ``trainer_state.json``'s
 ``log_history``, and into every checkpoint (``checkpoint-*/mnn_metrics.json``). The work is
-done by a :class:`~mnn_callback.monitor.Monitor`; this module translates Trainer events.
+done by a :class:`~mnn_callback.monitoring.monitor.Monitor`; this module translates Trainer events.
 """
 
 from __future__ import annotations
@@ -20,13 +20,13 @@ from typing import Any
 from torch import nn
 from transformers import TrainerCallback
 
-from mnn_callback.errors import MNNWarning
-from mnn_callback.figures import Dashboards
-from mnn_callback.files import atomic_write_json
-from mnn_callback.identity import DEFAULT_NAME, named_file, validate_name
-from mnn_callback.monitor import Monitor
-from mnn_callback.sinks import JSONL_FILE, JsonlSink, Sink, TensorBoardSink, WandbSink, check_sink_specs
-from mnn_callback.trackers import MlflowSink
+from mnn_callback.core.errors import MNNWarning
+from mnn_callback.core.identity import DEFAULT_NAME, named_file, validate_name
+from mnn_callback.monitoring.monitor import Monitor
+from mnn_callback.output.figures import Dashboards
+from mnn_callback.output.files import atomic_write_json
+from mnn_callback.output.sinks import JSONL_FILE, JsonlSink, Sink, TensorBoardSink, WandbSink, check_sink_specs
+from mnn_callback.output.trackers import MlflowSink
 
 __all__ = ["CHECKPOINT_FILE", "MNNCallback", "trainer_tensorboard_dir"]
 
@@ -87,7 +87,7 @@ class MNNCallback(TrainerCallback):
     """Probe the model being trained and log how its representations compress.
 
     Args:
-        data: the held-out sample (see :class:`~mnn_callback.probe.Probe`): texts (with
+        data: the held-out sample (see :class:`~mnn_callback.probing.probe.Probe`): texts (with
             ``tokenizer``), token-id lists, a tensor of ids, a dataset, or a ``.txt``/``.jsonl`` path.
         every_n_steps: probe every this many optimizer steps (and at step 0 and at the end).
         schedule: ``"fixed"`` (default), or ``"log"``: also at steps 1, 2, 4, 8, ... below
@@ -98,7 +98,7 @@ class MNNCallback(TrainerCallback):
             others with ``method="cheap"`` (MNN, Rényi-2, loss).
         tokenizer: turns text data into ids (or the directory of one).
         sinks: where to log: names from ``"tensorboard"``, ``"wandb"``, ``"mlflow"``, ``"jsonl"`` or
-            :class:`~mnn_callback.sinks.Sink` objects. Default: those of
+            :class:`~mnn_callback.output.sinks.Sink` objects. Default: those of
             ``TrainingArguments.report_to`` (tensorboard, wandb, mlflow; any other is named in one
             warning) plus JSONL, always.
         log_dir: TensorBoard directory; default: the one the Trainer's own TensorBoard callback
@@ -114,8 +114,8 @@ class MNNCallback(TrainerCallback):
             (``<log_dir>/<name>``) and keys in W&B and ``log_history`` (``<name>/mnn/layer_0``, ...).
         strict: raise errors instead of turning them into warnings.
         dashboards: the TensorBoard/W&B pictures besides the scalars (a
-            :class:`~mnn_callback.figures.Dashboards`, or True/False for all or none).
-        **probe_options: passed to :class:`~mnn_callback.probe.Probe` (``max_samples``,
+            :class:`~mnn_callback.output.figures.Dashboards`, or True/False for all or none).
+        **probe_options: passed to :class:`~mnn_callback.probing.probe.Probe` (``max_samples``,
             ``max_length``, ``batch_size``, ``layers``, ``seed``, ``dtype``, ...).
 
     Every process runs the probe (the sample is sharded and the sums all-reduced); only the

@@ -8,7 +8,7 @@
         ...                                           # forward, backward, optimizer step
         hook.step(model, step)                        # on EVERY process: the probe is sharded
 
-The work is done by a :class:`~mnn_callback.monitor.Monitor`; this module connects it to the
+The work is done by a :class:`~mnn_callback.monitoring.monitor.Monitor`; this module connects it to the
 accelerator's trackers and checkpoints.
 """
 
@@ -17,10 +17,10 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from mnn_callback.identity import DEFAULT_NAME
-from mnn_callback.loop import MNNMonitor
-from mnn_callback.sinks import JSONL_FILE, Sink, TensorBoardSink, WandbSink
-from mnn_callback.trackers import TrackerSink
+from mnn_callback.adapters.loop import MNNMonitor
+from mnn_callback.core.identity import DEFAULT_NAME
+from mnn_callback.output.sinks import JSONL_FILE, Sink, TensorBoardSink, WandbSink
+from mnn_callback.output.trackers import TrackerSink
 
 __all__ = ["MNNAccelerateHook"]
 
@@ -31,7 +31,7 @@ class MNNAccelerateHook(MNNMonitor):
     Args:
         accelerator: the ``accelerate.Accelerator`` of the run; every tracker it was given
             (``Accelerator(log_with=["tensorboard", "wandb"], project_dir=...)``) receives the values.
-        data: the held-out sample (see :class:`~mnn_callback.probe.Probe`).
+        data: the held-out sample (see :class:`~mnn_callback.probing.probe.Probe`).
         every_n_steps: probe when ``global_step % every_n_steps == 0``, and on the first call.
         schedule: ``"fixed"`` (default), or ``"log"``: also at steps 1, 2, 4, 8, ... below it.
         max_overhead: skip scheduled probes that would take the monitor's share of the wall time
@@ -49,8 +49,8 @@ class MNNAccelerateHook(MNNMonitor):
             has its own JSONL file (``mnn_metrics.<name>.jsonl``), TensorBoard run
             (``<logging dir>/<name>``) and tracker keys (``<name>/mnn/layer_0``, ...).
         dashboards: pictures drawn into the accelerator's TensorBoard and W&B trackers (a
-            :class:`~mnn_callback.figures.Dashboards`, or True/False for all or none).
-        **probe_options: passed to :class:`~mnn_callback.probe.Probe`.
+            :class:`~mnn_callback.output.figures.Dashboards`, or True/False for all or none).
+        **probe_options: passed to :class:`~mnn_callback.probing.probe.Probe`.
 
     :meth:`step` must be called on every process at the same steps: the probe shards the
     sample across processes, runs the same number of forward passes on each (required under

@@ -1,9 +1,9 @@
 """Figures of probe results: dynamics over steps, layer x step heatmaps, model families, MNN vs nuclear norm.
 
-Every function takes rows of the long table (:mod:`mnn_callback.tables`) and builds
+Every function takes rows of the long table (:mod:`mnn_callback.output.tables`) and builds
 ``matplotlib.figure.Figure`` objects directly: no ``pyplot``, no backend switch, no change to
 ``rcParams``, so plotting inside training or a notebook leaves the user's matplotlib as it was.
-Axis labels come from :mod:`mnn_callback.schema`.
+Axis labels come from :mod:`mnn_callback.core.schema`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
-from mnn_callback import schema
+from mnn_callback.core import schema
 
 __all__ = [
     "heatmap_figure",

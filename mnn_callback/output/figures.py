@@ -9,11 +9,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from mnn_callback.errors import MNNWarning
-from mnn_callback.guard import Guard
-from mnn_callback.results import DashboardImage, Measurement
-from mnn_callback.sinks import SinkSet
-from mnn_callback.tables import history_rows
+from mnn_callback.core.errors import MNNWarning
+from mnn_callback.core.guard import Guard
+from mnn_callback.output.sinks import SinkSet
+from mnn_callback.output.tables import history_rows
+from mnn_callback.probing.results import DashboardImage, Measurement
 
 __all__ = ["DashboardFeed", "Dashboards", "FigureWorker", "render_dashboard"]
 
@@ -76,7 +76,7 @@ def render_dashboard(
     """
     if not _matplotlib_installed():
         raise ImportError("dashboard figures need matplotlib: pip install 'mnn-callback[plot]'")
-    from mnn_callback import plots
+    from mnn_callback.output import plots
 
     images = []
     if layer_profile:

@@ -2,7 +2,7 @@
 
 ``evaluate_models(["out/"], "heldout.txt")`` probes every ``checkpoint-*`` of a run, in step
 order, and returns one row per model x layer with the columns of ``metrics.csv``
-(:data:`~mnn_callback.schema.CSV_COLUMNS`). With ``results_file`` it is resumable: each model's
+(:data:`~mnn_callback.core.schema.CSV_COLUMNS`). With ``results_file`` it is resumable: each model's
 result is appended as it finishes, and models already evaluated with the same configuration
 are read back instead of evaluated again.
 """
@@ -22,10 +22,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from mnn_callback.distributed import all_gather_object, broadcast_object, world
-from mnn_callback.errors import MNNWarning, UsageError
-from mnn_callback.files import append_jsonl, read_jsonl
-from mnn_callback.models import (
+from mnn_callback.core.errors import MNNWarning, UsageError
+from mnn_callback.output.files import append_jsonl, read_jsonl
+from mnn_callback.output.sinks import Sink
+from mnn_callback.output.tables import evaluation_rows
+from mnn_callback.posthoc.models import (
     Placement,
     Target,
     discover,
@@ -35,10 +36,9 @@ from mnn_callback.models import (
     model_config,
     untrained_model,
 )
-from mnn_callback.probe import Probe
-from mnn_callback.results import Measurement, ProbeResult
-from mnn_callback.sinks import Sink
-from mnn_callback.tables import evaluation_rows
+from mnn_callback.probing.distributed import all_gather_object, broadcast_object, world
+from mnn_callback.probing.probe import Probe
+from mnn_callback.probing.results import Measurement, ProbeResult
 
 __all__ = ["UNTRAINED", "evaluate_models", "latest_rows"]
 
@@ -323,7 +323,7 @@ def evaluate_models(
         models: model directories, run directories (their ``checkpoint-*``, in step order), hub ids
             (``org/name`` or ``org/name@revision``: loaded through transformers, from its cache when
             offline) or ``nn.Module`` objects.
-        data: the held-out sample, as for :class:`~mnn_callback.probe.Probe`.
+        data: the held-out sample, as for :class:`~mnn_callback.probing.probe.Probe`.
         tokenizer: a tokenizer or the directory / id of one; default: each model's own (for text data).
         reference: the Diff-eRank reference: None (the first model), ``"untrained"`` (each model's
             config, randomly initialised with ``seed``), or a model (directory, hub id or module).
@@ -340,10 +340,10 @@ def evaluate_models(
         progress: show a progress bar over models (with an estimate of the time left).
         revisions: evaluate every hub id given at each of these revisions (branch names such as
             ``step1000``; or one glob such as ``"step*"``, listed from the hub: online only).
-        **probe_options: passed to :class:`~mnn_callback.probe.Probe` (``max_samples``, ``layers``, ...).
+        **probe_options: passed to :class:`~mnn_callback.probing.probe.Probe` (``max_samples``, ``layers``, ...).
 
     A model that fails to load or probe gives one row with ``error`` set; the others are
-    evaluated. Bad input raises :class:`~mnn_callback.errors.UsageError`. Under an initialised
+    evaluated. Bad input raises :class:`~mnn_callback.core.errors.UsageError`. Under an initialised
     ``torch.distributed`` process group (``torchrun``) every process must call it: several models
     are shared out (each process its own, whole sample), one model is run by every process over
     its shard of the sample; only the main process writes, and every process returns the rows a

@@ -1,6 +1,6 @@
 """The long table: one row per model x step x layer, from results, histories and files.
 
-Its columns are :data:`~mnn_callback.schema.CSV_COLUMNS`. Plots and the CSV writer take these
+Its columns are :data:`~mnn_callback.core.schema.CSV_COLUMNS`. Plots and the CSV writer take these
 rows; every file the package writes can be read back into them (:func:`load_table`).
 """
 
@@ -12,11 +12,11 @@ import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from mnn_callback import schema
-from mnn_callback.errors import UsageError
-from mnn_callback.files import json_safe, read_jsonl
-from mnn_callback.identity import DEFAULT_NAME
-from mnn_callback.results import ProbeResult
+from mnn_callback.core import schema
+from mnn_callback.core.errors import UsageError
+from mnn_callback.core.identity import DEFAULT_NAME
+from mnn_callback.output.files import json_safe, read_jsonl
+from mnn_callback.probing.results import ProbeResult
 
 __all__ = ["evaluation_rows", "history_rows", "load_table", "result_rows", "write_csv"]
 

@@ -1,0 +1,1 @@
+"""Thin translations of each framework's events to the monitor: Trainer, any loop, Accelerate, Lightning."""

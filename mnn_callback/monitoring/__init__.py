@@ -1,0 +1,1 @@
+"""The monitor: when to probe, one measurement, the reference, the history, the budget."""

@@ -1,0 +1,1 @@
+"""Post hoc: loading saved models safely, evaluating checkpoints and families, ranking by responses."""
