@@ -222,7 +222,7 @@ def test_overhead_warning_speaks_after_five_probes_and_suggests_a_cadence_that_m
     [
         ({"every_n_steps": 0}, ValueError, "every_n_steps"),
         ({"every_n_steps": 2.0}, ValueError, "every_n_steps"),
-        ({"sinks": ["mlflow"]}, ValueError, "unknown sink"),
+        ({"sinks": ["comet_ml"]}, ValueError, "unknown sink"),
         ({"sinks": [42]}, TypeError, "Sink objects"),
     ],
 )
