@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import benchmark_parser
 
-from mnn_callback.core.noise import SMALL, TABLE_FILE, cap, monte_carlo_mnn
+from mnn_callback.core.noise import SMALL, TABLE_FILE, cap, monte_carlo_mnn, row_lengths
 
 TARGET_RELATIVE_SE = 5e-4
 
@@ -34,15 +34,6 @@ def grid(largest: int, steps_per_octave: int = 4) -> list[int]:
         values.add(round(SMALL * 2 ** (k / steps_per_octave)))
         k += 1
     return sorted(values)
-
-
-def row_lengths(d: int, largest: int, steps_per_octave: int = 4) -> list[int]:
-    values = set(range(2, SMALL + 1)) | {largest, d}
-    j = math.ceil(steps_per_octave * math.log2(2 / d))
-    while d * 2 ** (j / steps_per_octave) <= largest:
-        values.add(max(2, round(d * 2 ** (j / steps_per_octave))))
-        j += 1
-    return sorted(value for value in values if 2 <= value <= largest)
 
 
 def measure(n: int, d: int, seed: int) -> tuple[float, int]:

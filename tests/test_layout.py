@@ -11,7 +11,15 @@ PACKAGE = os.path.join(os.path.dirname(__file__), "..", "mnn_callback")
 # The layers, bottom first: a module imports only from its own layer and the layers below it. The math
 # (core's metrics, spectra, noise, accumulator) imports nothing of the package but itself and the errors.
 LAYERS = ["core", "probing", "output", "monitoring", {"adapters", "posthoc"}, {"cli", "demo", "__main__"}]
-MATH = {"core.metrics", "core.spectra", "core.noise", "core.accumulator", "core.errors"}
+MATH = {
+    "core.metrics",
+    "core.spectra",
+    "core.noise",
+    "core.accumulator",
+    "core.uncertainty",
+    "core.regime",
+    "core.errors",
+}
 
 
 def modules() -> dict[str, ast.Module]:

@@ -193,3 +193,24 @@ def test_without_a_budget_nothing_is_skipped():
     assert monitor.overhead.skipped == 0
     with pytest.raises(ValueError, match="max_overhead must be a share between 0 and 1"):
         Monitor(Probe(PROBE_DATA), max_overhead=5)
+
+
+@pytest.mark.parametrize(("lengths", "regime", "announced"), [((4, 24), "n < d", True), ((40, 60), "n >= d", False)])
+def test_the_first_probe_names_the_regime_and_says_what_mnn_means_there(caplog, lengths, regime, announced):
+    import logging
+
+    monitor = Monitor(Probe(random_sequences(6, *lengths, seed=4), batch_size=3), dashboards=False)
+    memory = MemorySink()
+    monitor.open(lambda: [memory], is_main_process=True)
+    model = tiny_model("gpt2")  # hidden size 32
+    with caplog.at_level(logging.INFO, logger="mnn_callback"):
+        monitor.measure(model, 0)
+        monitor.measure(model, 1)
+    events = [fields for event, _, fields in memory.events if event == "regime"]
+    assert len(events) == 1 and events[0]["regime"] == regime and events[0]["hidden_size"] == 32
+    assert events[0]["tokens"][0] >= lengths[0] and events[0]["tokens"][2] <= lengths[1]
+    lines = [record.getMessage() for record in caplog.records if "MNN regime" in record.getMessage()]
+    assert len(lines) == int(announced)
+    if announced:
+        assert "RISES" in lines[0] and "Matrix Entropy" in lines[0] and "d = 32" in lines[0]
+    monitor.close()

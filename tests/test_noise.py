@@ -27,6 +27,34 @@ def test_the_table_is_within_one_percent_of_a_fresh_monte_carlo(n, d):
     assert table == pytest.approx(mean, rel=0.01), (n, d, table, mean)
 
 
+# beyond the table (d or n above 16384: the independent-columns model) and the closed forms
+BEYOND = [(64, 20000, 200), (7, 20000, 400), (16, 32768, 300), (2, 20000, 600), (20000, 64, 20), (3, 40000, 300)]
+
+
+@pytest.mark.parametrize(("n", "d", "draws"), BEYOND)
+def test_beyond_the_table_the_model_is_within_one_percent_of_a_fresh_monte_carlo(n, d, draws):
+    mean, error = monte_carlo_mnn(n, d, draws, seed=2026)
+    assert error / mean < 0.003
+    expected = expected_noise_mnn(torch.tensor([n]), d).item()
+    assert expected == pytest.approx(mean, rel=0.01), (n, d, expected, mean)
+
+
+@pytest.mark.parametrize("n", [2, 3, 17, 1000])
+def test_one_dimension_is_exact_and_one_token_undefined(n):
+    mean, _ = monte_carlo_mnn(n, 1, 20, seed=1)
+    assert expected_noise_mnn(torch.tensor([n]), 1).item() == pytest.approx(1 / math.sqrt(n), rel=1e-12)
+    assert mean == pytest.approx(1 / math.sqrt(n), rel=1e-6)  # every draw: a centred row normalised to +-1
+    assert math.isnan(expected_noise_mnn(torch.tensor([1]), 1).item())
+
+
+def test_the_model_continues_the_table_at_its_edge():
+    """Just inside and just beyond the largest hidden size of the table agree (no jump at the edge)."""
+    lengths = torch.tensor([2, 16, 100, 1000, 8000])
+    inside = expected_noise_mnn(lengths, 16384)
+    beyond = expected_noise_mnn(lengths, 16385)
+    assert torch.allclose(inside, beyond, rtol=0.005)
+
+
 def test_random_gaussian_hidden_states_sit_at_ratio_one():
     generator = torch.Generator().manual_seed(7)
     hidden = torch.randn(400, 200, 64, generator=generator)
@@ -45,7 +73,7 @@ def test_the_table_covers_its_grid_and_the_lookup_handles_the_edges():
         assert set(range(2, 17)) <= set(lengths)
     values = expected_noise_mnn(torch.tensor([0, 1, 2, 20000]), 50)
     assert math.isnan(values[0]) and math.isnan(values[1])  # fewer than 2 tokens
-    assert 0 < values[3].item() <= math.sqrt(50 / 20000)  # beyond the table: its last n, below the cap
+    assert 0 < values[3].item() <= math.sqrt(50 / 20000)  # beyond the table's n: the model, below the cap
     assert compute_metrics(torch.randn(5, 8), top_d=2)["mnn_vs_noise"].isnan()  # defined for the default D only
 
 

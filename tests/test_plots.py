@@ -35,3 +35,20 @@ def test_figures_leave_global_matplotlib_state_alone(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip() == "untouched"
+
+
+def test_a_history_with_changes_gets_the_changes_drawn_with_their_paired_errors(tmp_path):
+    from PIL import Image
+
+    from mnn_callback.output import plots
+
+    rows = [
+        {"model": "run", "step": s, "layer": 2, "mnn": 0.5 + 0.01 * s, "matrix_entropy": 0.6 - 0.01 * s}
+        for s in (0, 10, 20)
+    ]
+    plain = plots.plot_dynamics(rows, str(tmp_path / "plain.png"))
+    for row in rows:
+        row.update(mnn_change=0.01 * row["step"], mnn_change_se=0.001, matrix_entropy_change=-0.01 * row["step"])
+    with_changes = plots.plot_dynamics(rows, str(tmp_path / "changes.png"))
+    plain_size, changes_size = Image.open(plain).size, Image.open(with_changes).size
+    assert changes_size[0] == plain_size[0] and changes_size[1] > 1.5 * plain_size[1]  # a second row of panels

@@ -46,8 +46,14 @@ class LayerMetric:
 
     ``averaged``: the mean over sequences of the per-sequence value of the same name returned by
     :func:`~mnn_callback.core.metrics.compute_metrics`, logged with its standard error. Otherwise the
-    value comes from ``derive`` (the layer's other values) or is ``difference_of`` a metric
-    between the Diff-eRank reference and now.
+    value comes from ``derive`` (the layer's other values), or compares a metric between the
+    reference (the Diff-eRank reference, the first probe by default) and now: ``difference_of``
+    is reference minus now, ``change_of`` now minus reference.
+
+    Standard errors: of the mean over sequences for an averaged metric; by the delta method for a
+    derived metric that is a smooth function of one averaged mean (``linear_in``: that field, and
+    the derivative with respect to it, from the layer's values); paired, from the per-sequence
+    values of both probes, for a comparison (the sample is the same sequences).
     """
 
     name: str
@@ -58,6 +64,8 @@ class LayerMetric:
     averaged: bool = True
     derive: Callable[[Mapping[str, float]], float] | None = None
     difference_of: str | None = None
+    change_of: str | None = None
+    linear_in: tuple[str, Callable[[Mapping[str, float]], float]] | None = None
     logged: bool = True  # False: an ingredient of another metric, not a key of its own
     headline: bool = False  # also logged as {name}/last: the final hidden state, the layer the MNN paper reports
 
@@ -116,6 +124,7 @@ LAYER_METRICS: tuple[LayerMetric, ...] = (
         spectral=True,
         averaged=False,
         derive=lambda values: math.exp(values["entropy_nats"]),
+        linear_in=("entropy_nats", lambda values: values["erank"]),  # d exp(m) / dm = exp(m)
     ),
     LayerMetric(
         "diff_erank",
@@ -125,6 +134,33 @@ LAYER_METRICS: tuple[LayerMetric, ...] = (
         spectral=True,
         averaged=False,
         difference_of="erank",
+    ),
+    LayerMetric(
+        "mnn_change",
+        "MNN change since the reference",
+        "MNN now - reference",
+        "MNN now minus MNN at the reference, with the paired standard error of that change",
+        averaged=False,
+        change_of="mnn",
+        headline=True,
+    ),
+    LayerMetric(
+        "mnn_vs_noise_change",
+        "MNN / noise floor, change since the reference",
+        "MNN / E[MNN of noise], now - reference",
+        "mnn_vs_noise now minus at the reference, with the paired standard error of that change",
+        averaged=False,
+        change_of="mnn_vs_noise",
+    ),
+    LayerMetric(
+        "matrix_entropy_change",
+        "Matrix Entropy change since the reference",
+        "Matrix Entropy now - reference",
+        "Matrix Entropy now minus at the reference, with the paired standard error of that change",
+        spectral=True,
+        averaged=False,
+        change_of="matrix_entropy",
+        headline=True,
     ),
     LayerMetric(
         "renyi2_entropy",
@@ -223,14 +259,56 @@ def derive_layer(values: Mapping[str, float]) -> dict[str, float]:
     return out
 
 
+def derive_errors(values: Mapping[str, float], errors: Mapping[str, float]) -> dict[str, float]:
+    """``errors`` (one layer's standard errors) with the delta-method ones of the ``linear_in`` metrics."""
+    out = dict(errors)
+    for row in LAYER_METRICS:
+        if row.linear_in is not None and row.name in values and row.linear_in[0] in errors:
+            field, slope = row.linear_in
+            try:
+                out[row.name] = abs(float(slope(values))) * errors[field]
+            except (KeyError, OverflowError, ValueError):
+                out[row.name] = math.nan
+    return out
+
+
+def compared(name: str) -> tuple[str, float] | None:
+    """``(metric, sign)`` of a comparison row: the metric it compares and +1 (now - reference) or -1."""
+    row = _BY_NAME.get(name)
+    if not isinstance(row, LayerMetric):
+        return None
+    if row.change_of:
+        return row.change_of, 1.0
+    if row.difference_of:
+        return row.difference_of, -1.0
+    return None
+
+
+def linearisation(name: str, values: Mapping[str, float]) -> tuple[str, float] | None:
+    """The averaged field whose mean ``name`` is a smooth function of, and the derivative (1 for itself)."""
+    row = _BY_NAME.get(name)
+    if isinstance(row, LayerMetric) and row.averaged:
+        return name, 1.0
+    if isinstance(row, LayerMetric) and row.linear_in is not None:
+        try:
+            return row.linear_in[0], float(row.linear_in[1](values))
+        except (KeyError, OverflowError, ValueError):
+            return None
+    return None
+
+
 def differences(current: Mapping[str, float], reference: Mapping[str, float] | None) -> dict[str, float]:
-    """The ``difference_of`` metrics of one layer: the reference's value minus the current one."""
+    """The comparison metrics of one layer: ``difference_of`` reference minus now, ``change_of`` now minus it."""
     if reference is None:
         return {}
     out = {}
     for row in LAYER_METRICS:
-        if row.difference_of and row.difference_of in current and row.difference_of in reference:
-            out[row.name] = float(reference[row.difference_of] - current[row.difference_of])
+        compared_row = compared(row.name)
+        if compared_row is None:
+            continue
+        name, sign = compared_row
+        if name in current and name in reference:
+            out[row.name] = float(sign * (current[name] - reference[name]))
     return out
 
 
@@ -287,10 +365,14 @@ def long_rows(record: Mapping[str, Any], identity: Mapping[str, Any]) -> list[di
     return [{**identity, "layer": layer, **values, **probe} for layer, values in sorted(per_layer.items())]
 
 
+def has_standard_error(row: LayerMetric) -> bool:
+    return row.averaged or row.linear_in is not None or compared(row.name) is not None
+
+
 def result_columns() -> tuple[str, ...]:
     """Metric columns of the long table: logged layer metrics, their standard errors, probe fields."""
     values = [row.name for row in LAYER_METRICS if row.logged]
-    errors = [f"{row.name}_se" for row in LAYER_METRICS if row.logged and row.averaged]
+    errors = [f"{row.name}_se" for row in LAYER_METRICS if row.logged and has_standard_error(row)]
     probe = [field.name for field in PROBE_FIELDS if field.csv]
     return (*values, *errors, *probe)
 

@@ -20,6 +20,7 @@ from torch import nn
 from mnn_callback.core.errors import MNNWarning
 from mnn_callback.core.guard import Guard
 from mnn_callback.core.identity import DEFAULT_NAME, claim_name, release_name
+from mnn_callback.core.regime import MORE_TOKENS, regime_line
 from mnn_callback.monitoring.schedule import Overhead, Schedule
 from mnn_callback.output.figures import DashboardFeed, Dashboards
 from mnn_callback.output.sinks import Sink, SinkSet
@@ -229,7 +230,8 @@ class Monitor:
                 raise ValueError(message)  # on every process alike: they all saw the same fingerprints
             if self.is_main_process:
                 warnings.warn(message, MNNWarning, stacklevel=4)
-        return self.probe.run(model, optimizer=optimizer, method=method)
+        # each sequence's values: the paired standard errors of the changes since the reference
+        return self.probe.run(model, optimizer=optimizer, method=method, per_sequence=True)
 
     def start_clock(self, step: int | None = None) -> None:
         """Start timing the training wall time the probes' share is measured against (at training ``step``)."""
@@ -290,8 +292,10 @@ class Monitor:
                 self.overhead.add(time.perf_counter() - started, probe=True, step=step)
                 monitor["time_share"] = self.overhead.share
                 self._warn_overhead()
-            measurement = Measurement(step, epoch, result, result.differences(self.reference), monitor)
+            measurement = Measurement.against(step, epoch, result, self.reference, monitor)
             self.history.append({"step": step, "epoch": epoch, **measurement.scalars()})
+            if self._probes_succeeded == 0 and self.is_main_process:
+                self._announce_regime(result, step)
             self._probes_succeeded += 1
         if self.is_main_process:
             publishing = time.perf_counter()
@@ -326,6 +330,17 @@ class Monitor:
                     stacklevel=4,
                 )
 
+    def _announce_regime(self, result: ProbeResult, step: int) -> None:
+        """Which side of n = d the probe is on: a ``regime`` event, and an INFO line where MNN rises with collapse."""
+        if result.regime is None:
+            return
+        self.log_event(
+            "regime", step, regime=result.regime, tokens=list(result.token_range), hidden_size=result.hidden_size
+        )
+        if result.regime != MORE_TOKENS:
+            low, _, high = result.token_range
+            logger.info(regime_line(result.regime, int(low), int(high), int(result.hidden_size)))
+
     def _warn_overhead(self) -> None:
         """Once, on the main process, when after 5 scheduled probes the cadence projects a share above 5%.
 
@@ -338,16 +353,7 @@ class Monitor:
         if overhead.probes < OVERHEAD_WARNING_PROBES or projected is None or projected <= OVERHEAD_WARNING_SHARE:
             return
         self._warned_overhead = True
-        cost, step_seconds = overhead.probe_seconds, overhead.step_seconds
-        warnings.warn(
-            f"mnn_callback: a probe and its logging cost {cost:.3f} s, {cost / step_seconds:.1f} training steps' "
-            f"worth; at every_n_steps={self.every_n_steps} that is {projected:.1%} of the training wall time "
-            f"(so far: {overhead.share:.1%}); every_n_steps={overhead.suggestion(OVERHEAD_WARNING_SHARE)} keeps it "
-            f"at {OVERHEAD_WARNING_SHARE:.0%} by these numbers; or set max_overhead={OVERHEAD_WARNING_SHARE} "
-            f"(skips probes to stay under it) or method='cheap' (no spectra)",
-            MNNWarning,
-            stacklevel=5,
-        )
+        warnings.warn(overhead.cadence_warning(self.every_n_steps, OVERHEAD_WARNING_SHARE), MNNWarning, stacklevel=5)
 
     def poll(self) -> None:
         """Hand finished dashboard figures to the sinks (call at step boundaries; cheap)."""
@@ -379,17 +385,7 @@ class Monitor:
                     stacklevel=3,
                 )
             if self.overhead.probes:
-                summary = (
-                    f"scheduled probes took {self.overhead.share:.2%} of the training wall time "
-                    f"({self.overhead.probes} probes, {self.overhead.seconds:.1f} s"
-                    + (
-                        f"; {self.overhead.skipped} skipped to stay under max_overhead={self.overhead.max_share}"
-                        if self.overhead.max_share is not None
-                        else ""
-                    )
-                    + ")"
-                )
-                logger.info(summary)
+                logger.info(self.overhead.summary())
                 self.sinks.log_event(
                     "overhead",
                     self.last_step or 0,

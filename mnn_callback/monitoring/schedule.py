@@ -143,3 +143,26 @@ class Overhead:
         if step_seconds is None:
             return None
         return max(1, math.ceil(self.probe_seconds * (1 - target) / (target * step_seconds)))
+
+    def cadence_warning(self, every_n_steps: int, target: float) -> str:
+        """The warning for a cadence that projects a share above ``target``: what it costs and what keeps it under."""
+        cost, projected = self.probe_seconds, self.projected_share(every_n_steps) or math.nan
+        return (
+            f"mnn_callback: a probe and its logging cost {cost:.3f} s, {cost / self.step_seconds:.1f} training steps' "
+            f"worth; at every_n_steps={every_n_steps} that is {projected:.1%} of the training wall time "
+            f"(so far: {self.share:.1%}); every_n_steps={self.suggestion(target)} keeps it "
+            f"at {target:.0%} by these numbers; or set max_overhead={target} "
+            f"(skips probes to stay under it) or method='cheap' (no spectra)"
+        )
+
+    def summary(self) -> str:
+        """One line: the scheduled probes' share of the training wall time, how many, how long, how many skipped."""
+        skipped = (
+            f"; {self.skipped} skipped to stay under max_overhead={self.max_share}"
+            if self.max_share is not None
+            else ""
+        )
+        return (
+            f"scheduled probes took {self.share:.2%} of the training wall time "
+            f"({self.probes} probes, {self.seconds:.1f} s{skipped})"
+        )

@@ -124,9 +124,13 @@ def _layers_to_show(layers: Sequence[int], limit: int = 6) -> list[int]:
 
 
 def plot_dynamics(rows: Sequence[dict[str, Any]], path: str, layers: Sequence[int] | None = None) -> str | None:
-    """MNN and Matrix Entropy against the training step, side by side; None without a run of 2+ steps.
+    """MNN and Matrix Entropy against the training step; None without a run of 2+ steps.
 
     Checkpoints of one run directory form one series; several runs show their last layer each.
+    When the rows hold the changes since the reference (a monitor's history), a second row of
+    panels shows them with their paired standard errors: the error bar for comparing steps of one
+    run on its fixed sample (the per-mean standard errors answer another question, so the values
+    themselves are drawn without bars).
     """
     rows = [row for row in rows if _finite(row.get("step"))]
     steps_per_run = defaultdict(set)
@@ -134,28 +138,42 @@ def plot_dynamics(rows: Sequence[dict[str, Any]], path: str, layers: Sequence[in
         steps_per_run[run_of(row["model"])].add(row["step"])
     if max((len(steps) for steps in steps_per_run.values()), default=0) < 2:
         return None
-    figure = new_figure(12, 4.5)
-    axes = figure.subplots(1, 2)
-    runs = _runs(rows)
-    for axis, metric in zip(axes, ("mnn", "matrix_entropy"), strict=True):
-        for run in runs:
-            run_rows = [row for row in rows if run_of(row["model"]) == run and _finite(row.get(metric))]
-            available = sorted({row["layer"] for row in run_rows})
-            shown = [available[-1]] if len(runs) > 1 and available else (layers or _layers_to_show(available))
-            for layer, color in zip(shown, _colors(len(shown)), strict=True):
-                points = sorted(
-                    (row["step"], row[metric], _error(row, metric)) for row in run_rows if row["layer"] == layer
-                )
-                label = f"{run} (layer {int(layer)})" if len(runs) > 1 else f"layer {int(layer)}"
-                steps, values, errors = zip(*points, strict=True)
-                axis.errorbar(steps, values, yerr=errors, marker=".", color=color, label=label, capsize=2)
-        axis.set_xlabel("training step")
-        axis.set_ylabel(schema.label(metric))
+    changes = any(_finite(row.get("mnn_change")) for row in rows)
+    figure = new_figure(12, 8.5 if changes else 4.5)
+    axes = figure.subplots(2 if changes else 1, 2, squeeze=False)
+    for axis, metric in zip(axes[0], ("mnn", "matrix_entropy"), strict=True):
+        _dynamics_panel(axis, rows, metric, layers, bars=not changes)
         axis.set_title(f"{schema.title(metric)} during training")
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize=9)
+    if changes:
+        for axis, metric in zip(axes[1], ("mnn_change", "matrix_entropy_change"), strict=True):
+            _dynamics_panel(axis, rows, metric, layers, bars=True)
+            axis.axhline(0.0, color="0.5", linewidth=0.8)
+            axis.set_title(f"{schema.title(metric)} (± 1 paired standard error)")
     figure.tight_layout()
     return save_figure(figure, path)
+
+
+def _dynamics_panel(axis: Any, rows: Sequence[dict[str, Any]], metric: str, layers: Sequence[int] | None, bars: bool):
+    runs = _runs(rows)
+    for run in runs:
+        run_rows = [row for row in rows if run_of(row["model"]) == run and _finite(row.get(metric))]
+        available = sorted({row["layer"] for row in run_rows})
+        shown = [available[-1]] if len(runs) > 1 and available else (layers or _layers_to_show(available))
+        for layer, color in zip(shown, _colors(len(shown)), strict=True):
+            points = sorted(
+                (row["step"], row[metric], _error(row, metric) if bars else 0.0)
+                for row in run_rows
+                if row["layer"] == layer
+            )
+            if not points:
+                continue
+            label = f"{run} (layer {int(layer)})" if len(runs) > 1 else f"layer {int(layer)}"
+            steps, values, errors = zip(*points, strict=True)
+            axis.errorbar(steps, values, yerr=errors, marker=".", color=color, label=label, capsize=2)
+    axis.set_xlabel("training step")
+    axis.set_ylabel(schema.label(metric))
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=9)
 
 
 def _grid(rows: Sequence[dict[str, Any]], metric: str) -> tuple[list[float], list[int], list[list[float]]]:

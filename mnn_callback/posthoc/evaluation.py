@@ -254,11 +254,12 @@ class _Evaluation:
     def _with_differences(self, index: int, target: Target, record: dict[str, Any]) -> dict[str, Any]:
         result = ProbeResult.from_dict(record["result"])
         reference = self.reference_for(target, self.probe_for(target)) or result
-        differences = result.differences(reference) if self._comparable(result, reference, target) else {}
-        measurement = Measurement(target.step if target.step is not None else index, None, result, differences)
+        compared = reference if self._comparable(result, reference, target) else None
+        measurement = Measurement.against(target.step if target.step is not None else index, None, result, compared)
         for sink in self.sinks if self.writer else ():
             sink.log_measurement(measurement)
-        return {**record, "differences": differences}
+        errors = {f"{name}_se": values for name, values in measurement.difference_errors.items()}
+        return {**record, "differences": {**measurement.differences, **errors}}  # the CSV's columns
 
     def _measure(self, target: Target, probe: Probe, key: str) -> dict[str, Any]:
         started = time.perf_counter()

@@ -22,7 +22,7 @@ from mnn_callback.core.errors import MNNWarning, ProbeFailedError
 from mnn_callback.core.metrics import PendingMetrics, compute_metrics, finish_metrics, prepare_metrics
 from mnn_callback.probing.distributed import all_gather_object, all_reduce
 from mnn_callback.probing.emitters import Emitters, first_tensor, hidden_states_of
-from mnn_callback.probing.results import ProbeResult
+from mnn_callback.probing.results import ProbeResult, derived_errors
 
 __all__ = ["RunState", "raise_if_failed_anywhere"]
 
@@ -222,7 +222,7 @@ class RunState:
         return ProbeResult(
             layers=self.layers,
             per_layer={name: [column[name] for column in columns] for name in columns[0]},
-            standard_errors={name: aggregated[f"{name}_se"] for name in self.fields},
+            standard_errors=derived_errors(columns, {name: aggregated[f"{name}_se"] for name in self.fields}),
             loss=loss if self.wants_loss else None,
             sequences=int(totals["sequences"]),
             tokens=int(totals["tokens"]),

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mnn_callback.core import schema
+from mnn_callback.core.regime import regime
+from mnn_callback.core.uncertainty import paired_standard_error
 
 __all__ = ["DashboardImage", "Measurement", "ProbeResult"]
 
@@ -61,6 +63,13 @@ class ProbeResult:
             return None
         return math.exp(self.loss) if not self.loss > 700 else math.inf
 
+    @property
+    def regime(self) -> str | None:
+        """``"n < d"``, ``"n >= d"`` or ``"mixed"``: the tokens per sequence against the hidden size (None: unknown)."""
+        if self.hidden_size is None or self.token_range is None:
+            return None
+        return regime(int(self.token_range[0]), int(self.token_range[2]), int(self.hidden_size))
+
     def probe_values(self) -> dict[str, float]:
         """The probe-level fields of :data:`~mnn_callback.core.schema.PROBE_FIELDS` this result knows."""
         values: dict[str, float] = {
@@ -97,6 +106,45 @@ class ProbeResult:
                 out.setdefault(name, [math.nan] * len(self.layers))[position] = value
         return out
 
+    def layer(self, position: int) -> dict[str, float]:
+        """Every value of the layer at ``position`` of :attr:`layers`, by metric name."""
+        return {name: values[position] for name, values in self.per_layer.items()}
+
+    def difference_errors(self, reference: ProbeResult) -> dict[str, list[float]]:
+        """Standard errors of :meth:`differences`, per layer.
+
+        Paired when both results kept each sequence's values (``per_sequence``; the monitor always
+        does) of the same sample: from the per-sequence differences, delta method for eRank. Else
+        those of two independent means (larger when the sequences keep their order).
+        """
+        index = {layer: position for position, layer in enumerate(reference.layers)}
+        out: dict[str, list[float]] = {}
+        for name in self.differences(reference):
+            errors = [math.nan] * len(self.layers)
+            for position, layer in enumerate(self.layers):
+                if layer in index:
+                    errors[position] = self._comparison_error(reference, name, position, index[layer])
+            out[name] = errors
+        return out
+
+    def _comparison_error(self, reference: ProbeResult, name: str, position: int, reference_position: int) -> float:
+        metric = schema.compared(name)[0]
+        now = schema.linearisation(metric, self.layer(position))
+        then = schema.linearisation(metric, reference.layer(reference_position))
+        if now is None or then is None:
+            return math.nan
+        field_name, slope = now
+        paired = self.fingerprint == reference.fingerprint and field_name in (self.per_sequence or {})
+        paired = paired and field_name in (reference.per_sequence or {})
+        if paired:
+            current = self.per_sequence[field_name][position]
+            before = reference.per_sequence[field_name][reference_position]
+            if len(current) == len(before):
+                return paired_standard_error(current, before, slope, then[1])
+        now_error = self.standard_errors.get(field_name, [math.nan] * len(self.layers))[position]
+        then_error = reference.standard_errors.get(field_name, [math.nan] * len(reference.layers))[reference_position]
+        return math.hypot(slope * now_error, then[1] * then_error)
+
     def diff_erank(self, reference: ProbeResult) -> dict[str, float]:
         """``diff_erank/layer_{i}`` = eRank of ``reference`` minus eRank of this result, for shared layers.
 
@@ -131,7 +179,12 @@ class ProbeResult:
             "num_hidden_states": self.num_hidden_states,
             "hidden_size": self.hidden_size,
             "token_range": None if self.token_range is None else list(self.token_range),
-            "per_sequence": None if self.per_sequence is None else {k: plain(v) for k, v in self.per_sequence.items()},
+            "per_sequence": None
+            if self.per_sequence is None
+            else {
+                name: [[_finite_or_none(v) for v in layer] for layer in layers]
+                for name, layers in self.per_sequence.items()
+            },
             "config": dict(self.config),
         }
 
@@ -144,6 +197,7 @@ class ProbeResult:
             raise ValueError(f"per_layer lists must have one value per layer ({len(layers)})")
         columns = [schema.derive_layer({name: values[i] for name, values in means.items()}) for i in range(len(layers))]
         names = list(columns[0]) if columns else list(means)
+        errors = {name: [_number(v) for v in values] for name, values in (data.get("standard_errors") or {}).items()}
         has_loss = data.get("has_loss", data.get("loss") is not None)
         return cls(
             layers=layers,
@@ -156,9 +210,7 @@ class ProbeResult:
             fingerprint=str(data["fingerprint"]),
             num_hidden_states=int(data.get("num_hidden_states") or max(layers) + 1),
             config=dict(data.get("config") or {}),
-            standard_errors={
-                name: [_number(v) for v in values] for name, values in (data.get("standard_errors") or {}).items()
-            },
+            standard_errors=derived_errors(columns, errors),
             hidden_size=data.get("hidden_size"),
             token_range=None if data.get("token_range") is None else tuple(data["token_range"]),
             per_sequence=None
@@ -188,13 +240,23 @@ class ProbeResult:
         )
 
 
+def derived_errors(columns: list[dict[str, float]], errors: dict[str, list[float]]) -> dict[str, list[float]]:
+    """``errors`` (per metric, per layer) with the delta-method standard errors of the derived metrics."""
+    layers = [
+        schema.derive_errors(column, {name: values[i] for name, values in errors.items()})
+        for i, column in enumerate(columns)
+    ]
+    return {name: [layer[name] for layer in layers] for name in (layers[0] if layers else errors)}
+
+
 @dataclass
 class Measurement:
     """What the monitor hands to the sinks for one probe: the result in context.
 
     ``result`` is None when the probe failed (then only the ``monitor`` fields are known);
-    ``differences`` holds the metrics measured against the Diff-eRank reference, per layer;
-    ``monitor`` the monitor's own fields (``errors``, ``time_share``, ...).
+    ``differences`` holds the metrics measured against the Diff-eRank reference, per layer, and
+    ``difference_errors`` their standard errors; ``monitor`` the monitor's own fields (``errors``,
+    ``time_share``, ...).
     """
 
     step: int
@@ -202,6 +264,22 @@ class Measurement:
     result: ProbeResult | None
     differences: dict[str, list[float]] = field(default_factory=dict)
     monitor: dict[str, float] = field(default_factory=dict)
+    difference_errors: dict[str, list[float]] = field(default_factory=dict)
+
+    @classmethod
+    def against(
+        cls,
+        step: int,
+        epoch: float | None,
+        result: ProbeResult,
+        reference: ProbeResult | None,
+        monitor: dict[str, float] | None = None,
+    ) -> Measurement:
+        """The measurement of ``result``, compared with ``reference`` (none: no comparison metrics)."""
+        if reference is None:
+            return cls(step, epoch, result, monitor=monitor or {})
+        differences = result.differences(reference)
+        return cls(step, epoch, result, differences, monitor or {}, result.difference_errors(reference))
 
     @property
     def layers(self) -> list[int]:
@@ -225,7 +303,7 @@ class Measurement:
         return schema.flatten(
             self.result.layers,
             self.layer_values(),
-            self.result.standard_errors,
+            {**self.result.standard_errors, **self.difference_errors},
             self.probe_values(),
             self.result.final_layer,
         )
