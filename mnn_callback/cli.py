@@ -163,6 +163,7 @@ def rank(args: argparse.Namespace) -> int:
 
 
 def _rank(args: argparse.Namespace) -> int:
+    from mnn_callback.core.regime import MIXED, regime_note
     from mnn_callback.posthoc.models import parse_max_memory
     from mnn_callback.posthoc.ranking import rank_models
 
@@ -172,6 +173,7 @@ def _rank(args: argparse.Namespace) -> int:
         args.prompts,
         out=args.out,
         tokenizer=args.tokenizer,
+        recipe=args.recipe,
         max_new_tokens=args.max_new_tokens,
         chat_template=not args.no_chat_template,
         layers=_layers(args.layers),
@@ -189,13 +191,17 @@ def _rank(args: argparse.Namespace) -> int:
     failed = [row for row in rows if row["error"]]
     if not _main_process():
         return 1 if failed else 0
-    print(f"{'rank':>4}  {'MNN':>8}  {'± s.e.':>7}  {'MNN/noise':>9}  {'tokens':>6}  model")
+    print(f"{'rank':>4}  {'MNN':>8}  {'± s.e.':>7}  {'MNN/noise':>9}  {'eRank':>7}  {'rep-4':>5}  {'tokens':>6}  model")
     for row in rows:
         if not row["error"]:
             print(
                 f"{row['rank']:>4}  {row['mnn']:>8.4f}  {row['mnn_se']:>7.4f}  {row['mnn_vs_noise']:>9.4f}  "
-                f"{row['mean_response_tokens']:>6.1f}  {row['model']}"
+                f"{row['erank']:>7.2f}  {row['repeated_4grams']:>5.2f}  {row['mean_response_tokens']:>6.1f}  "
+                f"{row['model']}"
             )
+    regimes = sorted({row["regime"] for row in rows if not row["error"] and row["regime"]})
+    if regimes:
+        print(f"regime: {', '.join(regimes)}; " + regime_note(regimes[0] if len(regimes) == 1 else MIXED))
     for row in failed:
         print(f"mnn-callback: {row['model']} failed: {row['error']}", file=sys.stderr)
     files = [os.path.join(args.out, name) for name in ("ranking.csv", "ranking.png", "responses.jsonl")]
@@ -271,7 +277,16 @@ def _add_rank_command(commands: Any) -> None:
     rank_parser.add_argument("models", nargs="+", metavar="MODEL", help="model directories or hub ids (org/name@rev)")
     rank_parser.add_argument("--prompts", required=True, help=".txt (one prompt per paragraph) or .jsonl file")
     rank_parser.add_argument("--out", default="mnn_ranking", help="output directory (default: mnn_ranking)")
-    rank_parser.add_argument("--max-new-tokens", type=int, default=128, help="greedy response length (default 128)")
+    rank_parser.add_argument(
+        "--recipe",
+        choices=("greedy", "authors"),
+        default="greedy",
+        help="greedy: deterministic answers measured in context (default); authors: the MNN authors' recipe, "
+        "answers sampled at temperature 0.7 (seeded) and measured on their own",
+    )
+    rank_parser.add_argument(
+        "--max-new-tokens", type=int, help="response length limit (default: 128 greedy, 1000 authors)"
+    )
     rank_parser.add_argument("--no-chat-template", action="store_true", help="prompt as plain text")
     rank_parser.add_argument("--layers", default="last", help="all, last, or indices; the ranking uses the last")
     rank_parser.add_argument("--tokenizer", help="tokenizer directory or id (default: each model's own)")

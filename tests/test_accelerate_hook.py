@@ -72,10 +72,11 @@ def test_save_state_and_load_state_continue_the_curves(tmp_path):
     run_example(tmp_path, "--steps", "8", "--every", "4", "--resume", str(tmp_path / "checkpoints" / "step_4"))
     records = read_jsonl(tmp_path / "mnn_metrics.jsonl")
     events = [r.get("event", r.get("step")) for r in records]
-    assert events == ["config", 0, 4, 8, "overhead", "config", "resume", 8, "overhead"]  # no second probe at 4
+    # no second probe at 4; each process's first probe names the regime
+    assert events == ["config", "regime", 0, 4, 8, "overhead", "config", "resume", "regime", 8, "overhead"]
     saved = torch.load(tmp_path / "checkpoints" / "step_4" / "custom_checkpoint_0.pkl", weights_only=True)
     assert [entry["step"] for entry in saved["history"]] == [0, 4]
-    first_reference = records[1]["erank/layer_2"]
+    first_reference = records[2]["erank/layer_2"]
     resumed = [record for record in records if "event" not in record][-1]
     assert resumed["diff_erank/layer_2"] == pytest.approx(first_reference - resumed["erank/layer_2"], rel=1e-9)
 

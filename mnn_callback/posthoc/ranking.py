@@ -1,10 +1,14 @@
 """Ranking models by the MNN of their own responses (the MNN paper's Section 6).
 
-For each model: a greedy answer to every prompt (through the tokenizer's chat template when it
-has one), then one forward over prompt + response with the metrics restricted to the response
-tokens, at the chosen hidden states; the final hidden state's MNN ranks the models, lowest first,
-as the paper does. Responses differ in length between models, and MNN depends on length: the
-mean response length is written beside every score, and ``mnn_vs_noise`` is the length-fair one.
+For each model: an answer to every prompt (through the tokenizer's chat template when it has
+one), by one of two recipes (:mod:`~mnn_callback.posthoc.responses`: greedy and measured in
+context, the default; or the authors' sampled answers measured on their own), at the chosen
+hidden states; the final hidden state's MNN ranks the models, lowest first, as the paper does.
+Responses differ in length between models, and MNN depends on length: the mean response length
+is written beside every score, and ``mnn_vs_noise`` is the length-fair one. Responses are far
+shorter than a model's hidden size (n < d), where a collapse onto fewer directions RAISES MNN:
+a low MNN is not "more compressed" there (``regime`` column). A degenerate, repetitive answer
+shows in ``repeated_4grams`` and a low ``erank`` beside its score.
 """
 
 from __future__ import annotations
@@ -26,8 +30,16 @@ from torch import nn
 from mnn_callback.core.errors import MNNWarning, UsageError
 from mnn_callback.output.files import append_jsonl, atomic_write_jsonl, read_jsonl
 from mnn_callback.posthoc.models import Placement, Target, discover, find_tokenizer, is_causal, load_model, model_config
+from mnn_callback.posthoc.responses import (
+    RECIPES,
+    default_max_new_tokens,
+    encode_prompt,
+    repeated_ngram_share,
+    respond,
+    scored_item,
+)
 from mnn_callback.probing.distributed import all_gather_object, broadcast_object, world
-from mnn_callback.probing.emitters import model_device, position_limit
+from mnn_callback.probing.emitters import position_limit
 from mnn_callback.probing.probe import Probe
 from mnn_callback.probing.sample import text_paragraphs
 
@@ -38,6 +50,7 @@ RANKING_COLUMNS = (
     "model",
     "sequences",
     "mean_response_tokens",
+    "regime",
     "mnn",
     "mnn_se",
     "mnn_vs_noise",
@@ -45,8 +58,11 @@ RANKING_COLUMNS = (
     "nuclear_norm",
     "matrix_entropy",
     "erank",
+    "erank_se",
+    "repeated_4grams",
     "error",
 )
+SCORE_COLUMNS = RANKING_COLUMNS[RANKING_COLUMNS.index("mnn") : RANKING_COLUMNS.index("repeated_4grams")]
 
 
 def read_prompts(path: str | os.PathLike) -> list[str]:
@@ -84,41 +100,20 @@ def _short(prompt: str, limit: int = 40) -> str:
     return repr(text if len(text) <= limit else text[: limit - 3] + "...")
 
 
-def _encode_prompt(tokenizer: Any, prompt: str, chat_template: bool) -> list[int]:
-    if chat_template and getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
-        return list(ids["input_ids"] if isinstance(ids, dict) else ids)
-    return list(tokenizer(prompt)["input_ids"])
-
-
-@torch.no_grad()
-def _respond(model: nn.Module, tokenizer: Any, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
-    """The greedy response's token ids (up to and without the first end-of-sequence token)."""
-    device = model_device(model)  # the first device of a model dispatched over several
-    input_ids = torch.tensor([prompt_ids], device=device)
-    eos = tokenizer.eos_token_id
-    output = model.generate(
-        input_ids=input_ids,
-        attention_mask=torch.ones_like(input_ids),
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos,
-    )
-    response = output[0, len(prompt_ids) :].tolist()
-    return response[: response.index(eos)] if eos in response else response
-
-
-def _ranking_row(name: str, result: Any, response_lengths: list[int]) -> dict[str, Any]:
+def _ranking_row(name: str, result: Any, responses: list[list[int]]) -> dict[str, Any]:
     final = len(result.layers) - 1
+    repeated = [share for share in map(repeated_ngram_share, responses) if not math.isnan(share)]
     row: dict[str, Any] = {
         "model": name,
         "sequences": result.sequences,
-        "mean_response_tokens": sum(response_lengths) / max(len(response_lengths), 1),
+        "mean_response_tokens": sum(map(len, responses)) / max(len(responses), 1),
+        "regime": result.regime or "",
     }
-    for column in RANKING_COLUMNS[4:]:
+    for column in SCORE_COLUMNS:
         source = result.standard_errors if column.endswith("_se") else result.per_layer
         values = source.get(column.removesuffix("_se"))
         row[column] = values[final] if values else math.nan
+    row["repeated_4grams"] = sum(repeated) / len(repeated) if repeated else math.nan
     row["error"] = ""
     return row
 
@@ -166,7 +161,7 @@ class _Ranking:
         return records[:complete]
 
     def config_key(self) -> str:
-        keys = ("max_new_tokens", "chat_template", "layers", "dtype", "seed", "tokenizer")
+        keys = ("recipe", "max_new_tokens", "chat_template", "layers", "dtype", "seed", "tokenizer")
         content = [self.prompts, {key: str(self.options[key]) for key in keys}]
         return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -223,7 +218,7 @@ class _Ranking:
     def _answer(self, model: nn.Module, tokenizer: Any, number: int, prompt: str) -> tuple[list[int], list[int]]:
         """The encoded prompt and the response to it; a failure names the prompt (its number and start)."""
         try:
-            encoded = _encode_prompt(tokenizer, prompt, self.options["chat_template"])
+            encoded = encode_prompt(tokenizer, prompt, self.options["chat_template"])
             limit = position_limit(model)
             wanted = len(encoded) + self.options["max_new_tokens"]
             if limit is not None and wanted > limit:
@@ -231,19 +226,21 @@ class _Ranking:
                     f"it has {len(encoded)} tokens, and with max_new_tokens={self.options['max_new_tokens']} that is "
                     f"{wanted}, more than the {limit} positions the model takes"
                 )
-            return encoded, _respond(model, tokenizer, encoded, self.options["max_new_tokens"])
+            return encoded, respond(model, tokenizer, encoded, self.options["max_new_tokens"], self.options["recipe"])
         except Exception as error:
             raise RuntimeError(f"prompt {number} {_short(prompt)}: {type(error).__name__}: {error}") from error
 
     def _responses(self, target: Target, model: nn.Module, tokenizer: Any) -> tuple[dict[str, Any], list[dict]]:
-        with torch.random.fork_rng(devices=[]):  # greedy decoding: deterministic; the global RNG is left alone
+        # sampling seeded per model; the global RNG (every device's) is left as it was
+        with torch.random.fork_rng(devices=list(range(torch.cuda.device_count()))):
             torch.manual_seed(self.options["seed"])
             answers = [self._answer(model, tokenizer, number, prompt) for number, prompt in enumerate(self.prompts, 1)]
-        encoded, responses = [answer[0] for answer in answers], [answer[1] for answer in answers]
-        measured = [index for index, response in enumerate(responses) if len(response) >= 2]
+        responses = [answer[1] for answer in answers]
+        items = [scored_item(self.options["recipe"], tokenizer, *answer) for answer in answers]
+        measured = [i for i, item in enumerate(items) if len(item["input_ids"]) - item["measure_from"] >= 2]
         if not measured:
             raise UsageError(f"{target.name} gave no response of at least 2 tokens to any prompt")
-        data = [{"input_ids": encoded[i] + responses[i], "measure_from": len(encoded[i])} for i in measured]
+        data = [items[i] for i in measured]
         probe = Probe(
             data,
             max_samples=len(data),
@@ -254,7 +251,7 @@ class _Ranking:
             compute_loss=False,
         )
         result = probe.run(model, per_sequence=True, distributed=False)  # each process its own model
-        summary = _ranking_row(target.name, result, [len(responses[i]) for i in measured])
+        summary = _ranking_row(target.name, result, [responses[i] for i in measured])
         lines = []
         for index, prompt in enumerate(self.prompts):
             metrics = {}
@@ -283,7 +280,8 @@ def rank_models(
     *,
     out: str | os.PathLike | None = None,
     tokenizer: Any = None,
-    max_new_tokens: int = 128,
+    recipe: str = "greedy",
+    max_new_tokens: int | None = None,
     chat_template: bool = True,
     layers: Any = "last",
     batch_size: int = 8,
@@ -297,23 +295,32 @@ def rank_models(
     progress: bool = False,
     checkpoints: bool = False,
 ) -> list[dict[str, Any]]:
-    """Rank causal LMs by the MNN of their own greedy responses to ``prompts``, lowest MNN first.
+    """Rank causal LMs by the MNN of their own responses to ``prompts``, lowest MNN first.
 
     ``prompts``: a ``.txt``/``.jsonl`` file (:func:`read_prompts`) or a list of strings. Each
-    model answers every prompt greedily (``max_new_tokens``; through the tokenizer's chat template
-    unless ``chat_template=False``); one forward over prompt + response then measures the response
-    tokens only, at ``layers`` (the ranking uses the final hidden state). With ``out``, responses
+    model answers every prompt (through the tokenizer's chat template unless
+    ``chat_template=False``) by ``recipe``: ``"greedy"`` (up to ``max_new_tokens``, default 128;
+    one forward over prompt + response then measures the response tokens only) or ``"authors"``
+    (sampled at temperature 0.7 with ``seed``, up to 1000 new tokens by default, the response
+    re-tokenised and measured on its own), at ``layers`` (the ranking uses the final hidden
+    state). With ``out``, responses
     and per-response metrics are appended to ``out/responses.jsonl`` as each model finishes,
     models already ranked there with the same options are read back (``force`` redoes them), and
     ``ranking.csv`` and ``ranking.png`` are written. ``device_map``/``max_memory`` split each model
     over the devices (as in :func:`~mnn_callback.posthoc.evaluation.evaluate_models`). Under ``torchrun``
     every process calls it and ranks its own models; the main process writes.
     Returns the rows of ``ranking.csv`` (:data:`RANKING_COLUMNS`): ``rank`` by MNN ascending, ties
-    by name. Models may be directories or hub ids (``org/name@revision``); a run directory stands for
+    by name; beside the scores the ``regime`` (responses shorter than the hidden size: ``n < d``,
+    where a low MNN is not "more compressed"), eRank with its standard error, and the mean share
+    of repeated 4-grams of the responses (degenerate, repetitive answers). Models may be
+    directories or hub ids (``org/name@revision``); a run directory stands for
     its final model (``checkpoints=True``: each of its checkpoints). A model that fails (a
     prompt longer than its context, a chat template that raises, a model that cannot load) gets a
     row without rank whose ``error`` names the prompt; the others are ranked.
     """
+    if recipe not in RECIPES:
+        raise UsageError(f"expected a recipe in {RECIPES}, got {recipe!r}")
+    max_new_tokens = default_max_new_tokens(recipe) if max_new_tokens is None else max_new_tokens
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 2:
         raise UsageError(f"max_new_tokens must be an integer >= 2, got {max_new_tokens!r}")
     texts = read_prompts(prompts) if isinstance(prompts, (str, os.PathLike)) else list(prompts)
@@ -325,6 +332,7 @@ def rank_models(
     with tempfile.TemporaryDirectory(prefix="mnn-offload-") as offload:
         options = {
             "tokenizer": tokenizer,
+            "recipe": recipe,
             "max_new_tokens": max_new_tokens,
             "chat_template": chat_template,
             "layers": layers,
