@@ -43,9 +43,12 @@ from bench_metrics import authors_approach
 from findings_stats import (
     bootstrap_difference,
     bootstrap_mean,
+    bootstrap_spearman,
     interval,
     mean_std,
     permutation_p,
+    seed_interval,
+    seeds_permutation_p,
     sign_of,
     smallest_permutation_p,
     spearman,
@@ -56,6 +59,7 @@ from mnn_callback.core import metrics
 from mnn_callback.core.metrics import compute_metrics
 from mnn_callback.core.noise import expected_noise_mnn
 from mnn_callback.demo import load_text, prepare_data, split_text, train_gpt2
+from mnn_callback.output.files import read_jsonl
 from mnn_callback.probing.probe import Probe
 from mnn_callback.probing.results import ProbeResult
 
@@ -312,7 +316,10 @@ def section_agreement(setup: Setup, runs: dict, main_runs: list[list[Checkpoint]
     mnn_range = [_range(series(run, "mnn")) for run in main_runs]
     entropy_range = [_range(series(run, "matrix_entropy")) for run in main_runs]
     noise_range = [_range(series(run, "mnn_vs_noise")) for run in main_runs]
-    caps = math.sqrt(min(setup.seq_len, int(setup.main_size.split("x")[1])) / setup.seq_len)
+    n = setup.seq_len
+    cap = math.sqrt(min(n, int(setup.main_size.split("x")[1])) / n)
+    floor = 1 / math.sqrt(n)  # any non-zero centred input: one direction, every column norm in one column
+    errors = [statistics.mean(c.result.standard_errors["mnn"][-1] for c in run) for run in main_runs]
     points = len(setup.sizes)
     return [
         "## 2. Does MNN agree with Matrix Entropy, eRank and the loss?",
@@ -332,10 +339,13 @@ def section_agreement(setup: Setup, runs: dict, main_runs: list[list[Checkpoint]
         "",
         "Range covered during training (max − min over checkpoints, mean over seeds): "
         f"MNN {statistics.mean(mnn_range):.3f} "
-        f"(its cap at this shape is {caps:.3f}), Matrix Entropy {statistics.mean(entropy_range):.3f} (of 1), MNN / "
-        f"noise {statistics.mean(noise_range):.3f}. MNN moves over "
-        f"{statistics.mean(mnn_range) / caps:.0%} of its possible range, Matrix Entropy over "
-        f"{statistics.mean(entropy_range):.0%} of its.",
+        f"(its possible range at this shape runs from 1/√n = {floor:.3f}, a single direction, to the cap "
+        f"{cap:.3f}), Matrix Entropy {statistics.mean(entropy_range):.3f} (of 1), MNN / noise "
+        f"{statistics.mean(noise_range):.3f}. MNN moves over {statistics.mean(mnn_range) / (cap - floor):.1%} of its "
+        f"possible range, Matrix Entropy over {statistics.mean(entropy_range):.0%} of its. Range share is not "
+        f"sensitivity: a probe pins MNN down to ± {statistics.mean(errors):.4f} (its standard error over sequences, "
+        f"mean over checkpoints), so MNN's swing is {statistics.mean(mnn_range) / statistics.mean(errors):.0f} "
+        "standard errors (a step-to-step change is paired, and its standard error smaller still).",
         "",
     ]
 
@@ -350,53 +360,69 @@ def _p_values(values: list[float]) -> str:
 
 
 def _size_table(setup: Setup, finals: dict[str, list[Checkpoint]], length: int) -> tuple[list[str], str]:
-    """Per size (seed-averaged per sequence) MNN, MNN / noise, Matrix Entropy, loss; adjacent differences with CIs."""
-    rows, differences, trends, p_values = [], [], [], []
+    """Per size (seed-averaged per sequence) MNN, its noise floor, MNN / noise, Matrix Entropy, loss; the trend
+    over sizes with seeds as the unit of replication, and read against the noise floor."""
+    keys = ("mnn", "mnn_vs_noise", "matrix_entropy")
     averaged = {
-        size: {key: np.mean([c.each(key) for c in chosen], axis=0) for key in ("mnn", "mnn_vs_noise", "matrix_entropy")}
-        for size, chosen in finals.items()
+        size: {key: np.mean([c.each(key) for c in chosen], axis=0) for key in keys} for size, chosen in finals.items()
     }
-    for size, chosen in finals.items():
-        width = int(size.split("x")[1])
-        rows.append(
-            [
-                size,
-                f"{chosen[0].params:,}",
-                f"{math.sqrt(min(length, width) / length):.3f}",
-                interval(*bootstrap_mean(averaged[size]["mnn"]), digits=3).lstrip("+"),
-                interval(*bootstrap_mean(averaged[size]["mnn_vs_noise"]), digits=3).lstrip("+"),
-                interval(*bootstrap_mean(averaged[size]["matrix_entropy"]), digits=3).lstrip("+"),
-                mean_std([c.result.loss for c in chosen]).lstrip("+"),
-            ]
-        )
+    floor = {size: float(np.mean(values["mnn"] / values["mnn_vs_noise"])) for size, values in averaged.items()}
+    rows = [
+        [
+            size,
+            f"{chosen[0].params:,}",
+            f"{math.sqrt(min(length, int(size.split('x')[1])) / length):.3f}",
+            f"{floor[size]:.3f}",
+            interval(*bootstrap_mean(averaged[size]["mnn"]), digits=3).lstrip("+"),
+            interval(*bootstrap_mean(averaged[size]["mnn_vs_noise"]), digits=3).lstrip("+"),
+            interval(*bootstrap_mean(averaged[size]["matrix_entropy"]), digits=3).lstrip("+"),
+            mean_std([c.result.loss for c in chosen]).lstrip("+"),
+        ]
+        for size, chosen in finals.items()
+    ]
+    differences = []
     for smaller, larger in itertools.pairwise(setup.sizes):
-        estimate, low, high = bootstrap_difference(averaged[larger]["mnn"], averaged[smaller]["mnn"])
-        differences.append(f"{larger} − {smaller}: {interval(estimate, low, high, 3)}")
-    for seed in range(len(setup.seeds)):
-        params = [finals[size][seed].params for size in setup.sizes]
-        mnn = [finals[size][seed].value("mnn") for size in setup.sizes]
-        trends.append(spearman(params, mnn))
-        p_values.append(permutation_p(params, mnn))
-    falls = statistics.mean(trends) < -0.5 and all(t < 0 for t in trends)
+        per_seed = [finals[larger][i].value("mnn") - finals[smaller][i].value("mnn") for i in range(len(setup.seeds))]
+        differences.append(f"{larger} − {smaller}: {interval(*seed_interval(per_seed), 3)}")
+    pairs = [
+        ([finals[size][i].params for size in setup.sizes], [finals[size][i].value("mnn") for size in setup.sizes])
+        for i in range(len(setup.seeds))
+    ]
+    trends = [spearman(x, y) for x, y in pairs]
+    combined = seeds_permutation_p(pairs) if all(math.isfinite(t) for t in trends) else math.nan
+    falls = all(t < 0 for t in trends)
+    first, last = setup.sizes[0], setup.sizes[-1]
+    mnn_change = float(np.mean(averaged[last]["mnn"]) / np.mean(averaged[first]["mnn"]) - 1)
+    floor_change = floor[last] / floor[first] - 1
+    ratio = [float(np.mean(averaged[size]["mnn_vs_noise"])) for size in setup.sizes]
+    ratio_trend = (
+        "rises"
+        if all(b > a for a, b in itertools.pairwise(ratio))
+        else ("falls" if all(b < a for a, b in itertools.pairwise(ratio)) else "is not monotone")
+    )
     text = table(
         [
-            "model",
-            "parameters",
-            "cap (min(n, d)/n)^½",
-            "MNN [95% CI]",
-            "MNN / noise [95% CI]",
-            "Matrix Entropy",
-            "loss",
+            "model", "parameters", "cap (min(n, d)/n)^½", "noise floor", "MNN [95% CI]", "MNN / noise [95% CI]",
+            "Matrix Entropy", "loss",
         ],
         rows,
-    )
+    )  # fmt: skip
     verdict = (
-        f"Differences of MNN between neighbouring sizes (larger − smaller, seed-averaged, paired over sequences): "
-        f"{'; '.join(differences)}. Spearman(parameters, MNN) per seed: "
-        f"{', '.join(f'{t:+.2f}' for t in trends)} (permutation p: {_p_values(p_values)}). "
-        f"**Verdict: {'it falls in every seed' if falls else 'it does not fall with size'} here, and "
-        f"{len(setup.sizes)} sizes cannot establish a trend at p < 0.05 (smallest possible p: "
-        f"{smallest_permutation_p(len(setup.sizes)):.3f}).**"
+        f"Differences of MNN between neighbouring sizes (larger − smaller; mean over {len(setup.seeds)} seeds, the "
+        f"unit of replication, with a 95% t-interval over seeds): {'; '.join(differences)}. Spearman(parameters, "
+        f"MNN) per seed: {', '.join(f'{t:+.2f}' for t in trends)}; exact permutation p of their mean over the "
+        f"independent seeds: {combined:.2g} (one seed alone cannot go below "
+        f"{smallest_permutation_p(len(setup.sizes)):.3f}). From {first} to {last} MNN changes by {mnn_change:+.0%} "
+        f"and the noise floor of these shapes by {floor_change:+.0%}; MNN / noise {ratio_trend} "
+        f"({' → '.join(f'{r:.3f}' for r in ratio)}). "
+        f"**Verdict: {'MNN falls with size in every seed' if falls else 'MNN does not fall with size in every seed'}"
+        f" (combined p = {combined:.2g})"
+        + (
+            ", and the noise floor falls as much or more: against random directions of the same shape the larger "
+            "models score higher, not lower.**"
+            if falls and floor_change <= mnn_change and ratio_trend == "rises"
+            else ".**"
+        )
     )
     return [text, "", verdict], text
 
@@ -433,6 +459,139 @@ def section_size(setup: Setup, runs: dict, data, run_dirs: dict) -> list[str]:
         *short_part,
         "",
         "![metrics vs model size](images/findings_family.png)",
+        "",
+    ]
+
+
+def section_regime(setup: Setup, run_dirs: dict, data, main_runs: list[list[Checkpoint]]) -> list[str]:
+    """MNN's response to the same training-time collapse, probed below and above n = d."""
+    width = int(setup.main_size.split("x")[1])
+    short = width // 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the truncation warning: truncating is the experiment
+        short_probe = Probe(data.heldout_path, max_samples=setup.samples, max_length=short, batch_size=16)
+    short_runs = [
+        evaluate_run(run_dirs[(setup.main_size, seed)], short_probe, seed, setup.main_size, with_theorem3=False)
+        for seed in setup.seeds
+    ]
+    # per seed: step 0 against the checkpoint where Matrix Entropy (at the long length) is lowest
+    lowest = [min(range(1, len(run)), key=lambda i, run=run: run[i].value("matrix_entropy")) for run in main_runs]
+    rows, verdicts = [], []
+    for length, runs in ((short, short_runs), (setup.seq_len, main_runs)):
+        change = {
+            key: [run[i].value(key) - run[0].value(key) for run, i in zip(runs, lowest, strict=True)]
+            for key in ("matrix_entropy", "mnn", "mnn_vs_noise")
+        }
+        paired = [
+            bootstrap_difference(run[i].each("mnn"), run[0].each("mnn")) for run, i in zip(runs, lowest, strict=True)
+        ]
+        regime_name = "n < d" if length < width else "n ≥ d"
+        rows.append(
+            [
+                f"{length} ({regime_name})",
+                interval(*seed_interval(change["matrix_entropy"]), 3),
+                interval(*seed_interval(change["mnn"]), 3),
+                interval(*seed_interval(change["mnn_vs_noise"]), 3),
+                ", ".join(interval(*values, 3) for values in paired),
+            ]
+        )
+        entropy_sign = sign_of(*seed_interval(change["matrix_entropy"])[1:])
+        mnn_sign = sign_of(*seed_interval(change["mnn"])[1:])
+        words = {1: "rises", -1: "falls", 0: "moves by less than its interval"}
+        verdicts.append(f"at n = {length} ({regime_name}) Matrix Entropy {words[entropy_sign]}, MNN {words[mnn_sign]}")
+    steps = ", ".join(str(run[i].step) for run, i in zip(main_runs, lowest, strict=True))
+    return [
+        "### MNN's direction on each side of n = d, on trained models",
+        "",
+        f"The {setup.main_size} runs (d = {width}), {len(setup.seeds)} seeds: the change from step 0 to the "
+        f"checkpoint where Matrix Entropy at n = {setup.seq_len} is lowest (steps {steps}), measured on the same "
+        f"held-out sequences cut to {short} tokens (n < d) and at {setup.seq_len} (n > d). Changes: mean over "
+        "seeds with a 95% t-interval over seeds; last column: each seed's MNN change with its 95% paired-bootstrap "
+        "interval over sequences. On random-basis data MNN rises with collapse below n = d and falls above it "
+        "(README, *Reading the curves*).",
+        "",
+        table(
+            ["tokens", "Δ Matrix Entropy", "Δ MNN", "Δ MNN / noise", "Δ MNN per seed [95% CI over sequences]"],
+            rows,
+        ),
+        "",
+        f"**Verdict.** From step 0 to the most collapsed checkpoint, {'; '.join(verdicts)}.",
+        "",
+    ]
+
+
+def repeated_share(tokens: list[int], n: int = 4) -> float:
+    grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+    return 1 - len(set(grams)) / len(grams) if grams else math.nan
+
+
+def section_repetition(setup: Setup, run_dirs: dict) -> list[str]:
+    """Does a lower MNN in `rank` reward repetitive answers? Checkpoints of one run ranked on held-out prompts."""
+    from scipy import stats
+
+    from mnn_callback.posthoc.ranking import rank_models
+
+    run_dir = run_dirs[(setup.main_size, setup.seeds[0])]
+    steps = sorted(int(name.split("-")[1]) for name in os.listdir(run_dir) if name.startswith("checkpoint-"))[1:]
+    from transformers import AutoTokenizer
+
+    width = int(setup.main_size.split("x")[1])
+    out = os.path.join(setup.out, "ranking")
+    tokenizer_path = os.path.join(setup.out, "tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    prompt_tokens, new_tokens = 24, min(width - 16, setup.seq_len - 24)  # answers with n < d, within the context
+    prompts = [" ".join(p.split()[:12]) for p in heldout_paragraphs()]
+    prompts = [p for p in prompts if len(tokenizer(p)["input_ids"]) <= prompt_tokens][: 8 if setup.quick else 32]
+    rows = rank_models(
+        [os.path.join(run_dir, f"checkpoint-{step}") for step in steps],
+        prompts,
+        out=out,
+        tokenizer=tokenizer_path,
+        max_new_tokens=new_tokens,
+        chat_template=False,
+        force=True,
+    )
+    lines = [line for line in read_jsonl(os.path.join(out, "responses.jsonl")) if "prompt" in line]
+    final = max(int(key.split("_")[-1]) for line in lines for key in line if key.startswith("mnn/layer_"))
+    per_response = [
+        (line[f"mnn/layer_{final}"], repeated_share(tokenizer(line["response"])["input_ids"]))
+        for line in lines
+        if line.get(f"mnn/layer_{final}") is not None
+    ]
+    mnn, repeated = zip(*[pair for pair in per_response if math.isfinite(pair[1])], strict=True)
+    rho = stats.spearmanr(mnn, repeated).statistic
+    low, high = bootstrap_spearman(list(mnn), list(repeated))
+    table_rows = [
+        [
+            row["rank"],
+            os.path.basename(row["model"]),
+            f"{row['mnn']:.4f} ± {row['mnn_se']:.4f}",
+            f"{row['mnn_vs_noise']:.3f}",
+            f"{row['erank']:.2f} ± {row['erank_se']:.2f}",
+            f"{row['repeated_4grams']:.2f}",
+            f"{row['mean_response_tokens']:.1f}",
+        ]
+        for row in rows
+        if not row["error"]
+    ]
+    best = rows[0]
+    most_repetitive = max((row for row in rows if not row["error"]), key=lambda row: row["repeated_4grams"])
+    direction = "lower" if high < 0 else "higher" if low > 0 else "no clear"
+    return [
+        "### Does a lower MNN in `rank` reward repetition?",
+        "",
+        f"Checkpoints of one {setup.main_size} run (seed {setup.seeds[0]}, steps {', '.join(map(str, steps))}) "
+        f"ranked by `rank_models` (greedy recipe) on {len(prompts)} held-out prompts (the first 12 words of a "
+        f"paragraph, at most {prompt_tokens} tokens), up to {new_tokens} new tokens (n < d = {width}). "
+        "rep-4: the mean share of a response's 4-grams "
+        "that repeat an earlier one.",
+        "",
+        table(["rank", "checkpoint", "MNN ± s.e.", "MNN / noise", "eRank ± s.e.", "rep-4", "tokens"], table_rows),
+        "",
+        f"Over the {len(mnn)} responses, Spearman(per-response MNN, rep-4) = {rho:+.2f} [95% bootstrap "
+        f"{low:+.2f}, {high:+.2f}]. **Verdict.** The lowest-MNN checkpoint ({os.path.basename(best['model'])}) "
+        f"{'is' if best is most_repetitive else 'is not'} the most repetitive one; across responses, more "
+        f"repetition goes with {direction} MNN.",
         "",
     ]
 
@@ -515,9 +674,11 @@ def section_length(setup: Setup, long_model_dir: str, long_heldout: str) -> tupl
         "",
         table(["model", "tokens", "MNN [95% CI]", "noise", "MNN / noise [95% CI]"], gpt2_rows + minilm_rows),
         "",
-        f"**Verdict.** {gpt2_verdict}. {minilm_verdict}. The noise column rises with n the same way (for n ≤ d, "
-        "every column norm of random unit rows is about (n/d)^½): the rise of MNN with length is arithmetic as much "
-        "as it is about representations; MNN / noise is the part that is not.",
+        f"**Verdict.** {gpt2_verdict}. {minilm_verdict}. The noise column has the same shape: it peaks at n = d "
+        "and falls on both sides of it (below d only the n largest of d column norms count, above it the cap "
+        "(d/n)^½ falls), so MNN's rise and fall with length is arithmetic as much as it is about representations; "
+        "MNN / noise is the part that is not, and its direction of response to collapse flips at n = d (next "
+        "section but one).",
         "",
         "![MNN and its noise floor vs input length](images/findings_length.png)",
         "",
@@ -833,14 +994,18 @@ def main(argv: list[str] | None = None) -> int:
         f"scratch on the bundled Shakespeare ({setup.steps} steps, batch 16 x {setup.seq_len} tokens, the demo's "
         f"recipe), probed on {setup.samples} held-out sequences of {setup.seq_len} tokens (the last 10% of the text). "
         "Intervals are 95% bootstrap intervals over sequences (2000 resamples, paired when two values come from the "
-        "same sequences); p-values are exact permutation tests. Nothing below was tuned to make a claim hold; every "
+        "same sequences), except where seeds are the unit of replication (differences between model sizes and "
+        "training-time changes: t-intervals over seeds); p-values are exact permutation tests, combined over "
+        "independent seeds by enumerating every seed's orders. Nothing below was tuned to make a claim hold; every "
         "verdict is computed from the numbers.",
         "",
         *section_approximation(setup, main_runs),
         *section_agreement(setup, runs, main_runs),
         *section_size(setup, runs, data, run_dirs),
+        *section_regime(setup, run_dirs, data, main_runs),
         *length_section,
         *section_sentences(setup, gpt2, data),
+        *section_repetition(setup, run_dirs),
         *section_cost(setup.quick),
         f"_Run time of this script: {(time.perf_counter() - started) / 60:.1f} minutes"
         + (f", reusing {reused} training runs from an earlier run._" if reused else "._"),

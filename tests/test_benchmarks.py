@@ -21,6 +21,7 @@ BENCHMARKS = os.path.join(os.path.dirname(__file__), "..", "benchmarks")
         "bench_callback.py",
         "bench_long_run.py",
         "schedules.py",
+        "regime.py",
     ],
 )
 def test_benchmark_runs_at_a_tiny_size(script, tmp_path):

@@ -193,3 +193,47 @@ def test_a_run_directory_is_ranked_by_its_final_model_unless_checkpoints_are_ask
     from mnn_callback.output.plots import model_labels
 
     assert sorted(model_labels([row["model"] for row in pair]).values()) == ["other/run", f"{tmp_path.name}/run"]
+
+
+def test_the_authors_recipe_samples_seeded_and_scores_each_response_on_its_own(models, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(PROMPTS)
+    state = torch.get_rng_state()
+    argv = ["rank", models[1], "--prompts", str(prompts), "--out", str(tmp_path / "out"), "--recipe", "authors"]
+    assert main([*argv, "--max-new-tokens", "16", "--seed", "3"]) == 0
+    assert torch.equal(torch.get_rng_state(), state)  # the global RNG is left as it was
+    printed = capsys.readouterr().out
+    assert "regime: n < d" in printed and "RISES" in printed  # 16-token responses, hidden size 32
+
+    tokenizer = shakespeare_tokenizer()
+    model = AutoModelForCausalLM.from_pretrained(models[1], local_files_only=True).eval()
+    final, lines = len(model.transformer.h), read_jsonl(tmp_path / "out" / "responses.jsonl")
+    repeated, erank = [], []
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(3)
+        for prompt, line in zip(PROMPTS.strip().split("\n\n"), lines, strict=False):
+            prompt_ids = tokenizer(prompt)["input_ids"]
+            output = model.generate(
+                torch.tensor([prompt_ids]), max_new_tokens=16, do_sample=True, temperature=0.7, top_k=0, top_p=1.0
+            )
+            response_ids = output[0, len(prompt_ids) :].tolist()
+            if tokenizer.eos_token_id in response_ids:
+                response_ids = response_ids[: response_ids.index(tokenizer.eos_token_id)]
+            text = tokenizer.decode(response_ids, skip_special_tokens=True)
+            alone = torch.tensor([tokenizer(text)["input_ids"]])  # re-tokenised, without the prompt
+            expected = compute_metrics(model(alone, output_hidden_states=True).hidden_states[-1][0])
+            assert line["prompt"] == prompt and line["response"] == text
+            assert line[f"mnn/layer_{final}"] == pytest.approx(expected["mnn"].item(), rel=1e-5)
+            grams = [tuple(response_ids[i : i + 4]) for i in range(len(response_ids) - 3)]
+            repeated.append(1 - len(set(grams)) / len(grams))
+            erank.append(expected["entropy_nats"].item())
+    row = read_csv(tmp_path / "out" / "ranking.csv")[0]
+    assert float(row["repeated_4grams"]) == pytest.approx(sum(repeated) / len(repeated))
+    assert float(row["erank"]) == pytest.approx(torch.tensor(erank).mean().exp().item(), rel=1e-5)
+    assert float(row["erank_se"]) > 0 and row["regime"] == "n < d"
+
+    assert main([*argv, "--max-new-tokens", "16", "--seed", "4", "--out", str(tmp_path / "other")]) == 0
+    other = read_jsonl(tmp_path / "other" / "responses.jsonl")
+    assert [line["response"] for line in other[:3]] != [line["response"] for line in lines[:3]]  # another seed
