@@ -677,8 +677,8 @@ def section_length(setup: Setup, long_model_dir: str, long_heldout: str) -> tupl
         f"**Verdict.** {gpt2_verdict}. {minilm_verdict}. The noise column has the same shape: it peaks at n = d "
         "and falls on both sides of it (below d only the n largest of d column norms count, above it the cap "
         "(d/n)^½ falls), so MNN's rise and fall with length is arithmetic as much as it is about representations; "
-        "MNN / noise is the part that is not, and its direction of response to collapse flips at n = d (next "
-        "section but one).",
+        "MNN / noise is the part that is not, and its direction of response to collapse flips at n = d (the "
+        "previous section).",
         "",
         "![MNN and its noise floor vs input length](images/findings_length.png)",
         "",

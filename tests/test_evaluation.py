@@ -7,6 +7,7 @@ from helpers import random_sequences, tiny_model
 
 from mnn_callback import Probe, UsageError, evaluate_models
 from mnn_callback.core import schema
+from mnn_callback.core.uncertainty import paired_standard_error
 from mnn_callback.output.files import read_jsonl
 
 DATA = random_sequences(6, 5, 20, seed=4)
@@ -33,6 +34,14 @@ def test_rows_of_modules_equal_the_probe_and_carry_the_csv_columns():
     reference_erank = Probe(DATA, batch_size=4).run(first).per_layer["erank"]
     assert rows[5]["diff_erank"] == pytest.approx(reference_erank[2] - expected.per_layer["erank"][2])
     assert all(row["diff_erank"] == 0.0 for row in rows[:3])  # the first model is the reference
+    # the same sample through both models: the changes' standard errors are paired
+    before = Probe(DATA, batch_size=4).run(first, per_sequence=True)
+    after = Probe(DATA, batch_size=4).run(second, per_sequence=True)
+    assert rows[5]["mnn_change"] == pytest.approx(after.per_layer["mnn"][2] - before.per_layer["mnn"][2])
+    assert rows[5]["mnn_change_se"] == pytest.approx(
+        paired_standard_error(after.per_sequence["mnn"][2], before.per_sequence["mnn"][2])
+    )
+    assert rows[5]["diff_erank_se"] == pytest.approx(after.difference_errors(before)["diff_erank"][2])
 
 
 def test_directories_results_file_resume_and_untrained_reference(tmp_path):

@@ -23,7 +23,7 @@ Where ``E[MNN of noise]`` comes from, by shape:
 
   computed by quadrature (``E[sum of the k largest] = int_0^inf E[min(k, Binomial(d, S(t)))] dt``,
   ``S`` the chi survival function); for ``n >= d`` it is ``(d / n)^1/2 E[chi_{n-1}] / (n - 1)^1/2``.
-  Within 0.2% of Monte Carlo at every shape tested (``tests/test_noise.py``); a row beyond the
+  Within 0.25% of Monte Carlo at every shape tested (``tests/test_noise.py``); a row beyond the
   table is computed once per hidden size and cached.
 - ``n = 1``: undefined (the centred row is zero): NaN.
 
@@ -178,7 +178,7 @@ def expected_noise_mnn(lengths: Tensor, d: int, longest: int | None = None) -> T
     Same device as ``lengths``, float64; NaN for fewer than 2 tokens (undefined). ``longest``: an
     upper bound of the lengths known without reading the tensor (a padded width: no host
     synchronisation). Every shape is covered (module docstring): within 1% of a fresh Monte Carlo
-    inside the table, 0.2% beyond it (``tests/test_noise.py``).
+    inside the table, 0.25% beyond it (``tests/test_noise.py``).
 
     Example:
         >>> import torch

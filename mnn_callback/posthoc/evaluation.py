@@ -172,7 +172,7 @@ class _Evaluation:
         stored = self._stored("reference", name, key)
         if stored is not None:
             return ProbeResult.from_dict(stored["result"])
-        result = probe.run(make(), distributed=self.split_sample)
+        result = probe.run(make(), per_sequence=True, distributed=self.split_sample)
         self._append({"role": "reference", "path": name, "config_key": key, "result": result.to_dict()})
         return result
 
@@ -265,7 +265,7 @@ class _Evaluation:
         started = time.perf_counter()
         model = self._load(target)
         params = sum(parameter.numel() for parameter in model.parameters())
-        result = probe.run(model, distributed=self.split_sample)
+        result = probe.run(model, per_sequence=True, distributed=self.split_sample)
         del model  # one model in memory at a time
         return {
             "model": target.name,
