@@ -24,7 +24,7 @@ from scipy import stats
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import benchmark_parser, save_results
+from common import benchmark_parser, machine, save_results
 
 from mnn_callback.core.metrics import compute_metrics
 from mnn_callback.core.noise import expected_noise_mnn
@@ -124,8 +124,10 @@ def errors_on_real_text(quick: bool) -> dict[str, object]:
 
 def main() -> None:
     args = benchmark_parser(__doc__.splitlines()[0], device=False).parse_args()
+    print(f"machine: {machine(torch.device('cpu'))}")
     shapes = [(64, 96), (256, 96)] if args.quick else [(64, 768), (256, 768), (768, 768), (2048, 768), (64, 4096)]
     results = {
+        "machine": machine(torch.device("cpu")),
         "by_rank": by_rank(shapes, draws=2 if args.quick else 8),
         "noise_shape": noise_shape(),
         "errors": errors_on_real_text(args.quick),
