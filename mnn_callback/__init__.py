@@ -22,7 +22,7 @@ from mnn_callback.core.metrics import (
 from mnn_callback.monitoring.monitor import Monitor
 from mnn_callback.output.figures import Dashboards
 from mnn_callback.output.sinks import JsonlSink, MemorySink, Sink, TensorBoardSink, WandbSink
-from mnn_callback.output.trackers import MlflowSink
+from mnn_callback.output.trackers import CometSink, MlflowSink
 from mnn_callback.probing.probe import Probe
 from mnn_callback.probing.results import Measurement, ProbeResult
 
@@ -38,6 +38,7 @@ _LAZY = {
 }
 
 __all__ = [
+    "CometSink",
     "Dashboards",
     "JsonlSink",
     "MNNAccelerateHook",

@@ -12,6 +12,8 @@ for _name, _value in {
     "WANDB_MODE": "offline",
     "WANDB_SILENT": "true",
     "WANDB_DISABLE_GIT": "true",
+    "COMET_START_ONLINE": "0",  # a Comet experiment, if any, is an offline archive
+    "COMET_ERROR_TRACKING_ENABLE": "false",  # and reports no error over the network
     "TOKENIZERS_PARALLELISM": "false",
 }.items():
     os.environ.setdefault(_name, _value)
@@ -30,6 +32,7 @@ def _isolated_tracking_dirs(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("WANDB_CACHE_DIR", str(base / "wandb-cache"))
     monkeypatch.setenv("WANDB_CONFIG_DIR", str(base / "wandb-config"))
     monkeypatch.setenv("WANDB_DATA_DIR", str(base / "wandb-data"))
+    monkeypatch.setenv("COMET_OFFLINE_DIRECTORY", str(base / "comet"))
     monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
     (base / "wandb").mkdir()
     yield

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import warnings
+import zipfile
 
 import pytest
 from helpers import (
@@ -222,7 +223,7 @@ def test_overhead_warning_speaks_after_five_probes_and_suggests_a_cadence_that_m
     [
         ({"every_n_steps": 0}, ValueError, "every_n_steps"),
         ({"every_n_steps": 2.0}, ValueError, "every_n_steps"),
-        ({"sinks": ["comet_ml"]}, ValueError, "unknown sink"),
+        ({"sinks": ["neptune"]}, ValueError, "unknown sink"),
         ({"sinks": [42]}, TypeError, "Sink objects"),
     ],
 )
@@ -449,6 +450,28 @@ def test_the_scalars_follow_report_to_into_mlflow(tmp_path, monkeypatch):
         history = client.get_metric_history(run.info.run_id, key)
         assert [(metric.step, metric.value) for metric in history] == [(line["step"], line[key]) for line in logged]
     assert "loss" in run.data.metrics  # the Trainer's own metrics, in the same run
+
+
+def test_the_scalars_follow_report_to_into_comet_offline(tmp_path, monkeypatch):
+    """report_to=["comet_ml"] with an offline experiment (no account, no network): the MNN curves in the
+    experiment the Trainer's CometCallback started, read back from its offline archive."""
+    pytest.importorskip("comet_ml")
+    monkeypatch.setenv("COMET_START_ONLINE", "0")  # conftest sets it too: stated here, this test needs it
+    monkeypatch.setenv("COMET_OFFLINE_DIRECTORY", str(tmp_path / "comet"))
+    callback = MNNCallback(PROBE_DATA, every_n_steps=4)
+    make_trainer(tmp_path / "out", callback, report_to=["comet_ml"]).train()
+    import comet_ml
+
+    comet_ml.get_running_experiment().end()  # writes the offline archive (also done at exit)
+    (archive,) = (tmp_path / "comet").glob("*.zip")
+    with zipfile.ZipFile(archive) as opened:
+        messages = [json.loads(line) for line in opened.read("messages.json").decode().splitlines() if line.strip()]
+    metrics = [message["payload"]["metric"] for message in messages if message["type"] == "metric_msg"]
+    logged = probe_lines(tmp_path / "out" / "mnn_metrics.jsonl")
+    for key in ("mnn/layer_2", "matrix_entropy/last", "probe/loss"):
+        points = [(metric["step"], metric["metricValue"]) for metric in metrics if metric["metricName"] == key]
+        assert points == [(line["step"], pytest.approx(line[key])) for line in logged], key
+    assert any(metric["metricName"] == "train/loss" for metric in metrics)  # the Trainer's own, in the same experiment
 
 
 def test_a_tracker_without_a_sink_is_named_in_one_warning(tmp_path):

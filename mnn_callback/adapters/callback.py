@@ -26,13 +26,13 @@ from mnn_callback.monitoring.monitor import Monitor
 from mnn_callback.output.figures import Dashboards
 from mnn_callback.output.files import atomic_write_json
 from mnn_callback.output.sinks import JSONL_FILE, JsonlSink, Sink, TensorBoardSink, WandbSink, check_sink_specs
-from mnn_callback.output.trackers import MlflowSink
+from mnn_callback.output.trackers import CometSink, MlflowSink
 
 __all__ = ["CHECKPOINT_FILE", "MNNCallback", "trainer_tensorboard_dir"]
 
 CHECKPOINT_FILE = "mnn_metrics.json"
 STATE_KEY = "mnn_callback"  # our entry in TrainerState.stateful_callbacks (saved in trainer_state.json)
-TRACKERS = ("tensorboard", "wandb", "mlflow")  # report_to entries the MNN scalars follow
+TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml")  # report_to entries the MNN scalars follow
 
 
 def _report_to(args: Any) -> list[str]:
@@ -97,10 +97,10 @@ class MNNCallback(TrainerCallback):
         exact_every: every K-th probe (and the first and the last) with the full spectra, the
             others with ``method="cheap"`` (MNN, Rényi-2, loss).
         tokenizer: turns text data into ids (or the directory of one).
-        sinks: where to log: names from ``"tensorboard"``, ``"wandb"``, ``"mlflow"``, ``"jsonl"`` or
-            :class:`~mnn_callback.output.sinks.Sink` objects. Default: those of
-            ``TrainingArguments.report_to`` (tensorboard, wandb, mlflow; any other is named in one
-            warning) plus JSONL, always.
+        sinks: where to log: names from ``"tensorboard"``, ``"wandb"``, ``"mlflow"``, ``"comet_ml"``,
+            ``"jsonl"`` or :class:`~mnn_callback.output.sinks.Sink` objects. Default: those of
+            ``TrainingArguments.report_to`` (tensorboard, wandb, mlflow, comet_ml; any other is named
+            in one warning) plus JSONL, always.
         log_dir: TensorBoard directory; default: the one the Trainer's own TensorBoard callback
             writes to (:func:`trainer_tensorboard_dir`).
         reference: the Diff-eRank reference: a model (e.g. the base model of a fine-tune,
@@ -220,8 +220,9 @@ class MNNCallback(TrainerCallback):
                 directory = self.log_dir or trainer_tensorboard_dir(args)
                 self.tensorboard_dir = os.path.join(directory, self.name) if named else directory
                 sink = self.guard.call("the tensorboard sink (setup)", TensorBoardSink, self.tensorboard_dir)
-            elif spec == "mlflow":
-                sink = self.guard.call("the mlflow sink (setup)", MlflowSink, prefix=self._key_prefix)
+            elif spec in ("mlflow", "comet_ml"):  # the run the Trainer's integration started
+                kind = MlflowSink if spec == "mlflow" else CometSink
+                sink = self.guard.call(f"the {spec} sink (setup)", kind, prefix=self._key_prefix)
             elif spec == "wandb":
                 sink = self.guard.call("the wandb sink (setup)", WandbSink, prefix=self._key_prefix)
                 self.wandb_dir = getattr(sink, "directory", None)

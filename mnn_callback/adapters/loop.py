@@ -37,7 +37,7 @@ from mnn_callback.output.sinks import (
     check_sink_specs,
     require_package,
 )
-from mnn_callback.output.trackers import MlflowSink
+from mnn_callback.output.trackers import CometSink, MlflowSink
 from mnn_callback.probing.distributed import world
 
 __all__ = ["MNNMonitor"]
@@ -49,7 +49,8 @@ class MNNMonitor:
     Args:
         data: the held-out sample (see :class:`~mnn_callback.probing.probe.Probe`).
         out_dir: where ``mnn_metrics.jsonl`` goes (and TensorBoard, under ``out_dir/runs``).
-        sinks: names from ``"tensorboard"``, ``"wandb"`` (the active ``wandb.run``), ``"jsonl"``, or
+        sinks: names from ``"tensorboard"``, ``"wandb"``, ``"mlflow"``, ``"comet_ml"`` (the active run of
+            each), ``"jsonl"``, or
             :class:`~mnn_callback.output.sinks.Sink` objects; default: ``"jsonl"`` with an ``out_dir``,
             and ``"tensorboard"`` too when it is installed.
         log_dir: the TensorBoard directory (default ``out_dir/runs``).
@@ -132,9 +133,9 @@ class MNNMonitor:
                 directory = self.log_dir or os.path.join(self.out_dir or ".", "runs")
                 directory = os.path.join(directory, self.name) if named else directory
                 sinks.append(self.guard.call("the tensorboard sink (setup)", TensorBoardSink, directory))
-            elif spec in ("wandb", "mlflow"):  # the active run of each
+            elif spec in ("wandb", "mlflow", "comet_ml"):  # the active run of each
                 prefix = f"{self.name}/" if named else ""
-                kind = WandbSink if spec == "wandb" else MlflowSink
+                kind = {"wandb": WandbSink, "mlflow": MlflowSink, "comet_ml": CometSink}[spec]
                 sinks.append(self.guard.call(f"the {spec} sink (setup)", kind, prefix=prefix))
         return [sink for sink in sinks if sink is not None]
 

@@ -25,9 +25,9 @@ in one basis and 0.91 in another), it is capped at ``(min(n, d) / n)^1/2``, and 
 to a collapse onto fewer directions changes sign at ``n = d``: with fewer tokens than dimensions
 it rises, with more it falls (:mod:`mnn_callback.core.regime`). So a lower MNN is not by itself a
 more compressed representation. ``mnn_vs_noise`` compares it with random Gaussian hidden states
-of the same n and d (:mod:`mnn_callback.core.noise`). The order-2 (Rényi) entropy is a different quantity from the Shannon
-one (it weighs large eigenvalues more, and is never larger); it is exact and costs one Frobenius
-norm of the Gram matrix.
+of the same n and d (:mod:`mnn_callback.core.noise`). The order-2 (Rényi) entropy is a different
+quantity from the Shannon one (it weighs large eigenvalues more, and is never larger); it is
+exact and costs one Frobenius norm of the Gram matrix.
 
 Shapes: ``hidden`` is ``(L, d)`` or ``(B, L, d)``; ``attention_mask`` is ``(L,)`` or ``(B, L)``
 with 1 for the valid tokens of each sequence (padding may sit left or right). Every function

@@ -45,7 +45,7 @@ JSONL_FILE = "mnn_metrics.jsonl"  # default name of the JSONL history, in the ru
 
 def require_package(sink_name: str) -> None:
     """Raise ``ImportError`` naming the fix when the package a sink needs cannot be imported."""
-    package = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}.get(sink_name)
+    package = {name: name for name in ("tensorboard", "wandb", "mlflow", "comet_ml")}.get(sink_name)
     if package is None:
         return
     try:
@@ -387,7 +387,7 @@ class MemorySink(Sink):
 
 
 SINKS: dict[str, type[Sink]] = {"tensorboard": TensorBoardSink, "wandb": WandbSink, "jsonl": JsonlSink}
-SINK_NAMES = (*SINKS, "mlflow")  # mlflow: trackers.MlflowSink
+SINK_NAMES = (*SINKS, "mlflow", "comet_ml")  # trackers.MlflowSink, trackers.CometSink
 
 
 def check_sink_specs(sinks: Sequence[Any] | None) -> None:

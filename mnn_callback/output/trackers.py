@@ -1,4 +1,4 @@
-"""Sinks for the other experiment trackers, each through its own client: MLflow, and any Accelerate tracker.
+"""Sinks for the other experiment trackers, each through its own client: MLflow, Comet, any Accelerate tracker.
 
 Like :mod:`mnn_callback.output.sinks` (one small class per backend, lazy imports, no question of which
 process runs them), for trackers whose runs other code starts: the Trainer's integrations, an
@@ -14,7 +14,7 @@ from typing import Any
 from mnn_callback.output.sinks import Sink, require_package
 from mnn_callback.probing.results import Measurement
 
-__all__ = ["MlflowSink", "TrackerSink"]
+__all__ = ["CometSink", "MlflowSink", "TrackerSink"]
 
 
 class TrackerSink(Sink):
@@ -69,3 +69,29 @@ class MlflowSink(Sink):
         ]
         for start in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics per batch
             self.client.log_batch(self.run_id, metrics=metrics[start : start + 1000])
+
+
+class CometSink(Sink):
+    """Scalars to a Comet experiment at the training step: ``experiment``, else the running one (the one
+    the Trainer's ``CometCallback`` started for ``report_to=["comet_ml"]``, online or offline with
+    ``COMET_START_ONLINE=0``); ``prefix`` goes before every key."""
+
+    name = "comet_ml"
+
+    def __init__(self, *, experiment: Any = None, prefix: str = "") -> None:
+        require_package("comet_ml")
+        import comet_ml
+
+        if experiment is None:
+            experiment = comet_ml.get_running_experiment()
+            if experiment is None:
+                raise RuntimeError(
+                    "no running Comet experiment: add 'comet_ml' to TrainingArguments(report_to=...) so the Trainer "
+                    "starts one, or pass sinks=[CometSink(experiment=...)]"
+                )
+        self.experiment = experiment
+        self.prefix = prefix
+
+    def log_measurement(self, measurement: Measurement) -> None:
+        values = {self.prefix + key: value for key, value in measurement.scalars().items()}
+        self.experiment.log_metrics(values, step=measurement.step, epoch=measurement.epoch)
