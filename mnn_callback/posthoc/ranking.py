@@ -24,7 +24,6 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
-import torch
 from torch import nn
 
 from mnn_callback.core.errors import MNNWarning, UsageError
@@ -37,6 +36,7 @@ from mnn_callback.posthoc.responses import (
     repeated_ngram_share,
     respond,
     scored_item,
+    seeded,
 )
 from mnn_callback.probing.distributed import all_gather_object, broadcast_object, world
 from mnn_callback.probing.emitters import position_limit
@@ -231,9 +231,7 @@ class _Ranking:
             raise RuntimeError(f"prompt {number} {_short(prompt)}: {type(error).__name__}: {error}") from error
 
     def _responses(self, target: Target, model: nn.Module, tokenizer: Any) -> tuple[dict[str, Any], list[dict]]:
-        # sampling seeded per model; the global RNG (every device's) is left as it was
-        with torch.random.fork_rng(devices=list(range(torch.cuda.device_count()))):
-            torch.manual_seed(self.options["seed"])
+        with seeded(model, self.options["seed"]):  # sampling seeded per model; the global RNG left as it was
             answers = [self._answer(model, tokenizer, number, prompt) for number, prompt in enumerate(self.prompts, 1)]
         responses = [answer[1] for answer in answers]
         items = [scored_item(self.options["recipe"], tokenizer, *answer) for answer in answers]

@@ -11,6 +11,8 @@ Two recipes:
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -18,7 +20,15 @@ from torch import nn
 
 from mnn_callback.probing.emitters import model_device
 
-__all__ = ["RECIPES", "default_max_new_tokens", "encode_prompt", "repeated_ngram_share", "respond", "scored_item"]
+__all__ = [
+    "RECIPES",
+    "default_max_new_tokens",
+    "encode_prompt",
+    "repeated_ngram_share",
+    "respond",
+    "scored_item",
+    "seeded",
+]
 
 RECIPES = ("greedy", "authors")
 AUTHORS_TEMPERATURE = 0.7
@@ -29,6 +39,23 @@ def default_max_new_tokens(recipe: str) -> int:
     if recipe not in RECIPES:
         raise ValueError(f"expected a recipe in {RECIPES}, got {recipe!r}")
     return 1000 if recipe == "authors" else 128
+
+
+@contextlib.contextmanager
+def seeded(model: nn.Module, seed: int) -> Iterator[None]:
+    """The global RNG of the CPU and of the GPUs ``model`` lives on, seeded, then restored as it was.
+
+    Other GPUs are neither initialised nor touched (``torch.manual_seed`` would seed every one).
+    """
+    gpus = sorted(
+        {p.device.index for p in model.parameters() if p.device.type == "cuda" and p.device.index is not None}
+    )
+    with torch.random.fork_rng(devices=gpus):
+        torch.random.default_generator.manual_seed(seed)
+        for gpu in gpus:
+            with torch.cuda.device(gpu):
+                torch.cuda.manual_seed(seed)
+        yield
 
 
 def encode_prompt(tokenizer: Any, prompt: str, chat_template: bool) -> list[int]:
@@ -45,7 +72,7 @@ def respond(
 ) -> list[int]:
     """The response's token ids, up to and without the first end-of-sequence token.
 
-    Sampling (the authors' recipe) draws from the global RNG: the caller seeds it in a forked state.
+    Sampling (the authors' recipe) draws from the global RNG: the caller seeds it (:func:`seeded`).
     """
     device = model_device(model)  # the first device of a model dispatched over several
     input_ids = torch.tensor([prompt_ids], device=device)
