@@ -28,6 +28,7 @@ import math
 import os
 import platform
 import random
+import shutil
 import statistics
 import sys
 import time
@@ -557,6 +558,7 @@ def section_repetition(setup: Setup, run_dirs: dict) -> list[str]:
 
     width = int(setup.main_size.split("x")[1])
     out = os.path.join(setup.out, "ranking")
+    shutil.rmtree(out, ignore_errors=True)  # responses.jsonl appends: one run's responses only
     tokenizer_path = os.path.join(setup.out, "tokenizer")
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
     prompt_tokens, new_tokens = 24, min(width - 16, setup.seq_len - 24)  # answers with n < d, within the context
