@@ -211,7 +211,7 @@ def test_a_reference_without_finite_values_is_replaced_by_the_next_finite_probe(
     assert all(math.isnan(value) for value in broken.differences["diff_erank"])
     with torch.no_grad():
         weight.copy_(saved)
-    with pytest.warns(MNNWarning, match="the probe at step 2 is the reference from now on"):
+    with pytest.warns(MNNWarning, match="the probe at step 2 is their reference from now on"):
         fine = monitor.measure(model, 2)
     assert fine.differences["diff_erank"] == [0.0, 0.0, 0.0] and monitor.reference is fine.result
 

@@ -214,3 +214,29 @@ def test_the_first_probe_names_the_regime_and_says_what_mnn_means_there(caplog, 
     if announced:
         assert "RISES" in lines[0] and "Matrix Entropy" in lines[0] and "d = 32" in lines[0]
     monitor.close()
+
+
+def test_a_reference_layer_without_finite_values_takes_the_next_finite_probes_values():
+    model = tiny_model("gpt2")
+    monitor, _ = monitor_with_memory(every_n_steps=2)
+    weight = model.transformer.h[1].mlp.c_fc.weight
+    saved = weight.detach().clone()
+    with torch.no_grad():
+        weight.fill_(float("nan"))  # the last hidden state non-finite, the embeddings and block 0 finite
+    start = monitor.measure(model, 0)
+    assert monitor.reference.finite_layers() == [0, 1]
+    with torch.no_grad():
+        weight.copy_(saved)
+        model.transformer.wte.weight.mul_(3.0)  # every layer moves, so the old references show
+    with pytest.warns(MNNWarning, match="no finite values at hidden states 2 .* step 2 is their reference"):
+        second = monitor.measure(model, 2)
+    reference = monitor.reference
+    assert reference.layers == [0, 1, 2] and reference.finite_layers() == [0, 1, 2]
+    for name in ("erank", "mnn", "matrix_entropy"):  # layers 0, 1: step 0's values; layer 2: step 2's
+        assert reference.per_layer[name][:2] == start.result.per_layer[name][:2]
+        assert reference.per_layer[name][2] == second.result.per_layer[name][2]
+    assert reference.per_sequence["entropy_nats"][2] == second.result.per_sequence["entropy_nats"][2]
+    assert second.differences["diff_erank"][2] == 0.0 and second.differences["diff_erank"][0] != 0.0
+    assert second.difference_errors["diff_erank"][2] == 0.0  # paired, against its own values
+    third = monitor.measure(model, 4)  # no further warning: every layer has a finite reference
+    assert third.differences["diff_erank"] == pytest.approx(second.differences["diff_erank"], abs=1e-9)

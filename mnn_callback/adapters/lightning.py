@@ -19,6 +19,7 @@ from typing import Any
 from torch import nn
 
 from mnn_callback.adapters.loop import MNNMonitor
+from mnn_callback.output.sinks import JSONL_FILE
 
 try:  # the unified package first, then the standalone one
     from lightning.pytorch import Callback
@@ -39,17 +40,34 @@ class MNNLightningCallback(MNNMonitor, Callback):
         module: the attribute of the LightningModule that holds the model to probe (e.g.
             ``"model"`` for a Hugging Face model kept as ``self.model``); default: the
             LightningModule itself (then ``modules=``/``forward=`` name its hidden states).
-        out_dir: where the files go; default: the trainer's ``log_dir`` (else ``default_root_dir``).
+        out_dir: where the files go; default: each fit's trainer ``log_dir`` (else ``default_root_dir``).
         **options: as for :class:`~mnn_callback.adapters.loop.MNNMonitor` (``every_n_steps``, ``schedule``,
-            ``sinks``, ``name``, probe options, ...).
+            ``sinks``, ``name``, ``sync_timeout``, probe options, ...).
+
+    Each ``fit`` is a run of its own (a fresh history and Diff-eRank reference, in that fit's
+    directory); ``fit(ckpt_path=...)`` continues the checkpoint's history and reference from the
+    restored ``global_step``. Several callbacks in one Trainer are named ``mnn``, ``mnn-2``, ...
+    (in their order in ``callbacks``), each with its own files and checkpoint entry.
     """
+
+    _out_dir_known_later = True  # the trainer's log_dir, at setup
 
     def __init__(
         self, data: Any, *, module: str | None = None, out_dir: str | os.PathLike | None = None, **options: Any
     ):
         self.module_name = module
         self._trainer: Any = None
+        self._given_out_dir = None if out_dir is None else os.fspath(out_dir)
+        self._model_missing = False  # this fit's LightningModule has no `module`: off for the fit, warned once
         MNNMonitor.__init__(self, data, out_dir=out_dir, **options)
+
+    @property
+    def state_key(self) -> str:
+        """The checkpoint entry: the monitor's name once a fit claimed it (the same at every resume);
+        unique per callback before that (Lightning checks the keys when the Trainer is made)."""
+        if self._trainer is None:
+            return self._generate_state_key(name=self.requested_name, callback=id(self))
+        return self._generate_state_key(name=self.name)
 
     def _open(self) -> None:
         if self._trainer is not None:  # the files' place and the main process are known once fitting starts
@@ -58,24 +76,68 @@ class MNNLightningCallback(MNNMonitor, Callback):
     def _is_main_process(self) -> bool:
         return bool(self._trainer.is_global_zero)
 
-    def _model(self, pl_module: nn.Module) -> nn.Module:
-        return pl_module if self.module_name is None else getattr(pl_module, self.module_name)
+    def _model(self, pl_module: nn.Module) -> nn.Module | None:
+        """The model to probe; None (after one warning, or an error when strict) when ``module`` names none."""
+        if self._model_missing:
+            return None
+        if self.module_name is None:
+            return pl_module
+        model = getattr(pl_module, self.module_name, None)
+        if isinstance(model, nn.Module):
+            return model
+        self._model_missing = True
+        children = ", ".join(name for name, _ in pl_module.named_children()) or "none"
+        self.guard.report(
+            "finding the model to probe",
+            AttributeError(
+                f"module={self.module_name!r}: the {type(pl_module).__name__} has no module of that name (its "
+                f"modules: {children}); the monitor is off for this fit"
+            ),
+        )
+        return None
 
     # -- Lightning events -------------------------------------------------------------------------
 
-    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        """A new run for each fit, before Lightning restores a checkpoint into it (``load_state_dict``)."""
+        if stage != "fit":
+            return
         self._trainer = trainer
-        if self.out_dir is None:
-            self.out_dir = trainer.log_dir or trainer.default_root_dir
-        self.jsonl = os.path.join(self.out_dir, "mnn_metrics.jsonl")
-        history = self.monitor.state_dict() if self.monitor.last_step is not None else None  # a checkpoint's
+        self._model_missing = False
+        self.out_dir = self._given_out_dir or trainer.log_dir or trainer.default_root_dir
+        self.jsonl = os.path.join(self.out_dir, JSONL_FILE)
         self._open()
-        if history is not None:
-            self.load_state_dict(history)
-        self.step(self._model(pl_module), trainer.global_step)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """A checkpoint's history and reference; the ``resume`` event follows at the restored step (on train start)."""
+        self.monitor.load_state_dict(state)
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        """The first probe, at the restored ``global_step`` (Lightning restored the loops by now)."""
+        step = int(trainer.global_step)
+        resumed = step > 0
+        if resumed:
+            self.monitor.log_event("resume", step)
+        model = self._model(pl_module)
+        # like the Trainer callback: a resumed run keeps its schedule, and probes now only for a new reference
+        if model is not None and not (resumed and self.reference is not None):
+            self.step(model, step, force=True)
+        if self.monitor.overhead.clock_start is None:
+            self.monitor.start_clock(step)
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self.step(self._model(pl_module), trainer.global_step)  # a step probed already (accumulation): nothing
+        model = self._model(pl_module)
+        if model is not None:
+            self.step(model, trainer.global_step)  # a step probed already (accumulation): nothing
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
-        self.finish(self._model(pl_module), trainer.global_step)
+        model = self._model(pl_module)
+        if model is None:
+            self.monitor.close()
+        else:
+            self.finish(model, trainer.global_step)
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        """After a fit that failed (no ``on_fit_end``): the sinks are closed, what was logged is kept."""
+        if stage == "fit":
+            self.monitor.close()

@@ -26,7 +26,7 @@ from torch import nn
 
 from mnn_callback.core.errors import MNNWarning
 from mnn_callback.core.identity import DEFAULT_NAME, named_file, validate_name
-from mnn_callback.monitoring.monitor import Monitor
+from mnn_callback.monitoring.monitor import DEFAULT_SYNC_TIMEOUT, Monitor
 from mnn_callback.output.figures import Dashboards
 from mnn_callback.output.sinks import (
     JSONL_FILE,
@@ -54,14 +54,19 @@ class MNNMonitor:
             :class:`~mnn_callback.output.sinks.Sink` objects; default: ``"jsonl"`` with an ``out_dir``,
             and ``"tensorboard"`` too when it is installed.
         log_dir: the TensorBoard directory (default ``out_dir/runs``).
-        every_n_steps, schedule, max_overhead, exact_every, reference, strict, dashboards, name:
-            as for :class:`~mnn_callback.adapters.callback.MNNCallback`.
+        every_n_steps, schedule, max_overhead, exact_every, reference, strict, dashboards, name,
+            sync_timeout: as for :class:`~mnn_callback.adapters.callback.MNNCallback`.
         **probe_options: passed to :class:`~mnn_callback.probing.probe.Probe`.
 
     :meth:`step` must be called on every process of a ``torch.distributed`` group at the same
-    steps (the sample is sharded, the sums all-reduced); rank 0 writes. After :meth:`finish`, a
+    steps (the sample is sharded, the sums all-reduced); rank 0 writes. Processes that do not
+    (a skipped call, a step number that differs, ``force`` or :meth:`finish` on one only) cost
+    at most one wait of ``sync_timeout`` seconds and one error naming the processes and their
+    steps; then the monitor is off on every process and training goes on. After :meth:`finish`, a
     further :meth:`step` starts a new run in the same files, with a warning.
     """
+
+    _out_dir_known_later = False  # True where the framework gives the directory once training starts
 
     def __init__(
         self,
@@ -79,6 +84,7 @@ class MNNMonitor:
         strict: bool = False,
         name: str | None = None,
         dashboards: Dashboards | bool = True,
+        sync_timeout: float = DEFAULT_SYNC_TIMEOUT,
         **probe_options: Any,
     ) -> None:
         check_sink_specs(sinks)
@@ -94,8 +100,9 @@ class MNNMonitor:
             exact_every=exact_every,
             reference=reference,
             dashboards=dashboards,
+            sync_timeout=sync_timeout,
         )
-        if "jsonl" in (sinks or ()) and out_dir is None:
+        if "jsonl" in (sinks or ()) and out_dir is None and not self._out_dir_known_later:
             raise ValueError("the jsonl sink needs out_dir (where mnn_metrics.jsonl goes)")
         self.out_dir = None if out_dir is None else os.fspath(out_dir)
         self.log_dir = None if log_dir is None else os.fspath(log_dir)
@@ -205,7 +212,7 @@ class MNNMonitor:
         if not self._late_attached:
             self._late_attached = True
             self.monitor.add_sinks(self._late_sinks)
-        self.monitor.take_reference()
+        self.monitor.take_reference(global_step)
         return self.monitor.measure(model, global_step, optimizer=optimizer, **kind).scalars()
 
     # -- checkpoints ------------------------------------------------------------------------------

@@ -8,7 +8,6 @@ around one :class:`Monitor`: they translate their framework's events into :meth:
 from __future__ import annotations
 
 import logging
-import math
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -24,11 +23,13 @@ from mnn_callback.core.regime import MORE_TOKENS, regime_line
 from mnn_callback.monitoring.schedule import Overhead, Schedule
 from mnn_callback.output.figures import DashboardFeed, Dashboards
 from mnn_callback.output.sinks import Sink, SinkSet
-from mnn_callback.probing.distributed import all_reduce, differing_across_processes
+from mnn_callback.probing.distributed import ProcessesDisagree, StepAgreement, all_reduce, differing_across_processes
 from mnn_callback.probing.probe import Probe
 from mnn_callback.probing.results import Measurement, ProbeResult
 
-__all__ = ["OVERHEAD_WARNING_SHARE", "Monitor"]
+__all__ = ["DEFAULT_SYNC_TIMEOUT", "OVERHEAD_WARNING_SHARE", "Monitor"]
+
+DEFAULT_SYNC_TIMEOUT = 300.0  # seconds a process waits at a probe for the others before the monitor turns off
 
 OVERHEAD_WARNING_SHARE = 0.05  # without max_overhead, a share above this is warned about, once
 OVERHEAD_WARNING_PROBES = 5  # after this many scheduled probes: enough to estimate the share
@@ -53,12 +54,18 @@ class Monitor:
             :class:`ProbeResult`, or a JSON file holding one. Default: the first measurement.
         strict: raise errors instead of turning them into warnings.
         dashboards: the pictures drawn besides the scalars (:class:`Dashboards`, or True/False).
+        sync_timeout: under ``torch.distributed``, how many seconds a process waits at a probe for
+            the others to reach it (keep it below the process group's own timeout).
 
     Every process runs :meth:`due` and :meth:`measure` at the same steps (the probe's work is
     sharded, the budget decided together); only the main process (``is_main_process`` in
-    :meth:`open`) has sinks. At the first probe the processes compare their settings: a
-    difference (e.g. another ``every_n_steps`` on one process) would make them part ways in the
-    collectives, so it turns the monitor off on every process, with one error.
+    :meth:`open`) has sinks. Before each probe's first collective the processes agree that they
+    are at the same probe (:class:`~mnn_callback.probing.distributed.StepAgreement`, outside the
+    collectives): one that is not (a skipped call, another step number) costs at most one wait of
+    ``sync_timeout`` and one error, and the monitor is off on every process from then on. At the
+    first probe the processes also compare their settings: a difference (e.g. another
+    ``every_n_steps`` on one process) would make them part ways in the collectives, so it turns
+    the monitor off on every process, with one error.
 
     Each :meth:`open` starts a run: a fresh history, schedule state and (unless one was given)
     Diff-eRank reference; :meth:`load_state_dict` then continues a saved one.
@@ -75,8 +82,10 @@ class Monitor:
         reference: Any = None,
         strict: bool = False,
         dashboards: Dashboards | bool = True,
+        sync_timeout: float = DEFAULT_SYNC_TIMEOUT,
     ) -> None:
         self.probe = probe
+        self.agreement = StepAgreement(sync_timeout)
         self.schedule = Schedule(every_n_steps, schedule, exact_every)
         self.overhead = Overhead(max_overhead)
         self.guard = Guard(strict)
@@ -108,6 +117,7 @@ class Monitor:
         self.guard.errors = 0
         self._probes_run = 0  # measurements so far: which ones are exact (exact_every)
         self._probes_succeeded = 0
+        self._regime_announced = False  # once per run: a resumed one did at its start
         self._warned_overhead = False
         self._first_cost = 0.0  # the first probe's cost: the budget's estimate before any scheduled probe
         self.feed = DashboardFeed(self.dashboards, self.guard)
@@ -181,9 +191,10 @@ class Monitor:
             return []
         return list(self.guard.call("setting up the sinks", make_sinks) or [])
 
-    def take_reference(self) -> None:
-        """Probe the reference model, if one was given and no reference is known yet (every process)."""
-        if self._reference_model is not None and self.reference is None and self._agreed():
+    def take_reference(self, step: int = 0) -> None:
+        """Probe the reference model, if one was given and no reference is known yet (every process, at ``step``)."""
+        needed = self._reference_model is not None and self.reference is None
+        if needed and self._at_the_same_probe(f"step {step} (the reference model's probe)") and self._agreed():
             method = self.schedule.method(0, self.probe.method)
             self.reference = self.guard.call(
                 "probing the reference model", self._run_probe, self._reference_model, None, method
@@ -194,6 +205,22 @@ class Monitor:
         """What every process must share: the configuration but for what fixes the sample, and the adapter's."""
         config = {key: value for key, value in self.config.items() if key not in _SAMPLE_SETTINGS}
         return {**config, **self.adapter_settings}
+
+    def _at_the_same_probe(self, what: str) -> bool:
+        """Whether every process is at this probe (``what``: its step and kind); False, after one error, if not.
+
+        Called by every process before a probe's first collective; a disagreement turns the
+        monitor off on every process (:class:`~mnn_callback.probing.distributed.StepAgreement`).
+        """
+        if self.disabled:
+            return False
+        try:
+            self.agreement.agree(what)
+        except ProcessesDisagree as error:
+            self.disabled = str(error)
+            self.guard.report("agreeing on the probe across processes", error)
+            return False
+        return True
 
     def _agreed(self) -> bool:
         """Whether the processes agree on the settings (compared at the first call; every process calls this)."""
@@ -249,6 +276,8 @@ class Monitor:
             return False
         if self.overhead.max_share is None:
             return True
+        if not self._at_the_same_probe(f"step {step} (the overhead budget)"):
+            return False
         skip = torch.tensor([float(self.overhead.would_exceed(self._first_cost))], dtype=torch.float64)
         if all_reduce(skip, op="max").item() > 0:
             self.overhead.skipped += 1
@@ -276,9 +305,10 @@ class Monitor:
         """
         started = time.perf_counter()
         self.last_step = step
-        if not self._agreed():  # no collective: the processes may not agree on when to probe
-            return Measurement(step, epoch, None, monitor={"errors": float(self.guard.errors)})
         method = self.schedule.method(self._probes_run, self.probe.method, final=final)
+        # no collective unless every process is at this probe and the settings agree
+        if not (self._at_the_same_probe(f"step {step} ({method} probe)") and self._agreed()):
+            return Measurement(step, epoch, None, monitor={"errors": float(self.guard.errors)})
         self._probes_run += 1
         result = self.guard.call("the probe", self._run_probe, model, optimizer, method)
         monitor: dict[str, float] = {"errors": float(self.guard.errors)}
@@ -294,8 +324,9 @@ class Monitor:
                 self._warn_overhead()
             measurement = Measurement.against(step, epoch, result, self.reference, monitor)
             self.history.append({"step": step, "epoch": epoch, **measurement.scalars()})
-            if self._probes_succeeded == 0 and self.is_main_process:
+            if not self._regime_announced and self.is_main_process:
                 self._announce_regime(result, step)
+            self._regime_announced = True
             self._probes_succeeded += 1
         if self.is_main_process:
             publishing = time.perf_counter()
@@ -317,18 +348,28 @@ class Monitor:
         return measurement
 
     def _keep_reference(self, result: ProbeResult, step: int) -> None:
-        """``result`` becomes the reference when there is none, or when the reference has no finite eRank."""
+        """``result`` becomes the reference when there is none; a layer of the reference without finite
+        values takes ``result``'s, when they are finite (one warning naming the layers)."""
         if self.reference is None:
             self.reference = result
-        elif not _finite_erank(self.reference) and _finite_erank(result):
-            self.reference = result
-            if self.is_main_process:
-                warnings.warn(
-                    f"the Diff-eRank reference has no finite eRank (non-finite hidden states when it was measured); "
-                    f"the probe at step {step} is the reference from now on",
-                    MNNWarning,
-                    stacklevel=4,
-                )
+            return
+        usable = set(result.finite_layers())
+        if "erank" in self.reference.per_layer and "erank" not in result.per_layer:
+            return  # a cheap probe cannot stand in for a spectrum
+        broken = [layer for layer in self.reference.layers if layer not in self.reference.finite_layers()]
+        replaced = [layer for layer in broken if layer in usable]
+        if not replaced:
+            return
+        whole = len(replaced) == len(self.reference.layers)
+        self.reference = result if whole else self.reference.with_layers_from(result, replaced)
+        if self.is_main_process:
+            which = "every hidden state" if whole else "hidden states " + ", ".join(str(layer) for layer in replaced)
+            warnings.warn(
+                f"the Diff-eRank reference has no finite values at {which} (non-finite hidden states when it was "
+                f"measured); the probe at step {step} is their reference from now on",
+                MNNWarning,
+                stacklevel=4,
+            )
 
     def _announce_regime(self, result: ProbeResult, step: int) -> None:
         """Which side of n = d the probe is on: a ``regime`` event, and an INFO line where MNN rises with collapse."""
@@ -424,6 +465,7 @@ class Monitor:
             self._forget(f"the saved MNN history is unreadable ({type(error).__name__}: {error})")
             return False
         self.history, self.last_step = history, last_step
+        self._regime_announced = bool(history)
         self.feed.seed(history)
         try:
             reference = None if state.get("reference") is None else ProbeResult.from_dict(state["reference"])
@@ -446,7 +488,3 @@ class Monitor:
         )
         if self._reference_model is None:
             self.reference = None
-
-
-def _finite_erank(result: ProbeResult) -> bool:
-    return any(math.isfinite(value) for value in result.per_layer.get("erank", []))

@@ -7,7 +7,9 @@ no-op (or returns its input) without a process group.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,6 +17,8 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "ProcessesDisagree",
+    "StepAgreement",
     "all_gather_object",
     "all_reduce",
     "broadcast_object",
@@ -28,6 +32,9 @@ __all__ = [
 # reference and need the GIL to free the buffer while the main thread, holding the GIL, tears
 # the process group down, a deadlock at exit (seen with torch 2.13).
 _LAST_ALL_REDUCE: list[Any] = []
+
+
+_AGREEMENTS = itertools.count()  # each StepAgreement's number: the same on every process (created in the same order)
 
 
 def _initialized() -> bool:
@@ -104,6 +111,106 @@ def differing_across_processes(settings: dict[str, Any]) -> str | None:
         f"{key}: " + ", ".join(f"process {rank} {values.get(key)!r}" for rank, values in enumerate(gathered))
         for key in differing
     )
+
+
+class ProcessesDisagree(RuntimeError):
+    """The processes were not at the same probe: the monitor that met this is off on every process."""
+
+
+class StepAgreement:
+    """Makes sure every process is at the same probe before any collective of it, with a bounded wait.
+
+    Before each probe every process publishes what it is about to do (e.g. ``"the scheduled probe
+    at step 4 (exact)"``) in the process group's key-value store (a TCP store, outside the
+    collectives, so it never mixes with the training's all-reduces), then waits at most
+    ``timeout`` seconds for the others' entries of the same probe. All equal: the probe goes on.
+    Different, or missing after the wait: :meth:`agree` raises :class:`ProcessesDisagree` naming each
+    process and what it was doing, and leaves that reason in the store, so that a process that
+    arrives later (or never waited) learns it at its next probe without waiting. From then on
+    every call raises at once, on every process: the monitor is off, training goes on.
+
+    Without a process group (or a store) every call agrees at once.
+    """
+
+    def __init__(self, timeout: float) -> None:
+        if not timeout > 0:
+            raise ValueError(f"expected a positive sync_timeout (seconds), got {timeout!r}")
+        self.timeout = float(timeout)
+        self.namespace = f"mnn_callback/agreement/{next(_AGREEMENTS)}"
+        self.probes = 0  # probes agreed (or tried) so far: the same on every process while they agree
+        self.waited = 0.0  # the longest wait so far, in seconds
+        self.disagreement: str | None = None
+
+    def _store(self) -> Any:
+        if not _initialized():
+            return None
+        from torch.distributed import distributed_c10d
+
+        try:
+            return distributed_c10d._get_default_store()
+        except (AttributeError, RuntimeError, ValueError):  # a backend without a store: no agreement possible
+            return None
+
+    def agree(self, what: str) -> None:
+        """Return once every process published ``what`` for this probe; raise :class:`ProcessesDisagree` else."""
+        import torch.distributed as dist
+
+        if self.disagreement is not None:
+            raise ProcessesDisagree(self.disagreement)
+        store = self._store()
+        if store is None:
+            return
+        rank, size = dist.get_rank(), dist.get_world_size()
+        off_key = f"{self.namespace}/off"
+        if store.check([off_key]):
+            self._disagree(store.get(off_key).decode())
+        probe = self.probes
+        self.probes += 1
+        keys = [f"{self.namespace}/{probe}/{other}" for other in range(size)]
+        store.set(keys[rank], what)
+        started = time.monotonic()
+        pause = 0.001
+        while not store.check(keys):
+            if store.check([off_key]):
+                self._disagree(store.get(off_key).decode())
+            if time.monotonic() - started > self.timeout:
+                self.waited = max(self.waited, time.monotonic() - started)
+                missing = [other for other in range(size) if not store.check([keys[other]])]
+                self._publish(
+                    store,
+                    off_key,
+                    f"{_processes(missing)} did not reach the monitor's probe within {self.timeout:g} s while "
+                    f"process {rank} was at {what}: a step() call skipped, a step number that differs, force=True or "
+                    "finish() on some processes only",
+                )
+            time.sleep(pause)
+            pause = min(2 * pause, 0.05)
+        self.waited = max(self.waited, time.monotonic() - started)
+        doing = [store.get(key).decode() for key in keys]
+        if len(set(doing)) > 1:
+            self._publish(
+                store,
+                off_key,
+                "the processes were at different probes: "
+                + "; ".join(f"process {other} at {done}" for other, done in enumerate(doing)),
+            )
+        if probe:
+            store.delete_key(f"{self.namespace}/{probe - 1}/{rank}")  # every process has read it: all are here
+
+    def _publish(self, store: Any, off_key: str, reason: str) -> None:
+        store.compare_set(off_key, "", reason)  # the first reason stays: every process reports the same
+        self._disagree(store.get(off_key).decode())
+
+    def _disagree(self, reason: str) -> None:
+        self.disagreement = (
+            f"{reason}. Every process must call the monitor at the same steps with the same step numbers; the "
+            "monitor is off for the rest of this run on every process, training goes on"
+        )
+        raise ProcessesDisagree(self.disagreement)
+
+
+def _processes(ranks: list[int]) -> str:
+    return ("process " if len(ranks) == 1 else "processes ") + ", ".join(str(rank) for rank in ranks)
 
 
 @contextlib.contextmanager

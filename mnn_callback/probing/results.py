@@ -159,6 +159,33 @@ class ProbeResult:
             if layer in reference.layers
         }
 
+    def finite_layers(self) -> list[int]:
+        """The hidden states with finite values (eRank's; MNN's in a cheap probe): those a reference can serve."""
+        values = self.per_layer.get("erank", self.per_layer.get("mnn", []))
+        return [layer for layer, value in zip(self.layers, values, strict=True) if math.isfinite(value)]
+
+    def with_layers_from(self, other: ProbeResult, layers: list[int]) -> ProbeResult:
+        """This result with ``other``'s values (means, standard errors, each sequence's) at hidden states ``layers``.
+
+        For a reference whose ``layers`` were not finite when it was measured; the probe-level
+        fields (loss, tokens, ...) stay this result's. ``ValueError`` when ``other`` lacks a layer.
+        """
+        missing = [layer for layer in layers if layer not in other.layers]
+        if missing:
+            raise ValueError(f"expected a result holding hidden states {layers}, got one without {missing}")
+        merged = ProbeResult.from_dict(self.to_dict())
+        source = {layer: position for position, layer in enumerate(other.layers)}
+        for position, layer in enumerate(merged.layers):
+            if layer not in layers:
+                continue
+            for own, theirs in ((merged.per_layer, other.per_layer), (merged.standard_errors, other.standard_errors)):
+                for name, values in own.items():
+                    values[position] = theirs[name][source[layer]] if name in theirs else math.nan
+            for name, values in (merged.per_sequence or {}).items():
+                theirs = (other.per_sequence or {}).get(name)
+                values[position] = list(theirs[source[layer]]) if theirs else [math.nan] * len(values[position])
+        return merged
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict (non-finite floats become None); inverse of :meth:`from_dict`."""
 
