@@ -100,7 +100,7 @@ def test_a_resumed_fit_continues_at_the_restored_step_with_the_saved_reference(t
     assert resumed.history[2]["diff_erank/layer_2"] != 0.0
     path = tmp_path / "mnn_metrics.jsonl"
     assert steps(path) == [0, 2, 4, 6, 4, 6, 8]  # the abandoned run's 4 and 6 stay in the file
-    assert steps(path, "resume") == [3] and steps(path, "regime") == [0]
+    assert steps(path, "resume") == [3] and steps(path, "regime") == [0, 4]  # each process's first probe
 
 
 def test_a_callback_reused_for_another_fit_starts_a_fresh_run_in_that_fits_directory(tmp_path):

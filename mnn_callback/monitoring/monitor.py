@@ -117,7 +117,6 @@ class Monitor:
         self.guard.errors = 0
         self._probes_run = 0  # measurements so far: which ones are exact (exact_every)
         self._probes_succeeded = 0
-        self._regime_announced = False  # once per run: a resumed one did at its start
         self._warned_overhead = False
         self._first_cost = 0.0  # the first probe's cost: the budget's estimate before any scheduled probe
         self.feed = DashboardFeed(self.dashboards, self.guard)
@@ -324,9 +323,8 @@ class Monitor:
                 self._warn_overhead()
             measurement = Measurement.against(step, epoch, result, self.reference, monitor)
             self.history.append({"step": step, "epoch": epoch, **measurement.scalars()})
-            if not self._regime_announced and self.is_main_process:
+            if self._probes_succeeded == 0 and self.is_main_process:
                 self._announce_regime(result, step)
-            self._regime_announced = True
             self._probes_succeeded += 1
         if self.is_main_process:
             publishing = time.perf_counter()
@@ -465,7 +463,6 @@ class Monitor:
             self._forget(f"the saved MNN history is unreadable ({type(error).__name__}: {error})")
             return False
         self.history, self.last_step = history, last_step
-        self._regime_announced = bool(history)
         self.feed.seed(history)
         try:
             reference = None if state.get("reference") is None else ProbeResult.from_dict(state["reference"])
