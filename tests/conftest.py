@@ -14,6 +14,8 @@ for _name, _value in {
     "WANDB_DISABLE_GIT": "true",
     "COMET_START_ONLINE": "0",  # a Comet experiment, if any, is an offline archive
     "COMET_ERROR_TRACKING_ENABLE": "false",  # and reports no error over the network
+    "COMET_AUTO_LOG_ENV_DETAILS": "false",  # nor looks up its IP via www.comet.com or asks a cloud's metadata server
+    "COMET_URL_OVERRIDE": "http://127.0.0.1:9/clientlib/",  # and an online start could reach no Comet server
     "TOKENIZERS_PARALLELISM": "false",
 }.items():
     os.environ.setdefault(_name, _value)

@@ -180,3 +180,32 @@ def tensorboard_values(log_dir):
         for tag, points in tensorboard_scalars(run).items():
             values[f"{tag.split('/', 1)[1]}/layer_{layer}"] = points
     return values
+
+
+def offline_comet(monkeypatch, directory):
+    """Comet offline only, its archive in ``directory``: COMET_START_ONLINE=0, no API key, no COMET_MODE, no
+    server within reach (COMET_URL_OVERRIDE on a closed local port), no IP or cloud look-up."""
+    monkeypatch.setenv("COMET_START_ONLINE", "0")
+    monkeypatch.delenv("COMET_API_KEY", raising=False)
+    monkeypatch.delenv("COMET_MODE", raising=False)
+    monkeypatch.setenv("COMET_URL_OVERRIDE", "http://127.0.0.1:9/clientlib/")
+    monkeypatch.setenv("COMET_AUTO_LOG_ENV_DETAILS", "false")
+    monkeypatch.setenv("COMET_ERROR_TRACKING_ENABLE", "false")
+    monkeypatch.setenv("COMET_OFFLINE_DIRECTORY", str(directory))
+
+
+def comet_archive_metrics(directory):
+    """{metric name: [(step, value), ...]} of the one offline Comet archive (``*.zip``) in ``directory``."""
+    import json
+    import pathlib
+    import zipfile
+
+    (archive,) = pathlib.Path(directory).glob("*.zip")
+    with zipfile.ZipFile(archive) as opened:
+        lines = opened.read("messages.json").decode().splitlines()
+    metrics = {}
+    for message in (json.loads(line) for line in lines if line.strip()):
+        if message["type"] == "metric_msg":
+            metric = message["payload"]["metric"]
+            metrics.setdefault(metric["metricName"], []).append((metric["step"], metric["metricValue"]))
+    return metrics

@@ -15,7 +15,9 @@ import pytest
 from helpers import (
     HANG_TIMEOUT,
     PROBE_DATA,
+    comet_archive_metrics,
     make_trainer,
+    offline_comet,
     probe_lines,
     random_sequences,
     tensorboard_values,
@@ -472,6 +474,39 @@ def test_the_scalars_follow_report_to_into_comet_offline(tmp_path, monkeypatch):
         points = [(metric["step"], metric["metricValue"]) for metric in metrics if metric["metricName"] == key]
         assert points == [(line["step"], pytest.approx(line[key])) for line in logged], key
     assert any(metric["metricName"] == "train/loss" for metric in metrics)  # the Trainer's own, in the same experiment
+
+
+def test_comet_mode_offline_is_named_as_why_no_experiment_and_its_fix_fills_the_archive(tmp_path, monkeypatch):
+    """COMET_MODE=offline (the setting of older transformers) turns the Trainer's Comet logging off in the
+    comet_ml.start integration: no experiment, no archive. The warning names COMET_MODE and the fix (on 8861eeb
+    it said to add 'comet_ml' to report_to, where it was); with the fix, the MNN scalars are in the offline
+    archive beside the Trainer's loss."""
+    comet_ml = pytest.importorskip("comet_ml")
+    offline_comet(monkeypatch, tmp_path / "comet")  # COMET_START_ONLINE=0, no API key, no server within reach
+    monkeypatch.setenv("COMET_MODE", "offline")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(tmp_path / "refused", MNNCallback(PROBE_DATA, every_n_steps=4), report_to=["comet_ml"]).train()
+    (warning,) = [str(w.message) for w in caught if issubclass(w.category, MNNWarning) and "comet_ml" in str(w.message)]
+    assert "no running Comet experiment" in warning and "add 'comet_ml'" not in warning
+    assert "COMET_MODE='offline' is not a mode of the Trainer's CometCallback (get, get_or_create, create)" in warning
+    assert "set COMET_START_ONLINE=0 and unset COMET_MODE" in warning
+    assert not list((tmp_path / "comet").glob("*.zip"))  # the Trainer's own metrics went nowhere either
+    assert [line["step"] for line in probe_lines(tmp_path / "refused" / "mnn_metrics.jsonl")] == [0, 4, 8, 12]
+
+    monkeypatch.delenv("COMET_MODE")  # the fix the warning names
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(tmp_path / "out", MNNCallback(PROBE_DATA, every_n_steps=4), report_to=["comet_ml"]).train()
+    assert not [w for w in caught if issubclass(w.category, MNNWarning)]
+    experiment = comet_ml.get_running_experiment()
+    assert isinstance(experiment, comet_ml.OfflineExperiment)
+    experiment.end()  # writes the offline archive
+    metrics = comet_archive_metrics(tmp_path / "comet")
+    logged = probe_lines(tmp_path / "out" / "mnn_metrics.jsonl")
+    for key in ("mnn/layer_2", "matrix_entropy/last", "diff_erank/layer_1", "probe/loss"):
+        assert metrics[key] == [(line["step"], pytest.approx(line[key])) for line in logged], key
+    assert [step for step, _ in metrics["train/loss"]] == list(range(1, 13))  # the Trainer's, in the same archive
 
 
 def test_a_tracker_without_a_sink_is_named_in_one_warning(tmp_path):

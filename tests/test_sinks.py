@@ -4,12 +4,24 @@ from __future__ import annotations
 
 import math
 import os
+import subprocess
+import sys
 
 import pytest
-from helpers import PROBE_DATA, assert_png, event_accumulator, probe_lines, tensorboard_values, tiny_model
+from helpers import (
+    HANG_TIMEOUT,
+    PROBE_DATA,
+    assert_png,
+    comet_archive_metrics,
+    event_accumulator,
+    offline_comet,
+    probe_lines,
+    tensorboard_values,
+    tiny_model,
+)
 from wandb_reader import offline_runs, wait_for_run
 
-from mnn_callback import JsonlSink, MemorySink, Probe, TensorBoardSink, WandbSink
+from mnn_callback import CometSink, JsonlSink, MemorySink, Probe, TensorBoardSink, WandbSink
 from mnn_callback.core import schema
 from mnn_callback.output.figures import render_dashboard
 from mnn_callback.output.tables import result_rows
@@ -133,3 +145,66 @@ def test_a_second_monitor_writes_its_own_keys_into_the_same_wandb_run(measuremen
     assert not any(key.startswith("long/") for key in plain)
     config = wait_for_run(run_dir).config
     assert config["mnn_callback"] == config["mnn_callback.long"] == {"fingerprint": "f"}
+
+
+def test_the_comet_sink_takes_no_ended_experiment_and_says_so(measurements, tmp_path, monkeypatch):
+    """An ended experiment drops what it is given without a word: the sink never takes it for the running one,
+    and a log after it ended is an error naming it (on 8861eeb both were silent losses)."""
+    comet_ml = pytest.importorskip("comet_ml")
+    offline_comet(monkeypatch, tmp_path / "comet")
+    experiment = comet_ml.start(online=False, mode="create")
+    sink = CometSink()
+    assert sink.experiment is experiment
+    sink.log_measurement(measurements[0])
+    experiment.end()  # writes the offline archive
+    key = experiment.get_key()
+    with pytest.raises(RuntimeError, match=f"the Comet experiment {key} has ended: it takes no more data"):
+        sink.log_measurement(measurements[1])
+    with pytest.raises(RuntimeError, match=rf"no running Comet experiment: the last one \({key}\) has ended; "):
+        CometSink()
+    metrics = comet_archive_metrics(tmp_path / "comet")
+    expected = measurements[0].scalars()
+    assert {name: points for name, points in metrics.items() if name in expected} == {
+        name: [(0, pytest.approx(value))] for name, value in expected.items()
+    }
+
+
+def test_the_comet_sink_says_why_no_experiment_is_running(tmp_path):
+    """In a fresh process (no experiment yet) the error names the cause: what starts one, or the missing
+    configuration (online without an API key); Comet's own configuration files kept out (HOME, cwd)."""
+    pytest.importorskip("comet_ml")
+    import mnn_callback
+
+    code = "\n".join(
+        [
+            "import os",
+            "from mnn_callback import CometSink",
+            "def why():",
+            "    try:",
+            "        CometSink()",
+            "    except RuntimeError as error:",
+            "        print(error)",
+            "os.environ['COMET_START_ONLINE'] = '0'",
+            "why()",
+            "del os.environ['COMET_START_ONLINE']",
+            "why()",
+        ]
+    )
+    env = {name: value for name, value in os.environ.items() if not name.startswith("COMET_")}
+    env.update(
+        HOME=str(tmp_path),
+        COMET_URL_OVERRIDE="http://127.0.0.1:9/clientlib/",
+        COMET_ERROR_TRACKING_ENABLE="false",
+        PYTHONPATH=os.path.dirname(os.path.dirname(mnn_callback.__file__)),
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=HANG_TIMEOUT
+    )
+    assert result.returncode == 0, result.stderr
+    offline, unconfigured = result.stdout.splitlines()
+    found = "no running Comet experiment (comet_ml.get_running_experiment() is None); "
+    assert offline.startswith(found + "the Trainer's CometCallback starts one when training starts"), offline
+    assert "a monitor whose callback runs before it finds none" in offline and "comet_ml.start(...)" in offline
+    assert unconfigured.startswith(found + "Comet is not configured: no API key (COMET_API_KEY)"), unconfigured
+    assert "COMET_START_ONLINE is not 0 for an offline one" in unconfigured
+    assert "add 'comet_ml'" not in offline + unconfigured

@@ -22,7 +22,7 @@ from transformers import TrainerCallback
 
 from mnn_callback.core.errors import MNNWarning
 from mnn_callback.core.identity import DEFAULT_NAME, named_file, validate_name
-from mnn_callback.monitoring.monitor import Monitor
+from mnn_callback.monitoring.monitor import DEFAULT_SYNC_TIMEOUT, Monitor
 from mnn_callback.output.figures import Dashboards
 from mnn_callback.output.files import atomic_write_json
 from mnn_callback.output.sinks import JSONL_FILE, JsonlSink, Sink, TensorBoardSink, WandbSink, check_sink_specs
@@ -115,6 +115,9 @@ class MNNCallback(TrainerCallback):
         strict: raise errors instead of turning them into warnings.
         dashboards: the TensorBoard/W&B pictures besides the scalars (a
             :class:`~mnn_callback.output.figures.Dashboards`, or True/False for all or none).
+        sync_timeout: with several processes, the seconds one waits at a probe for the others
+            (default 300); a process that does not come (or comes to another step) turns the
+            monitor off on every process, with one error, and training goes on.
         **probe_options: passed to :class:`~mnn_callback.probing.probe.Probe` (``max_samples``,
             ``max_length``, ``batch_size``, ``layers``, ``seed``, ``dtype``, ...).
 
@@ -140,6 +143,7 @@ class MNNCallback(TrainerCallback):
         name: str | None = None,
         strict: bool = False,
         dashboards: Dashboards | bool = True,
+        sync_timeout: float = DEFAULT_SYNC_TIMEOUT,
         **probe_options: Any,
     ) -> None:
         self.requested_name = validate_name(name)
@@ -155,6 +159,7 @@ class MNNCallback(TrainerCallback):
             exact_every=exact_every,
             reference=reference,
             dashboards=dashboards,
+            sync_timeout=sync_timeout,
         )
         self.monitor.adapter_settings = {"on_evaluate": bool(on_evaluate)}
         self.sink_specs = None if sinks is None else list(sinks)
@@ -277,7 +282,7 @@ class MNNCallback(TrainerCallback):
             self._restore(state)
         if resumed:
             self.monitor.log_event("resume", int(state.global_step))
-        self.monitor.take_reference()
+        self.monitor.take_reference(int(state.global_step))
         # A resumed run keeps the schedule of an uninterrupted one: it probes now only when it
         # needs a new reference (another probe configuration, or none was saved).
         if not (resumed and self.reference is not None) and self.monitor.last_step != state.global_step:

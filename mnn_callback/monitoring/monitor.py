@@ -23,7 +23,7 @@ from mnn_callback.core.regime import MORE_TOKENS, regime_line
 from mnn_callback.monitoring.schedule import Overhead, Schedule
 from mnn_callback.output.figures import DashboardFeed, Dashboards
 from mnn_callback.output.sinks import Sink, SinkSet
-from mnn_callback.probing.distributed import ProcessesDisagree, StepAgreement, all_reduce, differing_across_processes
+from mnn_callback.probing.distributed import StepAgreement, all_reduce, differing_across_processes
 from mnn_callback.probing.probe import Probe
 from mnn_callback.probing.results import Measurement, ProbeResult
 
@@ -215,7 +215,7 @@ class Monitor:
             return False
         try:
             self.agreement.agree(what)
-        except ProcessesDisagree as error:
+        except Exception as error:  # ProcessesDisagree, or a key-value store that went away: off either way
             self.disabled = str(error)
             self.guard.report("agreeing on the probe across processes", error)
             return False

@@ -7,6 +7,7 @@ accelerator's ``init_trackers``.
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from typing import Any
@@ -71,10 +72,58 @@ class MlflowSink(Sink):
             self.client.log_batch(self.run_id, metrics=metrics[start : start + 1000])
 
 
+# What ``COMET_MODE`` may hold for the Trainer's ``CometCallback`` (transformers' ``comet_ml.start``
+# integration): any other value turns its Comet logging off, with "Invalid COMET_MODE env value".
+_TRAINER_COMET_MODES = ("get", "get_or_create", "create")
+
+
+def _comet_configuration_problem() -> str | None:
+    """What in Comet's configuration keeps ``comet_ml.start()`` from starting an experiment, if anything."""
+    import comet_ml
+
+    try:
+        offline = comet_ml.config.get_config("comet.start.online") is False
+        api_key = comet_ml.config.get_config("comet.api_key")
+    except Exception as error:  # e.g. COMET_START_ONLINE="" (not a bool): the setting is the problem
+        return f"Comet's configuration cannot be read ({error})"
+    if not offline and api_key is None:
+        return (
+            "Comet is not configured: no API key (COMET_API_KEY) for an online experiment, and "
+            "COMET_START_ONLINE is not 0 for an offline one"
+        )
+    return None
+
+
+def _why_no_comet_experiment(ended: Any) -> str:
+    """Why ``comet_ml.get_running_experiment()`` found no experiment to log to (``ended``: the last one, ended)."""
+    if ended is None:
+        found = "no running Comet experiment (comet_ml.get_running_experiment() is None)"
+    else:
+        found = f"no running Comet experiment: the last one ({ended.get_key()}) has ended"
+    mode = os.environ.get("COMET_MODE", "")
+    if mode and mode.lower() not in _TRAINER_COMET_MODES:
+        why = (
+            f"COMET_MODE={mode!r} is not a mode of the Trainer's CometCallback ({', '.join(_TRAINER_COMET_MODES)}): "
+            "it turned the Trainer's Comet logging off and started no experiment; for an offline experiment set "
+            "COMET_START_ONLINE=0 and unset COMET_MODE"
+        )
+    else:
+        why = _comet_configuration_problem() or (
+            "the Trainer's CometCallback starts one when training starts (for 'comet_ml' in "
+            "TrainingArguments(report_to=...), on the main process), so a monitor whose callback runs before it "
+            "finds none; without a Trainer, start one with comet_ml.start(...) before the monitor"
+        )
+    return f"{found}; {why}; or pass sinks=[CometSink(experiment=...)]"
+
+
 class CometSink(Sink):
-    """Scalars to a Comet experiment at the training step: ``experiment``, else the running one (the one
-    the Trainer's ``CometCallback`` started for ``report_to=["comet_ml"]``, online or offline with
-    ``COMET_START_ONLINE=0``); ``prefix`` goes before every key."""
+    """Scalars to a Comet experiment at the training step: ``experiment``, else the running one
+    (``comet_ml.get_running_experiment()``: the one the Trainer's ``CometCallback`` started for
+    ``report_to=["comet_ml"]``, online or offline with ``COMET_START_ONLINE=0``); ``prefix`` goes before every key.
+
+    An experiment that has ended (``end()``, ``comet_ml.end()``) takes no more data: it is never taken for the
+    running one, and one that ends during the run makes every later log an error, not a silent loss.
+    """
 
     name = "comet_ml"
 
@@ -84,14 +133,16 @@ class CometSink(Sink):
 
         if experiment is None:
             experiment = comet_ml.get_running_experiment()
-            if experiment is None:
-                raise RuntimeError(
-                    "no running Comet experiment: add 'comet_ml' to TrainingArguments(report_to=...) so the Trainer "
-                    "starts one, or pass sinks=[CometSink(experiment=...)]"
-                )
+            if experiment is None or getattr(experiment, "ended", False):
+                raise RuntimeError(_why_no_comet_experiment(experiment))
         self.experiment = experiment
         self.prefix = prefix
 
     def log_measurement(self, measurement: Measurement) -> None:
+        if getattr(self.experiment, "ended", False):
+            raise RuntimeError(
+                f"the Comet experiment {self.experiment.get_key()} has ended: it takes no more data "
+                f"(the scalars of step {measurement.step} are not in it)"
+            )
         values = {self.prefix + key: value for key, value in measurement.scalars().items()}
         self.experiment.log_metrics(values, step=measurement.step, epoch=measurement.epoch)
