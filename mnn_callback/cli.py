@@ -77,7 +77,7 @@ def _output_directory(path: str) -> None:
 
 
 def _placement_options(parser: Any) -> None:
-    from mnn_callback.posthoc.models import DEVICE_MAPS
+    from mnn_callback.posthoc.placement import DEVICE_MAPS
 
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
@@ -105,7 +105,7 @@ def evaluate(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from mnn_callback.output.tables import write_csv
     from mnn_callback.posthoc.evaluation import UNTRAINED, evaluate_models, latest_rows
-    from mnn_callback.posthoc.models import parse_max_memory
+    from mnn_callback.posthoc.placement import parse_max_memory
 
     _output_directory(args.out)
     results_file = os.path.join(args.out, "metrics.jsonl")
@@ -164,7 +164,7 @@ def rank(args: argparse.Namespace) -> int:
 
 def _rank(args: argparse.Namespace) -> int:
     from mnn_callback.core.regime import MIXED, regime_note
-    from mnn_callback.posthoc.models import parse_max_memory
+    from mnn_callback.posthoc.placement import parse_max_memory
     from mnn_callback.posthoc.ranking import rank_models
 
     _output_directory(args.out)

@@ -317,7 +317,8 @@ def test_a_model_dispatched_with_offload_gives_the_undispatched_values(tmp_path)
     from helpers import random_sequences, tiny_model
 
     from mnn_callback.posthoc.evaluation import evaluate_models
-    from mnn_callback.posthoc.models import Placement, load_model
+    from mnn_callback.posthoc.models import load_model
+    from mnn_callback.posthoc.placement import Placement
 
     path = tmp_path / "model"
     tiny_model("gpt2", layers=4, hidden=64).save_pretrained(path)

@@ -66,6 +66,25 @@ def test_bad_input_is_a_usage_error(tmp_path):
         evaluate_models([tiny_model("gpt2")], [[1]])
 
 
+def test_text_data_and_no_tokenizer_names_the_option_to_pass(tmp_path, capsys):
+    """On main: "no tokenizer was found: pass a tokenizer", naming neither --tokenizer nor tokenizer=."""
+    from mnn_callback.cli import main
+
+    checkpoint = saved(tmp_path, "checkpoint-2", 1)  # a model saved without its tokenizer
+    data = tmp_path / "heldout.txt"
+    data.write_text("To be, or not to be.\n\nNow is the winter of our discontent.\n")
+    with pytest.raises(UsageError) as caught:
+        evaluate_models([checkpoint], str(data))
+    assert str(caught.value) == (
+        f"the data holds text and no tokenizer was found for {checkpoint}: pass one with --tokenizer "
+        "(from Python: tokenizer=)"
+    )
+    capsys.readouterr()
+    assert main(["evaluate", str(checkpoint), "--data", str(data), "--out", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and "--tokenizer" in error and "tokenizer=" in error
+
+
 def gpt2_with_positions(positions: int, seed: int = 0):
     import transformers as tf
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from helpers import HANG_TIMEOUT, PROBE_DATA, read_csv, tiny_model
 
 from mnn_callback import UsageError, evaluate_models
@@ -77,3 +78,160 @@ def test_revision_names_give_steps_and_bad_revisions_are_usage_errors():
         discover(["org/m@"])
     with pytest.raises(UsageError, match="needs network access"):
         discover(["org/m"], revisions=["step*"])  # HF_HUB_OFFLINE=1 in the tests
+
+
+# --- PEFT adapters: their base models ----------------------------------------------------------
+
+
+def saved_adapter(base_dir, adapter_dir, base_name=None) -> dict:
+    """A real LoRA adapter on the model at ``base_dir`` (non-zero weights: it changes the model), saved by
+    PEFT; ``base_name``: what its adapter_config.json then names as the base. Returns that config."""
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir, local_files_only=True)
+    lora = peft.LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True, init_lora_weights=False)
+    torch.manual_seed(0)
+    peft.get_peft_model(base, lora).save_pretrained(adapter_dir)
+    config_path = os.path.join(adapter_dir, "adapter_config.json")
+    with open(config_path, encoding="utf-8") as handle:
+        config = json.load(handle)
+    if base_name is not None:  # as a hand edit, or a copy from another machine, leaves it
+        config["base_model_name_or_path"] = base_name
+        with open(config_path, "w", encoding="utf-8") as handle:
+            json.dump(config, handle)
+    return config
+
+
+def merged_mnn(base_dir, adapter_dir) -> float:
+    """The final hidden state's MNN of the adapter merged into the model at ``base_dir``, by PEFT itself."""
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    from mnn_callback import Probe
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir, local_files_only=True)
+    merged = peft.PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload().eval()
+    return Probe(PROBE_DATA, batch_size=4).run(merged).per_layer["mnn"][-1]
+
+
+def jsonl_data(path):
+    path.write_text("".join(json.dumps({"input_ids": ids}) + "\n" for ids in PROBE_DATA))
+    return str(path)
+
+
+def test_a_relative_base_is_found_from_the_adapter_and_named(tmp_path, monkeypatch, capsys, caplog):
+    """On main "a" was looked up from the current directory: from a directory holding another a/,
+    evaluate exited 0 on the wrong base, naming no base."""
+    from helpers import shakespeare_tokenizer
+
+    from mnn_callback.cli import main
+
+    tokenizer = shakespeare_tokenizer()
+    train, other = tmp_path / "train", tmp_path / "other"
+    tiny_model("gpt2", seed=2, vocab_size=len(tokenizer)).save_pretrained(train / "a")
+    tiny_model("gpt2", seed=5, vocab_size=len(tokenizer)).save_pretrained(other / "a")  # another model, same name
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    monkeypatch.chdir(train)  # training ran here, on the base model "a"
+    adapter = train / "run" / "checkpoint-4"
+    assert saved_adapter("a", adapter)["base_model_name_or_path"] == "a"  # PEFT saves the name it was given
+    right, wrong = merged_mnn(train / "a", adapter), merged_mnn(other / "a", adapter)
+    assert right != pytest.approx(wrong, rel=1e-4)
+    data = jsonl_data(tmp_path / "data.jsonl")
+    options = ["--data", data, "--layers", "last", "--device", "cpu", "--batch-size", "4"]
+
+    monkeypatch.chdir(tmp_path)
+    with caplog.at_level("INFO", logger="mnn_callback"):
+        assert main(["evaluate", "train/run/checkpoint-4", "--out", "found", *options]) == 0
+    assert f"PEFT adapter train/run/checkpoint-4: base model {train / 'a'}" in caplog.messages
+    (row,) = read_csv(tmp_path / "found" / "metrics.csv")
+    assert (row["model"], row["base"], row["step"]) == ("train/run/checkpoint-4", str(train / "a"), "4")
+    assert float(row["mnn"]) == pytest.approx(right, rel=1e-5)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("To be, or not to be:\n\nNow is the winter of our discontent\n")
+    ranking = ["--prompts", str(prompts), "--tokenizer", str(tmp_path / "tokenizer"), "--max-new-tokens", "4"]
+    assert main(["rank", str(adapter), *ranking, "--no-chat-template", "--device", "cpu", "--out", "ranked"]) == 0
+    assert read_csv(tmp_path / "ranked" / "ranking.csv")[0]["base"] == str(train / "a")
+
+    monkeypatch.chdir(other)  # "a" here is another model: which one is meant cannot be told
+    capsys.readouterr()
+    assert main(["evaluate", str(adapter), "--out", str(tmp_path / "two"), *options]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and str(adapter) in error and str(train / "a") in error and str(other / "a") in error
+
+    # the base named anew: evaluated anew into the same results, not read back as the other base's
+    with open(adapter / "adapter_config.json", encoding="utf-8") as handle:
+        config = json.load(handle)
+    config["base_model_name_or_path"] = str(other / "a")
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    assert main(["evaluate", str(adapter), "--out", str(tmp_path / "found"), *options]) == 0
+    (row,) = read_csv(tmp_path / "found" / "metrics.csv")
+    assert row["base"] == str(other / "a") and float(row["mnn"]) == pytest.approx(wrong, rel=1e-5)
+
+
+@pytest.mark.parametrize("itself", ["absolute", "."])
+def test_an_adapter_whose_base_is_itself_is_exit_2_and_one_line(tmp_path, monkeypatch, capsys, itself):
+    """On main: RecursionError in evaluate, rank and --reference-untrained."""
+    from mnn_callback.cli import main
+
+    tiny_model("gpt2", seed=2).save_pretrained(tmp_path / "base")
+    adapter = tmp_path / "adapter"
+    saved_adapter(tmp_path / "base", adapter, base_name=str(adapter) if itself == "absolute" else itself)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Say hello.\n")
+    data = jsonl_data(tmp_path / "data.jsonl")
+    monkeypatch.chdir(tmp_path)
+    commands = [
+        ["evaluate", str(adapter), "--data", data],
+        ["evaluate", str(adapter), "--data", data, "--reference-untrained"],
+        ["rank", str(adapter), "--prompts", str(prompts)],
+    ]
+    capsys.readouterr()
+    for command in commands:
+        assert main([*command, "--device", "cpu", "--out", str(tmp_path / "out")]) == 2, command
+        error = capsys.readouterr().err.strip()
+        assert "\n" not in error and f"PEFT adapter {adapter}" in error and "is the adapter itself" in error, error
+
+
+@pytest.mark.parametrize("base", ["/nonexistent/base-model", "./missing", "models/missing", "not a hub id"])
+def test_a_missing_local_base_is_exit_2_naming_the_adapter_and_its_base(tmp_path, monkeypatch, capsys, base):
+    """On main: "Repo id must be in the form ..." or "no tokenizer was found", the base never named."""
+    from mnn_callback.cli import main
+
+    tiny_model("gpt2", seed=2).save_pretrained(tmp_path / "base")
+    adapter = tmp_path / "adapter"
+    saved_adapter(tmp_path / "base", adapter, base_name=base)
+    (tmp_path / "models").mkdir()  # "models/missing": its first part is a directory here, so a local path
+    monkeypatch.chdir(tmp_path)
+    data = jsonl_data(tmp_path / "data.jsonl")
+    capsys.readouterr()
+    assert main(["evaluate", str(adapter), "--data", data, "--device", "cpu", "--out", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and f"PEFT adapter {adapter}: its base model {base!r} cannot be loaded" in error
+    assert "no such directory" in error and "not looked up on the hub" in error
+
+
+def test_a_hub_base_is_loaded_from_the_cache_offline_and_an_uncached_one_is_exit_2(tmp_path):
+    """On main an uncached base gave "couldn't connect ..." naming no base; a cached one: no base named."""
+    snapshots = hub_cache(tmp_path / "hf", "org/tiny", {"main": tiny_model("gpt2", seed=2)})
+    data = jsonl_data(tmp_path / "data.jsonl")
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "mnn_callback", "evaluate", "--data", data, "--layers", "last"]
+    for base in ("org/tiny", "org/not-cached"):
+        adapter = tmp_path / base.replace("/", "-")
+        saved_adapter(snapshots["main"], adapter, base_name=base)
+        result = subprocess.run(
+            [*command, str(adapter), "--batch-size", "4", "--device", "cpu", "--out", str(tmp_path / "out" / base)],
+            env=env, capture_output=True, text=True, timeout=HANG_TIMEOUT,
+        )  # fmt: skip
+        if base == "org/tiny":
+            assert result.returncode == 0, result.stderr[-2000:]
+            (row,) = read_csv(tmp_path / "out" / base / "metrics.csv")
+            assert row["base"] == "org/tiny"
+            assert float(row["mnn"]) == pytest.approx(merged_mnn(snapshots["main"], adapter), rel=1e-5)
+        else:
+            assert result.returncode == 2, result.stderr[-2000:]
+            assert result.stderr.strip().splitlines()[-1] == (
+                f"mnn-callback: error: PEFT adapter {adapter}: its base model 'org/not-cached' cannot be loaded: "
+                "HF_HUB_OFFLINE is set and it is not in the local cache"
+            )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 
 import numpy as np
 import pytest
@@ -148,6 +149,17 @@ def test_bad_files_give_clear_errors(tmp_path):
     broken.write_text('{"text": "fine"}\n{not json\n', encoding="utf-8")
     with pytest.raises(ValueError, match="line 2"):
         Probe(broken, tokenizer=shakespeare_tokenizer())
+
+
+def test_a_lone_surrogate_names_its_file_and_line(tmp_path):
+    """On main: the tokenizer's TypeError ("TextEncodeInput must be ..."), naming no file or line."""
+    data = tmp_path / "heldout.jsonl"
+    data.write_text('{"text": "fine text"}\n{"text": "a lone \\ud800 surrogate"}\n', encoding="utf-8")
+    expected = f"line 2 of {data}: expected valid Unicode text, got a lone surrogate '\\ud800' at character 7"
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        Probe(data, tokenizer=shakespeare_tokenizer())
+    with pytest.raises(ValueError, match="item 1 of the data: expected valid Unicode text"):
+        Probe(["fine text", "a lone \ud800 surrogate"], tokenizer=shakespeare_tokenizer())
 
 
 # --- measuring ----------------------------------------------------------------------------------

@@ -223,7 +223,8 @@ class MNNMonitor:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue the curves of a saved run; a different probe configuration warns and takes a new reference."""
-        if self.monitor.load_state_dict(state) and self.monitor.last_step is not None:
+        self.monitor.load_state_dict(state)
+        if self.monitor.last_step is not None:  # comparable or not, the run goes on from that step
             self.monitor.log_event("resume", int(self.monitor.last_step))
 
 

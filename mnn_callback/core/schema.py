@@ -194,7 +194,7 @@ PROBE_FIELDS: tuple[ProbeField, ...] = (
     ProbeField("skipped", "skipped probes", "scheduled probes skipped to stay under max_overhead", csv=False),
 )
 
-IDENTITY_COLUMNS = ("model", "revision", "step", "params", "hidden_size", "layer")
+IDENTITY_COLUMNS = ("model", "revision", "base", "step", "params", "hidden_size", "layer")  # base: a PEFT adapter's
 
 _BY_NAME = {row.name: row for row in (*LAYER_METRICS, *PROBE_FIELDS)}
 _LAYER_KEY = re.compile(r"^(?P<name>\w+?)(?P<se>_se)?/layer_(?P<layer>\d+)$")
@@ -382,7 +382,7 @@ CSV_COLUMNS: tuple[str, ...] = (*IDENTITY_COLUMNS, *result_columns(), "error")
 
 def numeric_columns() -> frozenset[str]:
     """Columns of the long table that hold numbers (the rest are names)."""
-    return frozenset(column for column in CSV_COLUMNS if column not in ("model", "revision", "error"))
+    return frozenset(column for column in CSV_COLUMNS if column not in ("model", "revision", "base", "error"))
 
 
 def rows_by(rows: Iterable[Mapping[str, Any]], column: str) -> dict[Any, list[Mapping[str, Any]]]:

@@ -20,6 +20,7 @@ from mnn_callback.core.errors import MNNWarning
 from mnn_callback.core.guard import Guard
 from mnn_callback.core.identity import DEFAULT_NAME, claim_name, release_name
 from mnn_callback.core.regime import MORE_TOKENS, regime_line
+from mnn_callback.monitoring.reference import check_reference_sample, kept_reference
 from mnn_callback.monitoring.schedule import Overhead, Schedule
 from mnn_callback.output.figures import DashboardFeed, Dashboards
 from mnn_callback.output.sinks import Sink, SinkSet
@@ -60,12 +61,9 @@ class Monitor:
     Every process runs :meth:`due` and :meth:`measure` at the same steps (the probe's work is
     sharded, the budget decided together); only the main process (``is_main_process`` in
     :meth:`open`) has sinks. Before each probe's first collective the processes agree that they
-    are at the same probe (:class:`~mnn_callback.probing.distributed.StepAgreement`, outside the
-    collectives): one that is not (a skipped call, another step number) costs at most one wait of
-    ``sync_timeout`` and one error, and the monitor is off on every process from then on. At the
-    first probe the processes also compare their settings: a difference (e.g. another
-    ``every_n_steps`` on one process) would make them part ways in the collectives, so it turns
-    the monitor off on every process, with one error.
+    are at the same probe (:class:`~mnn_callback.probing.distributed.StepAgreement`); at the first
+    one they also compare their settings (e.g. ``every_n_steps``). Either difference would make
+    them part ways in the collectives: it costs one error, and the monitor is off on every process.
 
     Each :meth:`open` starts a run: a fresh history, schedule state and (unless one was given)
     Diff-eRank reference; :meth:`load_state_dict` then continues a saved one.
@@ -96,7 +94,7 @@ class Monitor:
         self.reference: ProbeResult | None = None
         if reference is not None and self._reference_model is None:
             self.reference = ProbeResult.load(reference)
-            self._check_reference_sample(self.reference)
+            check_reference_sample(self.reference, self.probe.fingerprint)
         self.adapter_settings: dict[str, Any] = {}  # the adapter's own settings every process must share
         self.name = DEFAULT_NAME
         self.is_main_process = True
@@ -136,16 +134,6 @@ class Monitor:
         with Guard(strict).warnings_as_errors():
             probe = Probe(data, tokenizer=tokenizer, **probe_options)
             return cls(probe, strict=strict, **options)
-
-    def _check_reference_sample(self, reference: ProbeResult) -> None:
-        if reference.fingerprint != self.probe.fingerprint:
-            warnings.warn(
-                "the Diff-eRank reference was measured on another probe sample or layer set "
-                f"(fingerprint {reference.fingerprint}, this probe {self.probe.fingerprint}); "
-                "its eRanks are not directly comparable",
-                MNNWarning,
-                stacklevel=4,
-            )
 
     @property
     def config(self) -> dict[str, Any]:
@@ -346,28 +334,10 @@ class Monitor:
         return measurement
 
     def _keep_reference(self, result: ProbeResult, step: int) -> None:
-        """``result`` becomes the reference when there is none; a layer of the reference without finite
-        values takes ``result``'s, when they are finite (one warning naming the layers)."""
-        if self.reference is None:
-            self.reference = result
-            return
-        usable = set(result.finite_layers())
-        if "erank" in self.reference.per_layer and "erank" not in result.per_layer:
-            return  # a cheap probe cannot stand in for a spectrum
-        broken = [layer for layer in self.reference.layers if layer not in self.reference.finite_layers()]
-        replaced = [layer for layer in broken if layer in usable]
-        if not replaced:
-            return
-        whole = len(replaced) == len(self.reference.layers)
-        self.reference = result if whole else self.reference.with_layers_from(result, replaced)
-        if self.is_main_process:
-            which = "every hidden state" if whole else "hidden states " + ", ".join(str(layer) for layer in replaced)
-            warnings.warn(
-                f"the Diff-eRank reference has no finite values at {which} (non-finite hidden states when it was "
-                f"measured); the probe at step {step} is their reference from now on",
-                MNNWarning,
-                stacklevel=4,
-            )
+        """``result`` is the reference when there is none, and stands in for the reference's non-finite layers."""
+        self.reference, change = kept_reference(self.reference, result, step)
+        if change and self.is_main_process:
+            warnings.warn(change, MNNWarning, stacklevel=4)
 
     def _announce_regime(self, result: ProbeResult, step: int) -> None:
         """Which side of n = d the probe is on: a ``regime`` event, and an INFO line where MNN rises with collapse."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -18,7 +19,7 @@ from mnn_callback.core.identity import DEFAULT_NAME
 from mnn_callback.output.files import json_safe, read_jsonl
 from mnn_callback.probing.results import ProbeResult
 
-__all__ = ["evaluation_rows", "history_rows", "load_table", "result_rows", "write_csv"]
+__all__ = ["current_timeline", "evaluation_rows", "history_rows", "load_table", "result_rows", "write_csv"]
 
 RUN_HISTORY = "mnn_metrics.jsonl"  # the callback's and the hook's history, in the run's output directory
 
@@ -38,15 +39,70 @@ def result_rows(
     return rows
 
 
+def _is_probe_line(record: Mapping[str, Any]) -> bool:
+    return "step" in record and "event" not in record
+
+
+def _later(step: Any, than: Any) -> bool:
+    """Whether ``step`` comes after ``than``; False unless both are numbers (a hand-edited line is kept)."""
+    numbers = all(isinstance(value, (int, float)) for value in (step, than))
+    return numbers and step > than
+
+
+def current_timeline(records: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The records of a run's history without the probe lines that later runs in the same file superseded.
+
+    The JSONL is append-only: a run restarted in the same file leaves the lines of the run it
+    abandoned there. Each run of a monitor (the ``monitor`` field) starts with a ``config`` event;
+    one that resumes from a checkpoint then logs ``resume`` at the step ``r`` it continues from:
+
+    - the ``resume`` supersedes the monitor's earlier probe lines at steps after ``r`` (the
+      abandoned run went on past the checkpoint);
+    - a probe of the resumed run at ``r`` itself (taken again for a new Diff-eRank reference)
+      supersedes the earlier line at ``r``;
+    - a run whose first probe comes without a ``resume`` started from scratch: it supersedes all
+      of the monitor's earlier probe lines (its history starts afresh, as the monitor's does).
+
+    Event lines and other monitors' lines are kept; the order is the file's.
+
+    >>> abandoned = [{"event": "config"}, {"step": 0, "run": 1}, {"step": 2, "run": 1}, {"step": 4, "run": 1}]
+    >>> resumed = [{"event": "config"}, {"event": "resume", "step": 2}, {"step": 4, "run": 2}]
+    >>> [(line["step"], line["run"]) for line in current_timeline(abandoned + resumed) if "run" in line]
+    [(0, 1), (2, 1), (4, 2)]
+    >>> restarted = [{"event": "config"}, {"step": 0, "run": 3}]
+    >>> [(line["step"], line["run"]) for line in current_timeline(abandoned + resumed + restarted) if "run" in line]
+    [(0, 3)]
+    """
+    records = list(records)
+    kept: dict[str, list[int]] = defaultdict(list)  # each monitor's probe lines not superseded so far
+    opened: dict[str, Mapping[str, Any]] = {}  # monitors whose latest run has not probed yet: its config or resume
+    for index, record in enumerate(records):
+        monitor = record.get("monitor", DEFAULT_NAME)
+        if record.get("event") in ("config", "resume"):
+            opened[monitor] = record
+        if record.get("event") == "resume":
+            kept[monitor] = [i for i in kept[monitor] if not _later(records[i]["step"], record.get("step"))]
+        elif _is_probe_line(record):
+            start, step = opened.pop(monitor, None), record["step"]
+            if start is not None and start["event"] == "config":
+                kept[monitor] = []
+            elif start is not None and start.get("step") == step:
+                kept[monitor] = [i for i in kept[monitor] if records[i]["step"] != step]
+            kept[monitor].append(index)
+    timeline = {index for indices in kept.values() for index in indices}
+    return [record for index, record in enumerate(records) if index in timeline or not _is_probe_line(record)]
+
+
 def history_rows(records: Iterable[Mapping[str, Any]], model: str = "run") -> list[dict[str, Any]]:
     """Rows of a run's history: the callback's ``log_history`` entries or ``mnn_metrics.jsonl`` lines.
 
-    Lines of a monitor other than the default one (their ``monitor`` field) are the model
+    Only the :func:`current_timeline`: lines a resume or a restart superseded give no rows. Lines
+    of a monitor other than the default one (their ``monitor`` field) are the model
     ``"<model>:<monitor>"``, so two monitors' lines in one file never merge into one curve.
     """
     rows = []
-    for record in records:
-        if "step" not in record or "event" in record:
+    for record in current_timeline(records):
+        if not _is_probe_line(record):
             continue
         monitor = record.get("monitor", DEFAULT_NAME)
         name = model if monitor == DEFAULT_NAME else f"{model}:{monitor}"

@@ -27,7 +27,6 @@ from mnn_callback.output.files import append_jsonl, read_jsonl
 from mnn_callback.output.sinks import Sink
 from mnn_callback.output.tables import evaluation_rows
 from mnn_callback.posthoc.models import (
-    Placement,
     Target,
     discover,
     find_tokenizer,
@@ -36,6 +35,7 @@ from mnn_callback.posthoc.models import (
     model_config,
     untrained_model,
 )
+from mnn_callback.posthoc.placement import Placement
 from mnn_callback.probing.distributed import all_gather_object, broadcast_object, world
 from mnn_callback.probing.probe import Probe
 from mnn_callback.probing.results import Measurement, ProbeResult
@@ -78,7 +78,7 @@ def _read_results(path: str | None) -> list[dict[str, Any]]:
 def _error_record(target: Target, error: Exception) -> dict[str, Any]:
     """The record of a model that failed: its error in one line."""
     message = f"{type(error).__name__}: {error}".splitlines()[0][:500]
-    return {"model": target.name, "path": target.key, "step": target.step, "error": message}
+    return {"model": target.name, "path": target.key, "base": target.base_key, "step": target.step, "error": message}
 
 
 class _Evaluation:
@@ -131,7 +131,10 @@ class _Evaluation:
                 self._probes[key] = Probe(self.data, tokenizer=tokenizer, **self.probe_options)
             except (ValueError, FileNotFoundError, TypeError) as error:
                 if "tokenizer=" in str(error):
-                    raise UsageError("the data holds text and no tokenizer was found: pass a tokenizer") from None
+                    raise UsageError(
+                        f"the data holds text and no tokenizer was found for {target.name}: pass one with --tokenizer "
+                        "(from Python: tokenizer=)"
+                    ) from None
                 raise UsageError(str(error)) from None
         return self._probes[key]
 
@@ -141,11 +144,12 @@ class _Evaluation:
         reference = detail.key if isinstance(detail, Target) else detail
         return _digest([probe.fingerprint, str(self.dtype), [mode, reference]])
 
-    def _stored(self, role: str | None, path: str, key: str) -> dict[str, Any] | None:
+    def _stored(self, role: str | None, path: str, key: str, base: str | None = None) -> dict[str, Any] | None:
         if self.force:
             return None
         for record in reversed(self.records):
-            if record.get("role") == role and record.get("path") == path and record.get("config_key") == key:
+            same_model = record.get("path") == path and record.get("base") == base  # an adapter: on the same base
+            if record.get("role") == role and same_model and record.get("config_key") == key:
                 return record if "result" in record else None
         return None
 
@@ -222,7 +226,8 @@ class _Evaluation:
         try:
             probe = self.probe_for(target)
             key = self.config_key(probe)
-            stored = None if target.module is not None else self._stored(None, target.key, key)  # weights may change
+            # a module's weights may have changed since
+            stored = None if target.module is not None else self._stored(None, target.key, key, target.base_key)
             return ("stored", stored) if stored is not None else ("new", self._measure(target, probe, key))
         except UsageError as error:
             return ("usage", str(error))
@@ -271,6 +276,7 @@ class _Evaluation:
             "model": target.name,
             "path": target.key,
             "revision": target.revision,
+            "base": target.base_key,
             "step": target.step,
             "params": params,
             "hidden_size": result.hidden_size,

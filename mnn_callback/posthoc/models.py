@@ -8,21 +8,21 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import logging
 import math
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch import nn
 
 from mnn_callback.core.errors import UsageError
+from mnn_callback.posthoc.placement import Placement
 
 __all__ = [
-    "DEVICE_MAPS",
-    "Placement",
     "Target",
     "adapter_base",
     "discover",
@@ -31,7 +31,6 @@ __all__ = [
     "is_causal",
     "load_model",
     "looks_local",
-    "parse_max_memory",
     "step_of_revision",
     "untrained_model",
 ]
@@ -40,6 +39,7 @@ _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 ADAPTER_CONFIG = "adapter_config.json"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _STEP = re.compile(r"step(\d+)")
+logger = logging.getLogger("mnn_callback")
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,12 @@ class Target:
     local: bool
     module: nn.Module | None = None
     revision: str | None = None  # a hub branch, tag or commit (None: the default branch)
+    base: Target | None = None  # a PEFT adapter's base model, found when the adapter is discovered
+
+    @property
+    def base_key(self) -> str | None:
+        """What identifies a PEFT adapter's base model (None for any other model)."""
+        return None if self.base is None else self.base.key
 
     @property
     def key(self) -> str:
@@ -126,20 +132,89 @@ def _loadable(path: str) -> bool:
     return _is_model_dir(path) or _is_adapter_dir(path)
 
 
-def adapter_base(target: Target) -> Target | None:
-    """The base model of an adapter directory (its ``adapter_config.json``'s ``base_model_name_or_path``):
-    a local directory, or a hub id (from the cache when offline); None when ``target`` is no adapter."""
-    if not (target.local and target.module is None and _is_adapter_dir(target.path)):
-        return None
+def _adapter_config(adapter: str) -> dict[str, Any]:
     try:
-        with open(os.path.join(target.path, ADAPTER_CONFIG), encoding="utf-8") as handle:
-            base = json.load(handle)["base_model_name_or_path"]
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise UsageError(f"{target.path}: unreadable {ADAPTER_CONFIG} ({type(error).__name__}: {error})") from None
+        with open(os.path.join(adapter, ADAPTER_CONFIG), encoding="utf-8") as handle:
+            config = json.load(handle)
+    except (OSError, ValueError) as error:
+        raise UsageError(f"{adapter}: unreadable {ADAPTER_CONFIG} ({type(error).__name__}: {error})") from None
+    if not isinstance(config, dict):
+        raise UsageError(f"{adapter}: expected a JSON object in {ADAPTER_CONFIG}, got {type(config).__name__}")
+    return config
+
+
+def _base_places(adapter: str, base: str) -> list[str]:
+    """Where a base path may be: from the adapter's directory and each one above it, nearest first (PEFT saves
+    the path it was given, relative to where training ran), then from the current directory."""
+    starts = [os.path.abspath(adapter)]
+    while os.path.dirname(starts[-1]) != starts[-1]:
+        starts.append(os.path.dirname(starts[-1]))
+    places: dict[str, str] = {}  # one per place on disk, the nearest name of it
+    for start in (*starts, os.getcwd()):
+        place = os.path.normpath(os.path.join(start, base))
+        places.setdefault(os.path.realpath(place), place)
+    return list(places.values())
+
+
+def _hub_base(cannot: str, base: str, revision: Any) -> Target:
+    """The hub model ``base`` (at ``revision``), if transformers finds its config: online, or in the cache."""
+    from huggingface_hub import constants
+    from transformers.utils import cached_file
+
+    revision = revision if isinstance(revision, str) and revision else None
+    try:
+        cached_file(base, "config.json", revision=revision)
+    except OSError as error:
+        why = "HF_HUB_OFFLINE is set and it is not in the local cache" if constants.HF_HUB_OFFLINE else str(error)
+        raise UsageError(f"{cannot}: {why.splitlines()[0]}") from None
+    return Target(base, base, None, False, revision=revision)
+
+
+def adapter_base(adapter: str, _built_on_it: tuple[str, ...] = ()) -> Target:
+    """The base model of the PEFT adapter directory ``adapter``: its ``adapter_config.json``'s
+    ``base_model_name_or_path``, a local directory or a hub id (at the config's ``revision``).
+
+    A relative path is looked for from the adapter's directory and those above it, then from the
+    current directory. ``UsageError`` naming the adapter and its base when the base is in two
+    places, is the adapter itself, or cannot be found; a local-looking path is never looked up on
+    the hub.
+    """
+    config = _adapter_config(adapter)
+    base = config.get("base_model_name_or_path")
     if not isinstance(base, str) or not base:
-        raise UsageError(f"{target.path}: {ADAPTER_CONFIG} names no base model (base_model_name_or_path)")
-    local = os.path.isdir(base)
-    return Target(base, os.path.abspath(base) if local else base, target.step, local)
+        raise UsageError(f"{adapter}: {ADAPTER_CONFIG} names no base model (base_model_name_or_path)")
+    cannot = f"PEFT adapter {adapter}: its base model {base!r} cannot be loaded"
+    places = _base_places(adapter, base)
+    found = [place for place in places if _loadable(place)]
+    if len(found) > 1:
+        raise UsageError(
+            f"PEFT adapter {adapter}: its base model {base!r} is two different models, {found[0]} and {found[1]}: "
+            f"write the one meant into its {ADAPTER_CONFIG} (base_model_name_or_path)"
+        )
+    stack = (*_built_on_it, os.path.realpath(adapter))  # this adapter and those built on it
+    if found and os.path.realpath(found[0]) in stack:
+        what = "the adapter itself" if os.path.realpath(found[0]) == stack[-1] else "an adapter built on this one"
+        raise UsageError(f"{cannot}: {found[0]} is {what}; expected the model it was trained on")
+    if found:
+        target = Target(found[0], found[0], None, True)
+        return replace(target, base=adapter_base(found[0], stack)) if _is_adapter_dir(found[0]) else target
+    parents = [os.path.dirname(place) for place in places] if os.path.dirname(base) else []
+    if os.path.isabs(base) or looks_local(base) or not _HUB_ID.match(base) or any(map(os.path.isdir, parents)):
+        existing = [place for place in places if os.path.exists(place)]
+        if existing:
+            why = f"{existing[0]} holds neither a model (config.json) nor a PEFT adapter"
+        elif os.path.isabs(base):
+            why = "no such directory"
+        else:
+            why = f"no such directory from {adapter}, the directories above it or the current directory"
+        raise UsageError(f"{cannot}: {why} (a local path: not looked up on the hub)")
+    return _hub_base(cannot, base, config.get("revision"))
+
+
+def _local_target(path: str) -> Target:
+    """A model or adapter directory (an adapter with its base model)."""
+    target = Target(path, os.path.abspath(path), _step_of(path), True)
+    return replace(target, base=adapter_base(path)) if _is_adapter_dir(path) else target
 
 
 def _step_of(path: str) -> int | None:
@@ -167,11 +242,11 @@ def _directory_targets(path: str, checkpoints: bool = True) -> list[Target]:
     ]
     ordered = sorted(found, key=lambda p: (_step_of(p) or -1, p))
     if ordered and checkpoints:  # a final model saved beside them is normally the last checkpoint again
-        return [Target(checkpoint, os.path.abspath(checkpoint), _step_of(checkpoint), True) for checkpoint in ordered]
+        return [_local_target(checkpoint) for checkpoint in ordered]
     if _loadable(path):
-        return [Target(path, os.path.abspath(path), _step_of(path), True)]
+        return [_local_target(path)]
     if ordered:  # the final model, and none at the root: the last checkpoint
-        return [Target(ordered[-1], os.path.abspath(ordered[-1]), _step_of(ordered[-1]), True)]
+        return [_local_target(ordered[-1])]
     shown = ", ".join(sorted(os.listdir(path))[:12]) or "nothing"
     raise UsageError(
         f"{path} holds neither a model (config.json), a PEFT adapter ({ADAPTER_CONFIG}) nor checkpoint-* directories "
@@ -220,7 +295,19 @@ def discover(
             targets.extend(_hub_targets(path, revisions))  # hub ids: downloaded by transformers (or its cache)
     if not targets:
         raise UsageError("no checkpoints or models found")
+    _log_bases(targets)
     return targets
+
+
+def _log_bases(targets: Sequence[Target]) -> None:
+    """One INFO line per base model of PEFT adapters: the base they are merged into."""
+    adapters: dict[str, list[str]] = {}
+    for target in targets:
+        if target.base_key is not None:
+            adapters.setdefault(target.base_key, []).append(target.name)
+    for base, names in adapters.items():
+        more = f" (and {len(names) - 1} more)" if len(names) > 1 else ""
+        logger.info("PEFT adapter %s%s: base model %s", names[0], more, base)
 
 
 def _load_tokenizer(source: str, options: dict[str, Any], trust_remote_code: bool) -> Any:
@@ -247,15 +334,7 @@ def find_tokenizer(target: Target, tokenizer: Any, trust_remote_code: bool) -> A
             return _load_tokenizer(candidate, target.options, trust_remote_code)
         except (OSError, ValueError):
             continue
-    base = adapter_base(target)
-    return None if base is None else find_tokenizer(base, None, trust_remote_code)
-
-
-def model_dtype(name: str, device: torch.device) -> torch.dtype | str:
-    """The dtype to load weights in: ``auto`` keeps the checkpoint's on CUDA, float32 on the CPU."""
-    if name == "auto":
-        return "auto" if device.type == "cuda" else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    return None if target.base is None else find_tokenizer(target.base, None, trust_remote_code)
 
 
 def is_causal(config: Any) -> bool:
@@ -263,72 +342,16 @@ def is_causal(config: Any) -> bool:
     return any(name.endswith(("ForCausalLM", "LMHeadModel")) for name in (config.architectures or []))
 
 
-@dataclass(frozen=True)
-class Placement:
-    """Where a loaded model goes: one ``device``, or (``device_map``) split over the available
-    devices by Accelerate's big-model inference, within ``max_memory`` per device, the rest
-    offloaded to the CPU and to ``offload_folder`` on disk."""
-
-    device: torch.device
-    dtype: torch.dtype | str
-    device_map: str | None = None  # "auto", "balanced", "balanced_low_0" or "sequential"
-    max_memory: dict[int | str, int | str] | None = None
-    offload_folder: str | None = None
-
-    @classmethod
-    def of(
-        cls,
-        device: str,
-        dtype: str,
-        device_map: str | None = None,
-        max_memory: dict[int | str, int | str] | None = None,
-        offload_folder: str | None = None,
-    ) -> Placement:
-        """From the options of ``evaluate``/``rank``: ``device`` ``"auto"`` is CUDA when available (this
-        process's GPU under ``torchrun``: ``LOCAL_RANK``), ``dtype`` ``"auto"`` as :func:`model_dtype`."""
-        if device_map is not None and device_map not in DEVICE_MAPS:
-            raise UsageError(f"device_map must be one of {', '.join(DEVICE_MAPS)}, got {device_map!r}")
-        if max_memory is not None and device_map is None:
-            raise UsageError("max_memory needs device_map (e.g. device_map='auto')")
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        place = torch.device(device)
-        if place.type == "cuda" and place.index is None:
-            place = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        return cls(place, model_dtype(dtype, place), device_map, max_memory, offload_folder)
-
-
-DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
-
-
-def parse_max_memory(text: str | None) -> dict[int | str, str] | None:
-    """``"0=20GiB,cpu=60GiB"`` as Accelerate's ``max_memory`` (``{0: "20GiB", "cpu": "60GiB"}``).
-
-    >>> parse_max_memory("0=20GiB,cpu=60GiB")
-    {0: '20GiB', 'cpu': '60GiB'}
-    """
-    if not text:
-        return None
-    memory: dict[int | str, str] = {}
-    for part in text.split(","):
-        device, equals, amount = part.strip().partition("=")
-        if not equals or not amount or not (device.isdigit() or device in ("cpu", "mps", "disk")):
-            raise UsageError(f"--max-memory takes DEVICE=AMOUNT pairs such as 0=20GiB,cpu=60GiB; got {part!r}")
-        memory[int(device) if device.isdigit() else device] = amount
-    return memory
-
-
 def load_model(target: Target, *, placement: Placement, trust_remote_code: bool) -> nn.Module:
     """A model for probing: the causal-LM class when the config names one (for the loss), else the base model."""
     if target.module is not None:
         return target.module
-    base = adapter_base(target)
-    if base is not None:  # the base model with the adapter merged into its weights
+    if target.base is not None:  # the base model with the adapter merged into its weights
         try:
             from peft import PeftModel
         except ImportError:
             raise ImportError(f"{target.name} is a PEFT adapter: loading it needs peft (pip install peft)") from None
-        model = load_model(base, placement=placement, trust_remote_code=trust_remote_code)
+        model = load_model(target.base, placement=placement, trust_remote_code=trust_remote_code)
         return PeftModel.from_pretrained(model, target.path).merge_and_unload().eval()
     import transformers
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
@@ -352,9 +375,8 @@ def model_config(target: Target, trust_remote_code: bool) -> Any:
     """The model's configuration (transformers ``PretrainedConfig``; an adapter's: its base model's)."""
     if target.module is not None:
         return getattr(target.module, "config", None)
-    base = adapter_base(target)
-    if base is not None:
-        return model_config(base, trust_remote_code)
+    if target.base is not None:
+        return model_config(target.base, trust_remote_code)
     from transformers import AutoConfig
 
     return AutoConfig.from_pretrained(target.path, trust_remote_code=trust_remote_code, **target.options)

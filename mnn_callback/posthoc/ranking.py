@@ -28,7 +28,8 @@ from torch import nn
 
 from mnn_callback.core.errors import MNNWarning, UsageError
 from mnn_callback.output.files import append_jsonl, atomic_write_jsonl, read_jsonl
-from mnn_callback.posthoc.models import Placement, Target, discover, find_tokenizer, is_causal, load_model, model_config
+from mnn_callback.posthoc.models import Target, discover, find_tokenizer, is_causal, load_model, model_config
+from mnn_callback.posthoc.placement import Placement
 from mnn_callback.posthoc.responses import (
     RECIPES,
     default_max_new_tokens,
@@ -48,6 +49,7 @@ __all__ = ["RANKING_COLUMNS", "rank_models", "read_prompts"]
 RANKING_COLUMNS = (
     "rank",
     "model",
+    "base",
     "sequences",
     "mean_response_tokens",
     "regime",
@@ -100,11 +102,12 @@ def _short(prompt: str, limit: int = 40) -> str:
     return repr(text if len(text) <= limit else text[: limit - 3] + "...")
 
 
-def _ranking_row(name: str, result: Any, responses: list[list[int]]) -> dict[str, Any]:
+def _ranking_row(target: Target, result: Any, responses: list[list[int]]) -> dict[str, Any]:
     final = len(result.layers) - 1
     repeated = [share for share in map(repeated_ngram_share, responses) if not math.isnan(share)]
     row: dict[str, Any] = {
-        "model": name,
+        "model": target.name,
+        "base": target.base_key,
         "sequences": result.sequences,
         "mean_response_tokens": sum(map(len, responses)) / max(len(responses), 1),
         "regime": result.regime or "",
@@ -118,10 +121,10 @@ def _ranking_row(name: str, result: Any, responses: list[list[int]]) -> dict[str
     return row
 
 
-def _failed_row(name: str, error: Exception) -> dict[str, Any]:
+def _failed_row(target: Target, error: Exception) -> dict[str, Any]:
     """The row of a model that could not be ranked: no scores, the error in one line."""
     message = f"{type(error).__name__}: {error}".splitlines()[0][:500]
-    return {"model": name, **dict.fromkeys(RANKING_COLUMNS[2:-1]), "error": message}
+    return {**dict.fromkeys(RANKING_COLUMNS[1:]), "model": target.name, "base": target.base_key, "error": message}
 
 
 class _Ranking:
@@ -134,7 +137,9 @@ class _Ranking:
         self.writer = world()[0] == 0  # under torchrun only the main process writes
         records = self._read_responses()
         self.finished = {
-            (record["path"], record["config_key"]): record["summary"] for record in records if "summary" in record
+            (record["path"], record.get("base"), record["config_key"]): record["summary"]
+            for record in records
+            if "summary" in record
         }
         self.placement: Placement = options["placement"]
 
@@ -173,7 +178,7 @@ class _Ranking:
         """``target``'s responses and scores, writing nothing: ``("stored", summary)`` read back,
         ``("new", (summary, lines))``, ``("error", row)``, or ``("usage", message)`` for bad input."""
         try:
-            key = (target.key, self.config_key())
+            key = (target.key, target.base_key, self.config_key())  # an adapter: on the same base
             if key in self.finished and not self.options["force"]:
                 return "stored", self.finished[key]
             config = model_config(target, self.options["trust"])
@@ -185,7 +190,9 @@ class _Ranking:
             model = load_model(target, placement=self.placement, trust_remote_code=self.options["trust"])
             tokenizer = find_tokenizer(target, self.options["tokenizer"], self.options["trust"])
             if tokenizer is None:
-                raise UsageError(f"no tokenizer found for {target.name}: pass one")
+                raise UsageError(
+                    f"no tokenizer found for {target.name}: pass one with --tokenizer (from Python: tokenizer=)"
+                )
             try:
                 return "new", self._responses(target, model, tokenizer)
             finally:
@@ -193,7 +200,7 @@ class _Ranking:
         except UsageError as error:
             return "usage", str(error)
         except Exception as error:
-            return "error", _failed_row(target.name, error)
+            return "error", _failed_row(target, error)
         finally:
             gc.collect()
 
@@ -209,6 +216,7 @@ class _Ranking:
             summary_line = {
                 "model": target.name,
                 "path": target.key,
+                "base": target.base_key,
                 "config_key": self.config_key(),
                 "summary": summary,
             }
@@ -249,7 +257,7 @@ class _Ranking:
             compute_loss=False,
         )
         result = probe.run(model, per_sequence=True, distributed=False)  # each process its own model
-        summary = _ranking_row(target.name, result, [responses[i] for i in measured])
+        summary = _ranking_row(target, result, [responses[i] for i in measured])
         lines = []
         for index, prompt in enumerate(self.prompts):
             metrics = {}

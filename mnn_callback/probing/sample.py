@@ -216,6 +216,13 @@ def _encoder(tokenizer: Any) -> Callable[[Candidate], list[int]]:
             )
         if tokenizer is None:
             raise ValueError("the probe data holds text: pass tokenizer= to turn it into token ids")
+        try:
+            candidate.item.encode("utf-8")
+        except UnicodeEncodeError as error:  # a lone surrogate ("\ud800" in JSON): no tokenizer takes it
+            raise ValueError(
+                f"{candidate.source}: expected valid Unicode text, got a lone surrogate "
+                f"{candidate.item[error.start]!r} at character {error.start}"
+            ) from None
         return list(tokenizer(candidate.item, add_special_tokens=True, truncation=False, verbose=False)["input_ids"])
 
     return encode
