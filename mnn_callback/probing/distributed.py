@@ -120,17 +120,19 @@ class ProcessesDisagree(RuntimeError):
 class StepAgreement:
     """Makes sure every process is at the same probe before any collective of it, with a bounded wait.
 
-    Before each probe every process publishes what it is about to do (e.g. ``"the scheduled probe
-    at step 4 (exact)"``) in the process group's key-value store (a TCP store, outside the
-    collectives, so it never mixes with the training's all-reduces), then waits at most
-    ``timeout`` seconds for the others' entries of the same probe. All equal: the probe goes on.
-    Different, or missing after the wait: :meth:`agree` raises :class:`ProcessesDisagree` naming each
-    process and what it was doing, and leaves that reason in the store, so that a process that
-    arrives later (or never waited) learns it at its next probe without waiting. From then on
-    every call raises at once, on every process: the monitor is off, training goes on.
+    Before each probe every process publishes what it is about to do (e.g. ``"step 4 (exact
+    probe)"``) in the process group's key-value store (outside the collectives, so it never mixes
+    with the training's all-reduces) and waits at most ``timeout`` seconds for the others'. The
+    probe's outcome is decided once, atomically, by the first process that can: ``go`` when every
+    process published the same, else the reason (what each did, or who did not come in time).
+    Every process reads the same outcome, a late one without waiting; on anything but ``go``
+    :meth:`agree` raises :class:`ProcessesDisagree`, now and at every later call: the monitor is
+    off, training goes on.
 
     Without a process group (or a store) every call agrees at once.
     """
+
+    GO = "go"
 
     def __init__(self, timeout: float) -> None:
         if not timeout > 0:
@@ -161,52 +163,43 @@ class StepAgreement:
         if store is None:
             return
         rank, size = dist.get_rank(), dist.get_world_size()
-        off_key = f"{self.namespace}/off"
-        if store.check([off_key]):
-            self._disagree(store.get(off_key).decode())
-        probe = self.probes
-        self.probes += 1
+        probe, self.probes = self.probes, self.probes + 1
+        outcome = f"{self.namespace}/{probe}/outcome"
         keys = [f"{self.namespace}/{probe}/{other}" for other in range(size)]
-        store.set(keys[rank], what)
-        started = time.monotonic()
-        pause = 0.001
-        while not store.check(keys):
-            if store.check([off_key]):
-                self._disagree(store.get(off_key).decode())
-            if time.monotonic() - started > self.timeout:
-                self.waited = max(self.waited, time.monotonic() - started)
+        if not store.check([outcome]):  # decided already only when it is off: then nobody waits for this one
+            store.set(keys[rank], what)
+        started, pause = time.monotonic(), 0.001
+        while not store.check([outcome]):
+            if store.check(keys):
+                doing = [store.get(key).decode() for key in keys]
+                reason = "the processes were at different probes: " + "; ".join(
+                    f"process {other} at {done}" for other, done in enumerate(doing)
+                )
+                store.compare_set(outcome, "", self.GO if len(set(doing)) == 1 else reason)
+            elif time.monotonic() - started > self.timeout:
                 missing = [other for other in range(size) if not store.check([keys[other]])]
-                self._publish(
-                    store,
-                    off_key,
+                store.compare_set(
+                    outcome,
+                    "",
                     f"{_processes(missing)} did not reach the monitor's probe within {self.timeout:g} s while "
                     f"process {rank} was at {what}: a step() call skipped, a step number that differs, force=True or "
                     "finish() on some processes only",
                 )
-            time.sleep(pause)
-            pause = min(2 * pause, 0.05)
+            else:
+                time.sleep(pause)
+                pause = min(2 * pause, 0.05)
         self.waited = max(self.waited, time.monotonic() - started)
-        doing = [store.get(key).decode() for key in keys]
-        if len(set(doing)) > 1:
-            self._publish(
-                store,
-                off_key,
-                "the processes were at different probes: "
-                + "; ".join(f"process {other} at {done}" for other, done in enumerate(doing)),
+        decided = store.get(outcome).decode()
+        if decided != self.GO:
+            self.disagreement = (
+                f"{decided}. Every process must call the monitor at the same steps with the same step numbers; the "
+                "monitor is off from now on on every process (a new one for another run); training goes on"
             )
-        if probe:
-            store.delete_key(f"{self.namespace}/{probe - 1}/{rank}")  # every process has read it: all are here
-
-    def _publish(self, store: Any, off_key: str, reason: str) -> None:
-        store.compare_set(off_key, "", reason)  # the first reason stays: every process reports the same
-        self._disagree(store.get(off_key).decode())
-
-    def _disagree(self, reason: str) -> None:
-        self.disagreement = (
-            f"{reason}. Every process must call the monitor at the same steps with the same step numbers; the "
-            "monitor is off for the rest of this run on every process, training goes on"
-        )
-        raise ProcessesDisagree(self.disagreement)
+            raise ProcessesDisagree(self.disagreement)
+        if probe:  # every process read the previous probe's keys before it published this one's
+            store.delete_key(f"{self.namespace}/{probe - 1}/{rank}")
+            if rank == 0:
+                store.delete_key(f"{self.namespace}/{probe - 1}/outcome")
 
 
 def _processes(ranks: list[int]) -> str:
