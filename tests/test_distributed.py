@@ -100,7 +100,7 @@ def disagreement_reports(tmp_path_factory):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     subprocess.run([*launcher, script, str(out), str(SYNC_TIMEOUT)], check=True, env=env, timeout=HANG_TIMEOUT)
     reports = [json.loads((out / f"report.{rank}.json").read_text()) for rank in range(2)]
-    for case in ("skip", "offset", "force", "finish"):  # the measured waits, for the closing notes
+    for case in ("skip", "offset", "force", "finish", "two", "rerun"):  # the measured waits, for the closing notes
         print(case, [(round(r[case]["waited"], 2), round(r[case]["longest_call"], 2)) for r in reports])
     return out, reports
 
@@ -129,3 +129,32 @@ def test_processes_that_disagree_cost_one_bounded_wait_and_one_error(disagreemen
     assert timed_out.count(True) == (0 if case == "offset" else 1)
     lines = probe_lines(out / case / "mnn_metrics.jsonl")
     assert [line["step"] for line in lines if "mnn/layer_0" in line] == logged
+
+
+def test_a_monitor_used_rightly_beside_one_that_is_not_keeps_probing(disagreement_reports):
+    out, reports = disagreement_reports
+    for report in reports:
+        assert report["two"]["losses"] == report["none"]["losses"]
+    main, other = (report["two"]["warnings"] for report in reports)
+    assert len(main) == 1 and "process 1 did not reach the monitor's probe" in main[0] and other == []
+    assert [line["step"] for line in probe_lines(out / "two" / "a" / "mnn_metrics.jsonl")] == [0, 2]
+    assert [line["step"] for line in probe_lines(out / "two" / "b" / "mnn_metrics.jsonl")] == [0, 2, 4, 6, 8]
+
+
+def test_after_a_disagreement_the_next_run_of_the_same_monitor_agrees_afresh(disagreement_reports):
+    out, reports = disagreement_reports
+    main = reports[0]["rerun"]["warnings"]
+    assert len(main) == 2 and "did not reach" in main[0] and "a new run starts at step 0" in main[1]
+    lines = probe_lines(out / "rerun" / "mnn_metrics.jsonl")
+    assert [line["step"] for line in lines if "mnn/layer_0" in line] == [0, 2, 0, 2, 4]
+
+
+def test_a_probe_failing_in_its_first_forward_on_one_process_is_skipped_by_every_process(disagreement_reports):
+    out, reports = disagreement_reports
+    for report in reports:
+        assert report["calibration"]["losses"] == report["none"]["losses"]
+    main, other = (report["calibration"]["warnings"] for report in reports)
+    assert len(main) == 2 and other == []
+    assert "the probe failed on another process (process 1: RuntimeError: simulated" in main[0]
+    assert "no probe succeeded in this run" in main[1]
+    assert [line for line in probe_lines(out / "calibration" / "mnn_metrics.jsonl") if "mnn/layer_0" in line] == []

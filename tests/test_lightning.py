@@ -153,3 +153,34 @@ def test_sinks_named_without_out_dir_write_into_the_trainers_directory(tmp_path)
     fit(tmp_path, [callback])
     assert steps(tmp_path / "mnn_metrics.jsonl") == [0, 3, 6]
     assert list((tmp_path / "runs").glob("events.out.tfevents.*"))
+
+
+class FailsAtStep4(TinyGPT2):
+    def training_step(self, batch, batch_idx):
+        if self.trainer.global_step == 4:
+            raise RuntimeError("simulated: the training step fails")
+        return super().training_step(batch, batch_idx)
+
+
+def test_a_fit_that_fails_closes_the_monitor_and_its_checkpoint_resumes_under_the_same_name(tmp_path):
+    crashed = MNNLightningCallback(PROBE_DATA, module="model", every_n_steps=2, batch_size=4, dashboards=False)
+    lightning.seed_everything(0, verbose=False)
+    trainer = lightning.Trainer(
+        max_steps=8,
+        accelerator="cpu",
+        default_root_dir=tmp_path,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[crashed, lightning.pytorch.callbacks.ModelCheckpoint(tmp_path / "ckpt", every_n_train_steps=3)],
+    )
+    loader = torch.utils.data.DataLoader(torch.tensor(random_sequences(48, 12, 12, seed=1)), batch_size=4)
+    with pytest.raises(RuntimeError, match="simulated"):
+        trainer.fit(FailsAtStep4(), loader)
+    assert not crashed.monitor.is_open and steps(tmp_path / "mnn_metrics.jsonl") == [0, 2, 4]
+    resumed = MNNLightningCallback(PROBE_DATA, module="model", every_n_steps=2, batch_size=4, dashboards=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MNNWarning)  # no "mnn-2": the crashed run gave its name back
+        fit(tmp_path, [resumed], max_steps=8, ckpt_path=tmp_path / "ckpt" / "epoch=0-step=3.ckpt")
+    assert resumed.name == "mnn" and [entry["step"] for entry in resumed.history] == [0, 2, 4, 6, 8]
+    assert resumed.reference.to_dict() == crashed.reference.to_dict()

@@ -87,10 +87,11 @@ class MNNLightningCallback(MNNMonitor, Callback):
             return model
         self._model_missing = True
         children = ", ".join(name for name, _ in pl_module.named_children()) or "none"
+        found = "no attribute" if model is None else f"a {type(model).__name__}, not a module,"
         self.guard.report(
             "finding the model to probe",
             AttributeError(
-                f"module={self.module_name!r}: the {type(pl_module).__name__} has no module of that name (its "
+                f"module={self.module_name!r}: the {type(pl_module).__name__} has {found} of that name (its "
                 f"modules: {children}); the monitor is off for this fit"
             ),
         )
@@ -137,7 +138,6 @@ class MNNLightningCallback(MNNMonitor, Callback):
         else:
             self.finish(model, trainer.global_step)
 
-    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        """After a fit that failed (no ``on_fit_end``): the sinks are closed, what was logged is kept."""
-        if stage == "fit":
-            self.monitor.close()
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        """A fit that failed: the sinks are closed (what was logged is kept) and the name is free again."""
+        self.monitor.close()

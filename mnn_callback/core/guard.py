@@ -29,6 +29,11 @@ class Guard:
         self.errors = 0
         self._reported: set[tuple[str, str]] = set()
 
+    def reset(self) -> None:
+        """A new run: no errors counted, every kind reported again."""
+        self.errors = 0
+        self._reported.clear()
+
     @contextlib.contextmanager
     def warnings_as_errors(self) -> Iterator[None]:
         """Inside the block, :class:`MNNWarning` raises when ``strict``; does nothing otherwise."""

@@ -83,7 +83,8 @@ class Monitor:
         sync_timeout: float = DEFAULT_SYNC_TIMEOUT,
     ) -> None:
         self.probe = probe
-        self.agreement = StepAgreement(sync_timeout)
+        self.sync_timeout = sync_timeout
+        self.agreement: StepAgreement | None = None  # each run's, made when it opens (or at its first probe)
         self.schedule = Schedule(every_n_steps, schedule, exact_every)
         self.overhead = Overhead(max_overhead)
         self.guard = Guard(strict)
@@ -99,9 +100,7 @@ class Monitor:
         self.name = DEFAULT_NAME
         self.is_main_process = True
         self.is_open = False
-        self.disabled: str | None = None  # why the monitor is off on every process, if it is
         self._directory: str | None = None
-        self._settings_agreed = False
         self.sinks = SinkSet([], self.guard)
         self._start_run()
 
@@ -112,12 +111,15 @@ class Monitor:
         if not self._reference_given:
             self.reference = None
         self.overhead = Overhead(self.overhead.max_share)
-        self.guard.errors = 0
+        self.guard.reset()
         self._probes_run = 0  # measurements so far: which ones are exact (exact_every)
         self._probes_succeeded = 0
         self._warned_overhead = False
         self._first_cost = 0.0  # the first probe's cost: the budget's estimate before any scheduled probe
         self.feed = DashboardFeed(self.dashboards, self.guard)
+        self.disabled: str | None = None  # why the monitor is off on every process in this run, if it is
+        self._settings_agreed = False
+        self.agreement = None
 
     @property
     def every_n_steps(self) -> int:
@@ -163,6 +165,7 @@ class Monitor:
         self._start_run()
         self._directory = directory
         self.name = claim_name(directory, self, name)
+        self.agreement = StepAgreement(self.sync_timeout, self.name)
         self.is_open = True
         self.is_main_process = is_main_process
         self.guard.quiet = not is_main_process
@@ -201,6 +204,8 @@ class Monitor:
         """
         if self.disabled:
             return False
+        if self.agreement is None:
+            self.agreement = StepAgreement(self.sync_timeout, self.name)
         try:
             self.agreement.agree(what)
         except Exception as error:  # ProcessesDisagree, or a key-value store that went away: off either way

@@ -34,7 +34,8 @@ __all__ = [
 _LAST_ALL_REDUCE: list[Any] = []
 
 
-_AGREEMENTS = itertools.count()  # each StepAgreement's number: the same on every process (created in the same order)
+_AGREEMENTS = itertools.count()  # each StepAgreement's place in this process: which of two waits gives way
+_RUNS: dict[str, int] = {}  # per monitor name, the agreements made so far in this process: each run's key space
 
 
 def _initialized() -> bool:
@@ -129,16 +130,23 @@ class StepAgreement:
     :meth:`agree` raises :class:`ProcessesDisagree`, now and at every later call: the monitor is
     off, training goes on.
 
+    One agreement serves one run of the monitor named ``name`` (the n-th run of that name in each
+    process meets the n-th of the others). A process that is late because it waits in an earlier
+    agreement (another monitor's) is waited for: of two processes waiting for each other in two
+    agreements, the later one gives way, so only the earlier one's wait can run out.
+
     Without a process group (or a store) every call agrees at once.
     """
 
     GO = "go"
 
-    def __init__(self, timeout: float) -> None:
+    def __init__(self, timeout: float, name: str = "mnn") -> None:
         if not timeout > 0:
             raise ValueError(f"expected a positive sync_timeout (seconds), got {timeout!r}")
         self.timeout = float(timeout)
-        self.namespace = f"mnn_callback/agreement/{next(_AGREEMENTS)}"
+        run = _RUNS[name] = _RUNS.get(name, -1) + 1
+        self.namespace = f"mnn_callback/agreement/{name}/{run}"
+        self.order = next(_AGREEMENTS)
         self.probes = 0  # probes agreed (or tried) so far: the same on every process while they agree
         self.waited = 0.0  # the longest wait so far, in seconds
         self.disagreement: str | None = None
@@ -168,6 +176,8 @@ class StepAgreement:
         keys = [f"{self.namespace}/{probe}/{other}" for other in range(size)]
         if not store.check([outcome]):  # decided already only when it is off: then nobody waits for this one
             store.set(keys[rank], what)
+        waiting = f"mnn_callback/waiting/{rank}"
+        store.set(waiting, str(self.order))
         started, pause = time.monotonic(), 0.001
         while not store.check([outcome]):
             if store.check(keys):
@@ -178,6 +188,9 @@ class StepAgreement:
                 store.compare_set(outcome, "", self.GO if len(set(doing)) == 1 else reason)
             elif time.monotonic() - started > self.timeout:
                 missing = [other for other in range(size) if not store.check([keys[other]])]
+                if self._waiting_earlier(store, missing, rank):
+                    started = time.monotonic()  # they are bound by their own wait: come here after it
+                    continue
                 store.compare_set(
                     outcome,
                     "",
@@ -189,17 +202,27 @@ class StepAgreement:
                 time.sleep(pause)
                 pause = min(2 * pause, 0.05)
         self.waited = max(self.waited, time.monotonic() - started)
+        store.set(waiting, "")
         decided = store.get(outcome).decode()
         if decided != self.GO:
             self.disagreement = (
                 f"{decided}. Every process must call the monitor at the same steps with the same step numbers; the "
-                "monitor is off from now on on every process (a new one for another run); training goes on"
+                "monitor is off for the rest of this run on every process; training goes on"
             )
             raise ProcessesDisagree(self.disagreement)
         if probe:  # every process read the previous probe's keys before it published this one's
             store.delete_key(f"{self.namespace}/{probe - 1}/{rank}")
             if rank == 0:
                 store.delete_key(f"{self.namespace}/{probe - 1}/outcome")
+
+    def _waiting_earlier(self, store: Any, ranks: list[int], rank: int) -> bool:
+        """Whether one of ``ranks`` waits in an agreement that comes before this one (its order, then its rank)."""
+        for other in ranks:
+            key = f"mnn_callback/waiting/{other}"
+            order = store.get(key).decode() if store.check([key]) else ""
+            if order and (int(order), other) < (self.order, rank):
+                return True
+        return False
 
 
 def _processes(ranks: list[int]) -> str:

@@ -408,9 +408,14 @@ class Probe:
         device = model_device(forward_model)
         with preserved_training_state(forward_model, optimizer), torch.no_grad():
             kwargs = accepted_kwargs(inspectable(forward_model), {"use_cache": False, "return_dict": True})
-            emitters, limit = self._emitters_of(forward_model, device, kwargs)
-            state = RunState(self, forward_model, emitters, device, streaming, kwargs, per_sequence, method, limit)
-            totals, failure = state.run(self._micro_batches(rank, world_size), keep_in_step=world_size > 1)
+            try:  # the calibration forward may fail on one process only: the others must learn it too
+                emitters, limit = self._emitters_of(forward_model, device, kwargs)
+                state = RunState(self, forward_model, emitters, device, streaming, kwargs, per_sequence, method, limit)
+                totals, failure = state.run(self._micro_batches(rank, world_size), keep_in_step=world_size > 1)
+            except Exception as error:
+                if world_size == 1:
+                    raise
+                totals, failure = None, error
             failure = self._explained(failure)
             if world_size > 1:
                 raise_if_failed_anywhere(failure)

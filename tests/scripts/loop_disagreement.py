@@ -8,7 +8,10 @@ DDP, with an :class:`MNNMonitor` probing every 2 steps (but in ``none``):
 - ``skip``: process 1 does not call ``step`` at step 4;
 - ``offset``: process 1 passes ``step + 1`` (a counter that starts at 1);
 - ``force``: process 0 calls ``step(force=True)`` at step 3, alone;
-- ``finish``: process 1 calls ``finish`` at step 5 (an early stop) and the monitor no more.
+- ``finish``: process 1 calls ``finish`` at step 5 (an early stop) and the monitor no more;
+- ``two``: two monitors of the same model (``a/`` and ``b/``); process 1 skips monitor a's step 4;
+- ``rerun``: ``skip``, then the same monitor for a second run (steps 0-4 again after ``finish``);
+- ``calibration``: every probe's first forward fails on process 1 (before any of the probe's sums).
 
 Each process writes ``OUTPUT_DIR/report.<rank>.json``: per case the losses, the MNNWarnings it
 raised, the monitor's longest wait at a probe and its longest call, in seconds.
@@ -22,7 +25,7 @@ import warnings
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-CASES = ("none", "skip", "offset", "force", "finish")
+CASES = ("none", "skip", "offset", "force", "finish", "two", "rerun", "calibration")
 
 
 def train(case: str, output_dir: str, sync_timeout: float) -> dict:
@@ -35,11 +38,20 @@ def train(case: str, output_dir: str, sync_timeout: float) -> dict:
 
     rank = dist.get_rank()
     model = tiny_model("gpt2", seed=0)
-    monitor = None
-    if case != "none":
-        monitor = MNNMonitor(
-            PROBE_DATA, out_dir=os.path.join(output_dir, case), every_n_steps=2, batch_size=2, sync_timeout=sync_timeout
-        )
+    options = {"every_n_steps": 2, "batch_size": 2, "sync_timeout": sync_timeout}
+    monitor = second = None
+    if case == "two":
+        monitor = MNNMonitor(PROBE_DATA, out_dir=os.path.join(output_dir, case, "a"), **options)
+        second = MNNMonitor(PROBE_DATA, out_dir=os.path.join(output_dir, case, "b"), **options)
+    elif case != "none":
+        monitor = MNNMonitor(PROBE_DATA, out_dir=os.path.join(output_dir, case), **options)
+    if case == "calibration" and rank == 1:
+
+        def fail_in_the_probe(module, inputs):
+            if not module.training:
+                raise RuntimeError("simulated: out of memory in the probe on this process only")
+
+        model.transformer.h[0].register_forward_pre_hook(fail_in_the_probe)
     ddp = DistributedDataParallel(model)  # after the monitor: DDP's broadcast lines the processes up
     optimizer = torch.optim.AdamW(ddp.parameters(), lr=1e-2)
     data = torch.tensor(random_sequences(32, 12, 12, seed=1 + rank))
@@ -54,6 +66,8 @@ def train(case: str, output_dir: str, sync_timeout: float) -> dict:
     finished = False
     if monitor is not None:
         call(monitor.step, ddp, 1 if case == "offset" and rank == 1 else 0)
+    if second is not None:
+        call(second.step, ddp, 0)
     for step in range(1, 9):
         batch = data[4 * (step - 1) : 4 * step]
         loss = ddp(input_ids=batch, labels=batch).loss
@@ -61,9 +75,11 @@ def train(case: str, output_dir: str, sync_timeout: float) -> dict:
         optimizer.step()
         optimizer.zero_grad()
         losses.append(loss.item())
+        if second is not None:
+            call(second.step, ddp, step)
         if monitor is None or finished:
             continue
-        if case == "skip" and rank == 1 and step == 4:
+        if case in ("skip", "two", "rerun") and rank == 1 and step == 4:
             continue
         if case == "finish" and rank == 1 and step == 5:
             call(monitor.finish, ddp, step)
@@ -73,7 +89,13 @@ def train(case: str, output_dir: str, sync_timeout: float) -> dict:
         call(monitor.step, ddp, reported, force=case == "force" and rank == 0 and step == 3)
     if monitor is not None and not finished:
         call(monitor.finish, ddp, 9 if case == "offset" and rank == 1 else 8)
+    if second is not None:
+        call(second.finish, ddp, 8)
     waited = 0.0 if monitor is None else monitor.monitor.agreement.waited
+    if case == "rerun":  # a new run of the same monitor: the processes agree afresh
+        for step in range(5):
+            call(monitor.step, ddp, step)
+        call(monitor.finish, ddp, 4)
     return {"losses": losses, "waited": waited, "longest_call": longest_call}
 
 
