@@ -117,3 +117,19 @@ def test_a_run_restarted_from_scratch_in_the_same_directory_reads_as_the_new_run
 
     assert [line["step"] for line in probe_lines(tmp_path / "mnn_metrics.jsonl")] == [0, 4, 8, 12] * 2
     assert_every_reader_sees(tmp_path, again.history, tmp_path / "readers")
+
+
+def test_a_resume_from_a_checkpoint_of_a_run_that_a_later_run_abandoned_reads_as_that_runs_timeline(tmp_path):
+    """Run A to step 6, run B from scratch in the same directory to step 4, then resume from the latest
+    checkpoint (A's): the timeline is A's up to 6, then the resumed run's, never B's."""
+    first = MNNCallback(PROBE_DATA, every_n_steps=2)
+    make_trainer(tmp_path, first, save_strategy="steps", save_steps=2, max_steps=6).train()
+    scratch = MNNCallback(PROBE_DATA, every_n_steps=2)
+    make_trainer(tmp_path, scratch, save_strategy="steps", save_steps=2, max_steps=4, seed=1).train()
+    resumed = MNNCallback(PROBE_DATA, every_n_steps=2)
+    make_trainer(tmp_path, resumed, save_strategy="steps", save_steps=2, max_steps=8).train(resume_from_checkpoint=True)
+
+    assert [line["step"] for line in probe_lines(tmp_path / "mnn_metrics.jsonl")] == [0, 2, 4, 6, 0, 2, 4, 8]
+    assert resumed.history[:4] == first.history  # checkpoint-6 was A's
+    assert resumed.history[1]["mnn/layer_2"] != scratch.history[1]["mnn/layer_2"]
+    assert_every_reader_sees(tmp_path, resumed.history, tmp_path / "readers")

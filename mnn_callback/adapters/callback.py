@@ -233,7 +233,8 @@ class MNNCallback(TrainerCallback):
                 self.wandb_dir = getattr(sink, "directory", None)
             else:
                 path = os.path.join(args.output_dir, named_file(JSONL_FILE, self.name))
-                sink = self.guard.call("the jsonl sink (setup)", JsonlSink, path, monitor=self.name)
+                run = self.monitor.run_id
+                sink = self.guard.call("the jsonl sink (setup)", JsonlSink, path, monitor=self.name, run=run)
             if sink is not None:
                 sinks.append(sink)
         return sinks
@@ -248,6 +249,7 @@ class MNNCallback(TrainerCallback):
                 "reference": saved.get("reference"),
                 "history": history,
                 "last_step": history[-1].get("step") if history else None,  # checked there
+                "run": saved.get("run"),
             }
         )
 
@@ -261,6 +263,7 @@ class MNNCallback(TrainerCallback):
         state.stateful_callbacks[self._state_key] = {
             "fingerprint": self.probe.fingerprint,
             "reference": self.reference.to_dict(),
+            "run": self.monitor.run_id,
         }
 
     # -- Trainer events ---------------------------------------------------------------------------
@@ -281,7 +284,7 @@ class MNNCallback(TrainerCallback):
         if resumed:
             self._restore(state)
         if resumed:
-            self.monitor.log_event("resume", int(state.global_step))
+            self.monitor.log_resume(int(state.global_step))
         self.monitor.take_reference(int(state.global_step))
         # A resumed run keeps the schedule of an uninterrupted one: it probes now only when it
         # needs a new reference (another probe configuration, or none was saved).

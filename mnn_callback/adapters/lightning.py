@@ -118,7 +118,7 @@ class MNNLightningCallback(MNNMonitor, Callback):
         step = int(trainer.global_step)
         resumed = step > 0
         if resumed:
-            self.monitor.log_event("resume", step)
+            self.monitor.log_resume(step)
         model = self._model(pl_module)
         # like the Trainer callback: a resumed run keeps its schedule, and probes now only for a new reference
         if model is not None and not (resumed and self.reference is not None):

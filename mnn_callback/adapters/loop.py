@@ -151,7 +151,7 @@ class MNNMonitor:
         if not self.jsonl:
             return []
         path = os.path.join(os.path.dirname(self.jsonl), named_file(os.path.basename(self.jsonl), self.name))
-        sink = self.guard.call("the jsonl sink (setup)", JsonlSink, path, monitor=self.name)
+        sink = self.guard.call("the jsonl sink (setup)", JsonlSink, path, monitor=self.name, run=self.monitor.run_id)
         return [] if sink is None else [sink]
 
     def _late_sinks(self) -> list[Sink]:
@@ -225,7 +225,7 @@ class MNNMonitor:
         """Continue the curves of a saved run; a different probe configuration warns and takes a new reference."""
         self.monitor.load_state_dict(state)
         if self.monitor.last_step is not None:  # comparable or not, the run goes on from that step
-            self.monitor.log_event("resume", int(self.monitor.last_step))
+            self.monitor.log_resume(int(self.monitor.last_step))
 
 
 def _installed(package: str) -> bool:

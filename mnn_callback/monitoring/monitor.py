@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -21,6 +22,7 @@ from mnn_callback.core.guard import Guard
 from mnn_callback.core.identity import DEFAULT_NAME, claim_name, release_name
 from mnn_callback.core.regime import MORE_TOKENS, regime_line
 from mnn_callback.monitoring.reference import check_reference_sample, kept_reference
+from mnn_callback.monitoring.saved_state import read_saved_state
 from mnn_callback.monitoring.schedule import Overhead, Schedule
 from mnn_callback.output.figures import DashboardFeed, Dashboards
 from mnn_callback.output.sinks import Sink, SinkSet
@@ -106,6 +108,8 @@ class Monitor:
 
     def _start_run(self) -> None:
         """Forget the previous run: history, schedule state, budget, errors, and a reference it measured."""
+        self.run_id = uuid.uuid4().hex[:12]  # names this run's JSONL lines and checkpoints (os.urandom: no RNG)
+        self.continued_run: str | None = None  # the run whose saved state this one continues
         self.history: list[dict[str, Any]] = []
         self.last_step: int | None = None
         if not self._reference_given:
@@ -379,6 +383,10 @@ class Monitor:
     def log_event(self, event: str, step: int, **fields: Any) -> None:
         self.sinks.log_event(event, step, **fields)
 
+    def log_resume(self, step: int) -> None:
+        """The ``resume`` event: the run goes on from ``step``, continuing the run its saved state came from."""
+        self.log_event("resume", step, **({"continues": self.continued_run} if self.continued_run else {}))
+
     def close(self) -> None:
         """The last pictures, one info line with the monitor's share of the run, then the sinks are closed.
 
@@ -418,6 +426,7 @@ class Monitor:
             "history": [dict(entry) for entry in self.history],
             "reference": None if self.reference is None else self.reference.to_dict(),
             "last_step": self.last_step,
+            "run": self.run_id,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> bool:
@@ -426,29 +435,18 @@ class Monitor:
         That is when the probe configuration differs, or when the saved state is unreadable (hand
         edited, or from another version): then the history restarts as far as it is unreadable.
         """
-        try:
-            history = [dict(entry) for entry in state.get("history") or []]
-            last_step = state.get("last_step")
-            if not all(isinstance(entry.get("step"), int) for entry in history) or not isinstance(
-                last_step, (int, type(None))
-            ):
-                raise ValueError("the history needs integer steps")
-        except (AttributeError, TypeError, ValueError) as error:
-            self.history, self.last_step = [], None
-            self._forget(f"the saved MNN history is unreadable ({type(error).__name__}: {error})")
+        saved = read_saved_state(state)
+        self.continued_run = saved.run
+        self.history, self.last_step = saved.history, saved.last_step
+        self.feed.seed(saved.history)
+        problem = saved.problem
+        if problem is None and saved.fingerprint != self.probe.fingerprint:
+            problem = "resumed from a run with a different probe configuration (sample, layers or max_length)"
+        if problem is not None:
+            self._forget(problem)
             return False
-        self.history, self.last_step = history, last_step
-        self.feed.seed(history)
-        try:
-            reference = None if state.get("reference") is None else ProbeResult.from_dict(state["reference"])
-        except (AttributeError, KeyError, TypeError, ValueError) as error:
-            self._forget(f"the saved Diff-eRank reference is unreadable ({type(error).__name__}: {error})")
-            return False
-        if state.get("fingerprint") != self.probe.fingerprint:
-            self._forget("resumed from a run with a different probe configuration (sample, layers or max_length)")
-            return False
-        if reference is not None and self._reference_model is None:
-            self.reference = reference
+        if saved.reference is not None and self._reference_model is None:
+            self.reference = saved.reference
         return True
 
     def _forget(self, why: str) -> None:

@@ -320,8 +320,9 @@ def _plain(value: Any) -> float:
 class JsonlSink(Sink):
     """One JSON object per line, appended and fsynced at every probe.
 
-    Probe lines hold ``step``, ``epoch``, ``time`` (Unix seconds), ``monitor`` (the writer's name,
-    when given) and the flat metrics; other lines hold ``event`` (``config``, ``resume``,
+    Probe lines hold ``step``, ``epoch``, ``time`` (Unix seconds), ``monitor`` (the writer's name)
+    and ``run`` (the run's id: a resumed run's ``resume`` event names the one it ``continues``),
+    when given, and the flat metrics; other lines hold ``event`` (``config``, ``resume``,
     ``overhead``). Non-finite values are null. Each line is one locked append
     (:func:`~mnn_callback.output.files.append_jsonl`): a crash cuts at most that line, which readers
     skip, and writers never mix lines. A path that is not a regular file, or a symbolic link out
@@ -330,13 +331,13 @@ class JsonlSink(Sink):
 
     name = "jsonl"
 
-    def __init__(self, path: str | os.PathLike, *, monitor: str | None = None) -> None:
+    def __init__(self, path: str | os.PathLike, *, monitor: str | None = None, run: str | None = None) -> None:
         self.path = os.fspath(path)
         directory = os.path.dirname(self.path)
         if directory:
             os.makedirs(directory, exist_ok=True)
         check_appendable(self.path)
-        self.identity = {} if monitor is None else {"monitor": monitor}
+        self.identity = {name: value for name, value in (("monitor", monitor), ("run", run)) if value is not None}
 
     def log_measurement(self, measurement: Measurement) -> None:
         record = {"step": measurement.step, "epoch": measurement.epoch, "time": time.time(), **self.identity}

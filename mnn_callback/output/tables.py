@@ -54,9 +54,12 @@ def current_timeline(records: Iterable[Mapping[str, Any]]) -> list[Mapping[str, 
 
     The JSONL is append-only: a run restarted in the same file leaves the lines of the run it
     abandoned there. Each run of a monitor (the ``monitor`` field) starts with a ``config`` event;
-    one that resumes from a checkpoint then logs ``resume`` at the step ``r`` it continues from:
+    one that resumes from a checkpoint then logs ``resume`` at the step ``r`` it continues from.
+    When the lines name their run (``run``; the ``resume`` event the run it ``continues``), the
+    timeline is the latest run's lines, then those of the run it continues up to ``r``, and so on
+    back (:func:`_lineage`). Lines without run ids are read by their place in the file:
 
-    - the ``resume`` supersedes the monitor's earlier probe lines at steps after ``r`` (the
+    - a ``resume`` supersedes the monitor's earlier probe lines at steps after ``r`` (the
       abandoned run went on past the checkpoint);
     - a probe of the resumed run at ``r`` itself (taken again for a new Diff-eRank reference)
       supersedes the earlier line at ``r``;
@@ -65,13 +68,15 @@ def current_timeline(records: Iterable[Mapping[str, Any]]) -> list[Mapping[str, 
 
     Event lines and other monitors' lines are kept; the order is the file's.
 
-    >>> abandoned = [{"event": "config"}, {"step": 0, "run": 1}, {"step": 2, "run": 1}, {"step": 4, "run": 1}]
-    >>> resumed = [{"event": "config"}, {"event": "resume", "step": 2}, {"step": 4, "run": 2}]
-    >>> [(line["step"], line["run"]) for line in current_timeline(abandoned + resumed) if "run" in line]
+    >>> abandoned = [{"event": "config"}, {"step": 0, "value": 1}, {"step": 2, "value": 1}, {"step": 4, "value": 1}]
+    >>> resumed = [{"event": "config"}, {"event": "resume", "step": 2}, {"step": 4, "value": 2}]
+    >>> [(line["step"], line["value"]) for line in current_timeline(abandoned + resumed) if "value" in line]
     [(0, 1), (2, 1), (4, 2)]
-    >>> restarted = [{"event": "config"}, {"step": 0, "run": 3}]
-    >>> [(line["step"], line["run"]) for line in current_timeline(abandoned + resumed + restarted) if "run" in line]
-    [(0, 3)]
+    >>> a = [{"event": "config", "run": "a"}] + [{"step": step, "run": "a"} for step in (0, 2, 4, 6)]
+    >>> b = [{"event": "config", "run": "b"}, {"step": 0, "run": "b"}, {"step": 2, "run": "b"}]  # from scratch
+    >>> c = [{"event": "resume", "step": 4, "run": "c", "continues": "a"}, {"step": 6, "run": "c"}]  # a's checkpoint
+    >>> [(line["step"], line["run"]) for line in current_timeline(a + b + c) if "event" not in line]
+    [(0, 'a'), (2, 'a'), (4, 'a'), (6, 'c')]
     """
     records = list(records)
     kept: dict[str, list[int]] = defaultdict(list)  # each monitor's probe lines not superseded so far
@@ -89,8 +94,42 @@ def current_timeline(records: Iterable[Mapping[str, Any]]) -> list[Mapping[str, 
             elif start is not None and start.get("step") == step:
                 kept[monitor] = [i for i in kept[monitor] if records[i]["step"] != step]
             kept[monitor].append(index)
+    for monitor in kept:
+        mine = [i for i, record in enumerate(records) if record.get("monitor", DEFAULT_NAME) == monitor]
+        if all(isinstance(records[i].get("run"), str) for i in mine if _is_probe_line(records[i])):
+            kept[monitor] = _lineage(records, mine)
     timeline = {index for indices in kept.values() for index in indices}
     return [record for index, record in enumerate(records) if index in timeline or not _is_probe_line(record)]
+
+
+def _lineage(records: list[Mapping[str, Any]], indices: list[int]) -> list[int]:
+    """One monitor's probe lines on the timeline of its latest run (the run of its last probe line or
+    ``resume``), following each ``resume``'s ``continues`` back: a run's lines up to the step its
+    successor resumed at (the smallest such step on the way), none at a step a later run holds."""
+    lines: dict[str, list[int]] = defaultdict(list)
+    continues: dict[str, tuple[Any, Any]] = {}  # run -> (the run it continues, the step it resumed at)
+    latest = None
+    for index in indices:
+        record = records[index]
+        if _is_probe_line(record):
+            lines[record["run"]].append(index)
+            latest = record["run"]
+        elif record.get("event") == "resume" and isinstance(record.get("run"), str):
+            continues[record["run"]] = (record.get("continues"), record.get("step"))
+            latest = record["run"]
+    kept: list[int] = []
+    steps: set[Any] = set()
+    run, bound, visited = latest, None, set()
+    while isinstance(run, str) and run not in visited:
+        visited.add(run)
+        for index in reversed(lines[run]):
+            step = records[index]["step"]
+            if (bound is None or not _later(step, bound)) and step not in steps:
+                kept.append(index)
+                steps.add(step)
+        run, resumed_at = continues.get(run, (None, None))
+        bound = resumed_at if bound is None or _later(bound, resumed_at) else bound
+    return sorted(kept)
 
 
 def history_rows(records: Iterable[Mapping[str, Any]], model: str = "run") -> list[dict[str, Any]]:

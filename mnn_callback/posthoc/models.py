@@ -56,8 +56,14 @@ class Target:
 
     @property
     def base_key(self) -> str | None:
-        """What identifies a PEFT adapter's base model (None for any other model)."""
-        return None if self.base is None else self.base.key
+        """What identifies a PEFT adapter's base model, down the chain of adapters to the model that is not one:
+        ``/abs/lora1 <- /abs/base`` for an adapter on the adapter lora1 (None for any other model)."""
+        return None if self.base is None else self.base.chain_key
+
+    @property
+    def chain_key(self) -> str:
+        """What identifies the weights loaded: the key, and for an adapter the keys of its bases (``<-``)."""
+        return self.key if self.base is None else f"{self.key} <- {self.base_key}"
 
     @property
     def key(self) -> str:
@@ -143,17 +149,49 @@ def _adapter_config(adapter: str) -> dict[str, Any]:
     return config
 
 
+def _ancestors(path: str) -> list[str]:
+    """``path`` and each directory above it, nearest first."""
+    found = [path]
+    while os.path.dirname(found[-1]) != found[-1]:
+        found.append(os.path.dirname(found[-1]))
+    return found
+
+
 def _base_places(adapter: str, base: str) -> list[str]:
     """Where a base path may be: from the adapter's directory and each one above it, nearest first (PEFT saves
-    the path it was given, relative to where training ran), then from the current directory."""
-    starts = [os.path.abspath(adapter)]
-    while os.path.dirname(starts[-1]) != starts[-1]:
-        starts.append(os.path.dirname(starts[-1]))
+    the path it was given, relative to where training ran), the same from where a link to the adapter points,
+    then from the current directory."""
+    starts = [*_ancestors(os.path.abspath(adapter)), *_ancestors(os.path.realpath(adapter)), os.getcwd()]
     places: dict[str, str] = {}  # one per place on disk, the nearest name of it
-    for start in (*starts, os.getcwd()):
+    for start in starts:
         place = os.path.normpath(os.path.join(start, base))
         places.setdefault(os.path.realpath(place), place)
     return list(places.values())
+
+
+def _not_a_base(place: str) -> str:
+    """Why ``place``, which exists, is not a model to merge an adapter into."""
+    if not os.path.isdir(place):
+        return f"{place} is a file, not a model directory"
+    checkpoints = sorted(
+        (name for name in os.listdir(place) if _CHECKPOINT.match(name)), key=lambda name: int(name.split("-")[1])
+    )
+    if checkpoints:
+        return (
+            f"{place} is a run directory ({len(checkpoints)} checkpoint-* directories, no model at its root): "
+            f"point base_model_name_or_path at the checkpoint meant, e.g. {os.path.join(place, checkpoints[-1])}"
+        )
+    return f"{place} holds neither a model (config.json) nor a PEFT adapter"
+
+
+def _missing_base(adapter: str, base: str, places: list[str]) -> str:
+    """Why the local base path ``base`` of ``adapter`` is not a model at any of ``places``."""
+    existing = [place for place in places if os.path.isdir(place)] or [p for p in places if os.path.exists(p)]
+    if existing:
+        return _not_a_base(existing[0])
+    if os.path.isabs(base):
+        return "no such directory"
+    return f"no such directory from {adapter}, the directories above it or the current directory"
 
 
 def _hub_base(cannot: str, base: str, revision: Any) -> Target:
@@ -174,40 +212,38 @@ def adapter_base(adapter: str, _built_on_it: tuple[str, ...] = ()) -> Target:
     """The base model of the PEFT adapter directory ``adapter``: its ``adapter_config.json``'s
     ``base_model_name_or_path``, a local directory or a hub id (at the config's ``revision``).
 
-    A relative path is looked for from the adapter's directory and those above it, then from the
-    current directory. ``UsageError`` naming the adapter and its base when the base is in two
-    places, is the adapter itself, or cannot be found; a local-looking path is never looked up on
-    the hub.
+    A relative path is looked for from the adapter's directory and those above it (for a link to
+    the adapter, also from where it points), then from the current directory. ``UsageError``
+    naming the adapter and its base when the base is in two places, is the adapter itself, or
+    cannot be found; a local-looking path, or a name that is a directory at one of those places
+    (a run directory holding only checkpoints), is never looked up on the hub.
     """
     config = _adapter_config(adapter)
     base = config.get("base_model_name_or_path")
     if not isinstance(base, str) or not base:
         raise UsageError(f"{adapter}: {ADAPTER_CONFIG} names no base model (base_model_name_or_path)")
     cannot = f"PEFT adapter {adapter}: its base model {base!r} cannot be loaded"
+    stack = (*_built_on_it, os.path.realpath(adapter))  # this adapter and those built on it
     places = _base_places(adapter, base)
     found = [place for place in places if _loadable(place)]
-    if len(found) > 1:
+    # not the adapter itself when another is found: "." saved by a run inside its base model's directory
+    others = [place for place in found if os.path.realpath(place) not in stack]
+    if len(others) > 1:
         raise UsageError(
-            f"PEFT adapter {adapter}: its base model {base!r} is two different models, {found[0]} and {found[1]}: "
+            f"PEFT adapter {adapter}: its base model {base!r} is two different models, {others[0]} and {others[1]}: "
             f"write the one meant into its {ADAPTER_CONFIG} (base_model_name_or_path)"
         )
-    stack = (*_built_on_it, os.path.realpath(adapter))  # this adapter and those built on it
-    if found and os.path.realpath(found[0]) in stack:
+    if others:
+        target = Target(others[0], others[0], None, True)
+        return replace(target, base=adapter_base(others[0], stack)) if _is_adapter_dir(others[0]) else target
+    if found:
         what = "the adapter itself" if os.path.realpath(found[0]) == stack[-1] else "an adapter built on this one"
         raise UsageError(f"{cannot}: {found[0]} is {what}; expected the model it was trained on")
-    if found:
-        target = Target(found[0], found[0], None, True)
-        return replace(target, base=adapter_base(found[0], stack)) if _is_adapter_dir(found[0]) else target
     parents = [os.path.dirname(place) for place in places] if os.path.dirname(base) else []
-    if os.path.isabs(base) or looks_local(base) or not _HUB_ID.match(base) or any(map(os.path.isdir, parents)):
-        existing = [place for place in places if os.path.exists(place)]
-        if existing:
-            why = f"{existing[0]} holds neither a model (config.json) nor a PEFT adapter"
-        elif os.path.isabs(base):
-            why = "no such directory"
-        else:
-            why = f"no such directory from {adapter}, the directories above it or the current directory"
-        raise UsageError(f"{cannot}: {why} (a local path: not looked up on the hub)")
+    # a name that is a directory at one of the places is that directory, never a hub id (``rundir``)
+    local = os.path.isabs(base) or looks_local(base) or not _HUB_ID.match(base)
+    if local or any(map(os.path.isdir, parents + places)):
+        raise UsageError(f"{cannot}: {_missing_base(adapter, base, places)} (a local path: not looked up on the hub)")
     return _hub_base(cannot, base, config.get("revision"))
 
 
