@@ -8,15 +8,19 @@
     mnn-callback demo
 
 Exit codes: 0 success; 1 some checkpoint failed (the others were evaluated); 2 bad input
-(no models found, a missing data file, an empty sample).
+(no models found, a missing data file, an empty sample). The package's INFO lines (the base
+model of an adapter, the regime, a sample cut to a model's positions) go to stderr.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
+import logging
 import os
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 from mnn_callback.core.errors import UsageError
@@ -317,9 +321,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def _info_lines() -> Iterator[None]:
+    """The ``mnn_callback`` logger's INFO lines (an adapter's base, the regime, a sample cut to a model's
+    positions) on stderr while the command runs: a handler on that logger only, removed afterwards."""
+    logger = logging.getLogger("mnn_callback")
+    if os.environ.get("RANK", "0") != "0":  # under torchrun the main process alone prints them
+        yield
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setLevel(logging.INFO)
+    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    level = logger.level
+    if level == logging.NOTSET:  # a level set from Python is kept
+        logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``mnn-callback`` command; returns the exit code."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    with _info_lines():
+        return _main(list(sys.argv[1:] if argv is None else argv))
+
+
+def _main(argv: list[str]) -> int:
     command = argv[0] if argv and argv[0] in COMMAND_NEEDS else None
     if command is not None and "-h" not in argv and "--help" not in argv:
         missing = missing_packages(command)

@@ -386,3 +386,23 @@ def test_a_lora_run_its_checkpoints_and_an_adapter_directory_are_evaluated(tmp_p
     assert read_csv(tmp_path / "one" / "metrics.csv")[0]["mnn"] == rows[1]["mnn"]
     (tmp_path / "empty").mkdir()
     assert main(["evaluate", str(tmp_path / "empty"), "--out", str(tmp_path / "none"), *options]) == 2
+
+
+def test_the_command_prints_the_package_info_lines_on_stderr_once_per_run(tmp_path, capsys):
+    """On main the mnn_callback logger had no handler: the command printed none of its INFO lines."""
+    import logging
+
+    from helpers import random_sequences, tiny_model
+
+    tiny_model("gpt2").save_pretrained(tmp_path / "model")  # 128 positions
+    data = tmp_path / "long.jsonl"
+    data.write_text("\n".join(json.dumps({"input_ids": ids}) for ids in random_sequences(4, 150, 160)))
+    package, root = logging.getLogger("mnn_callback"), logging.getLogger()
+    before = (list(package.handlers), package.level, list(root.handlers), root.level)
+    capsys.readouterr()
+    argv = ["evaluate", str(tmp_path / "model"), "--data", str(data), "--layers", "last", "--device", "cpu"]
+    for out in ("first", "second"):  # main twice in one process: each run's lines once
+        assert main([*argv, "--out", str(tmp_path / out)]) == 0
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("INFO: ")]
+        assert len(lines) == 1 and lines[0].startswith("INFO: GPT2LMHeadModel takes at most 128 positions"), lines
+    assert (list(package.handlers), package.level, list(root.handlers), root.level) == before

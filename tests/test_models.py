@@ -83,36 +83,44 @@ def test_revision_names_give_steps_and_bad_revisions_are_usage_errors():
 # --- PEFT adapters: their base models ----------------------------------------------------------
 
 
-def saved_adapter(base_dir, adapter_dir, base_name=None) -> dict:
-    """A real LoRA adapter on the model at ``base_dir`` (non-zero weights: it changes the model), saved by
-    PEFT; ``base_name``: what its adapter_config.json then names as the base. Returns that config."""
+def saved_adapter(base_dir, adapter_dir, base_name=None, seed=0) -> dict:
+    """A real LoRA adapter on the model at ``base_dir`` (non-zero weights from ``seed``: it changes the model),
+    saved by PEFT; ``base_name``: what its adapter_config.json then names as the base. Returns that config."""
     peft = pytest.importorskip("peft")
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(base_dir, local_files_only=True)
     lora = peft.LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True, init_lora_weights=False)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     peft.get_peft_model(base, lora).save_pretrained(adapter_dir)
+    if base_name is not None:
+        set_base(adapter_dir, base_name)
+    with open(os.path.join(adapter_dir, "adapter_config.json"), encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def set_base(adapter_dir, base_name) -> None:
+    """Rewrite the base an adapter's adapter_config.json names, as a hand edit or a copy from elsewhere leaves it."""
     config_path = os.path.join(adapter_dir, "adapter_config.json")
     with open(config_path, encoding="utf-8") as handle:
         config = json.load(handle)
-    if base_name is not None:  # as a hand edit, or a copy from another machine, leaves it
-        config["base_model_name_or_path"] = base_name
-        with open(config_path, "w", encoding="utf-8") as handle:
-            json.dump(config, handle)
-    return config
+    config["base_model_name_or_path"] = base_name
+    with open(config_path, "w", encoding="utf-8") as handle:
+        json.dump(config, handle)
 
 
-def merged_mnn(base_dir, adapter_dir) -> float:
-    """The final hidden state's MNN of the adapter merged into the model at ``base_dir``, by PEFT itself."""
+def merged_mnn(base_dir, *adapter_dirs) -> float:
+    """The final hidden state's MNN of the adapters merged into the model at ``base_dir``, by PEFT itself:
+    each merged into the model the ones before it made (an adapter on an adapter)."""
     import peft
     from transformers import AutoModelForCausalLM
 
     from mnn_callback import Probe
 
-    base = AutoModelForCausalLM.from_pretrained(base_dir, local_files_only=True)
-    merged = peft.PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload().eval()
-    return Probe(PROBE_DATA, batch_size=4).run(merged).per_layer["mnn"][-1]
+    model = AutoModelForCausalLM.from_pretrained(base_dir, local_files_only=True)
+    for adapter_dir in adapter_dirs:
+        model = peft.PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    return Probe(PROBE_DATA, batch_size=4).run(model.eval()).per_layer["mnn"][-1]
 
 
 def jsonl_data(path):
@@ -160,10 +168,7 @@ def test_a_relative_base_is_found_from_the_adapter_and_named(tmp_path, monkeypat
     assert "\n" not in error and str(adapter) in error and str(train / "a") in error and str(other / "a") in error
 
     # the base named anew: evaluated anew into the same results, not read back as the other base's
-    with open(adapter / "adapter_config.json", encoding="utf-8") as handle:
-        config = json.load(handle)
-    config["base_model_name_or_path"] = str(other / "a")
-    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    set_base(adapter, str(other / "a"))
     assert main(["evaluate", str(adapter), "--out", str(tmp_path / "found"), *options]) == 0
     (row,) = read_csv(tmp_path / "found" / "metrics.csv")
     assert row["base"] == str(other / "a") and float(row["mnn"]) == pytest.approx(wrong, rel=1e-5)
@@ -235,3 +240,122 @@ def test_a_hub_base_is_loaded_from_the_cache_offline_and_an_uncached_one_is_exit
                 f"mnn-callback: error: PEFT adapter {adapter}: its base model 'org/not-cached' cannot be loaded: "
                 "HF_HUB_OFFLINE is set and it is not in the local cache"
             )
+
+
+def test_an_adapter_on_an_adapter_is_stored_under_its_whole_chain_of_bases(tmp_path, monkeypatch, capsys):
+    """On main stored results were keyed by the adapter's immediate base only: after lora1's base changed,
+    evaluate and rank of lora2 into the same --out read back the old values, --reference lora1 the old reference."""
+    from helpers import shakespeare_tokenizer
+
+    from mnn_callback.cli import main
+
+    tokenizer = shakespeare_tokenizer()
+    project, data = tmp_path / "proj", jsonl_data(tmp_path / "data.jsonl")
+    for name, seed in (("base", 2), ("base_b", 5)):
+        tiny_model("gpt2", seed=seed, vocab_size=len(tokenizer)).save_pretrained(project / name)
+        tokenizer.save_pretrained(project / name)
+    lora1, lora2 = project / "runs" / "lora1", project / "runs" / "lora2"
+    saved_adapter(project / "base", lora1, base_name="base")  # proj/base, found above the adapter
+    saved_adapter(project / "base", lora2, base_name="lora1", seed=1)  # trained on lora1: its sibling
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("To be, or not to be:\n\nNow is the winter of our discontent\n")
+    probe = ["--data", data, "--layers", "last", "--device", "cpu", "--batch-size", "4"]
+    evaluate, reference = ["evaluate", str(lora2), *probe], ["evaluate", str(project / "base_b"), *probe]
+    reference += ["--reference", str(lora1)]
+    rank = ["rank", str(lora2), "--prompts", str(prompts), "--max-new-tokens", "4", "--no-chat-template"]
+    monkeypatch.chdir(tmp_path)
+    ranked_mnn, diff_erank = {}, {}
+    for base_name in ("base", "base_b"):  # the second time into the same --out as the first, and a fresh one
+        set_base(lora1, base_name)
+        chain = f"{lora1} <- {project / base_name}"
+        capsys.readouterr()
+        assert main([*evaluate, "--out", "evaluated"]) == 0
+        assert f"INFO: PEFT adapter {lora2}: base model {chain}" in capsys.readouterr().err
+        (row,) = read_csv(tmp_path / "evaluated" / "metrics.csv")
+        assert row["base"] == chain
+        assert float(row["mnn"]) == pytest.approx(merged_mnn(project / base_name, lora1, lora2), rel=1e-5)
+
+        assert main([*rank, "--out", "ranked"]) == 0 and main([*rank, "--out", f"ranked-{base_name}"]) == 0
+        (row,), (alone,) = (read_csv(tmp_path / out / "ranking.csv") for out in ("ranked", f"ranked-{base_name}"))
+        assert row["base"] == chain and row["mnn"] == alone["mnn"]
+        ranked_mnn[base_name] = alone["mnn"]
+
+        assert main([*reference, "--out", "refd"]) == 0 and main([*reference, "--out", f"refd-{base_name}"]) == 0
+        (row,), (alone,) = (read_csv(tmp_path / out / "metrics.csv") for out in ("refd", f"refd-{base_name}"))
+        assert row["diff_erank"] == alone["diff_erank"] != ""
+        diff_erank[base_name] = alone["diff_erank"]
+    assert ranked_mnn["base"] != ranked_mnn["base_b"]  # the change is one a stale read would hide
+    assert diff_erank["base"] != diff_erank["base_b"]
+
+
+def test_a_base_named_like_a_directory_without_a_model_is_local_and_never_looked_up(tmp_path):
+    """On main a bare name ("rundir": a run directory holding only checkpoint-*) beside the adapter was taken
+    for a hub id: online a request to the hub; offline exit 1 after trying to load it."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    requests = []
+
+    class Hub(BaseHTTPRequestHandler):
+        def do_GET(self):
+            requests.append(self.path)
+            self.send_error(404)
+
+        do_HEAD = do_GET
+
+        def log_message(self, *args):
+            pass
+
+    project = tmp_path / "project"
+    tiny_model("gpt2", seed=2).save_pretrained(project / "rundir" / "checkpoint-4")
+    (project / "empty").mkdir()
+    data = jsonl_data(tmp_path / "data.jsonl")
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Hub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    online = {"HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "0", "HF_HUB_DISABLE_TELEMETRY": "1"}
+    env = {**os.environ, **online, "HF_ENDPOINT": f"http://127.0.0.1:{server.server_port}", "HF_HOME": str(tmp_path)}
+    checkpoint = project / "rundir" / "checkpoint-4"
+    cases = {
+        "rundir": f"{project / 'rundir'} is a run directory (checkpoint-4), not a model: point base_model_name_or_path "
+        f"at the checkpoint meant, e.g. {checkpoint}",
+        "empty": f"{project / 'empty'} holds neither a model (config.json) nor a PEFT adapter",
+    }
+    try:
+        for base, why in cases.items():
+            adapter = project / f"on-{base}"
+            saved_adapter(checkpoint, adapter, base_name=base)
+            result = subprocess.run(
+                [sys.executable, "-m", "mnn_callback", "evaluate", str(adapter), "--data", data, "--device", "cpu"],
+                cwd=tmp_path, env=env, capture_output=True, text=True, timeout=HANG_TIMEOUT,
+            )  # fmt: skip
+            assert result.returncode == 2, result.stderr[-2000:]
+            assert result.stderr.strip().splitlines()[-1] == (
+                f"mnn-callback: error: PEFT adapter {adapter}: its base model {base!r} cannot be loaded: {why} "
+                "(a local path: not looked up on the hub)"
+            )
+    finally:
+        server.shutdown()
+    assert requests == []
+
+
+def test_a_base_is_found_from_inside_its_directory_and_from_where_a_linked_adapter_points(tmp_path, monkeypatch):
+    """On main an adapter saved inside its base model's directory with base "." was "two different models" (one
+    of them the adapter itself), and a link to an adapter found no base beside the adapter it points at."""
+    from mnn_callback.cli import main
+
+    tiny_model("gpt2", seed=2).save_pretrained(tmp_path / "base")
+    inside = tmp_path / "base" / "adapters" / "inside"
+    saved_adapter(tmp_path / "base", inside, base_name=".")  # trained with the base's directory as cwd
+    real = tmp_path / "real" / "run"
+    tiny_model("gpt2", seed=5).save_pretrained(real / "mybase")
+    saved_adapter(real / "mybase", real / "linked", base_name="mybase")
+    (tmp_path / "links").mkdir()
+    (tmp_path / "links" / "linked").symlink_to(real / "linked", target_is_directory=True)
+    monkeypatch.chdir(tmp_path)
+    options = ["--data", jsonl_data(tmp_path / "data.jsonl"), "--layers", "last", "--device", "cpu"]
+    for adapter, base in ((inside, tmp_path / "base"), (tmp_path / "links" / "linked", real / "mybase")):
+        out = tmp_path / "out" / adapter.name
+        assert main(["evaluate", str(adapter), *options, "--batch-size", "4", "--out", str(out)]) == 0
+        (row,) = read_csv(out / "metrics.csv")
+        assert os.path.realpath(row["base"]) == os.path.realpath(base)
+        assert float(row["mnn"]) == pytest.approx(merged_mnn(base, adapter), rel=1e-5)

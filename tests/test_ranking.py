@@ -104,6 +104,24 @@ def test_bad_input_is_exit_2_and_one_line(models, tmp_path, capsys):
         assert error.startswith("mnn-callback: error:") and message in error and "\n" not in error
 
 
+def test_a_lone_surrogate_in_the_prompts_is_exit_2_naming_its_file_and_line(models, tmp_path, capsys):
+    """On main each model failed on it (exit 1, "TypeError: TextEncodeInput must be ..." rows), not the input."""
+    from mnn_callback import UsageError
+    from mnn_callback.posthoc.ranking import rank_models
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "fine"}\n\n{"instruction": "hi \\ud800"}\n', encoding="utf-8")
+    capsys.readouterr()
+    argv = ["rank", *models[:2], "--prompts", str(prompts), "--out", str(tmp_path / "out"), "--max-new-tokens", "4"]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"mnn-callback: error: line 3 of {prompts}: expected valid Unicode text, got a lone surrogate '\\ud800' at "
+        "character 3"
+    )
+    with pytest.raises(UsageError, match=r"^prompt 2: expected valid Unicode text, got a lone surrogate '\\ud800'"):
+        rank_models([models[0]], ["fine", "hi \ud800"], max_new_tokens=4)
+
+
 def test_a_response_file_cut_mid_summary_resumes_without_duplicates(models, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text(PROMPTS)

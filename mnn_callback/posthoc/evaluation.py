@@ -141,14 +141,15 @@ class _Evaluation:
     def config_key(self, probe: Probe) -> str:
         """What must match for a stored result to be reused: sample, layers, dtypes, reference choice."""
         mode, detail = self.reference_mode
-        reference = detail.key if isinstance(detail, Target) else detail
+        reference = detail.chain_key if isinstance(detail, Target) else detail  # an adapter: with its bases
         return _digest([probe.fingerprint, str(self.dtype), [mode, reference]])
 
     def _stored(self, role: str | None, path: str, key: str, base: str | None = None) -> dict[str, Any] | None:
         if self.force:
             return None
         for record in reversed(self.records):
-            same_model = record.get("path") == path and record.get("base") == base  # an adapter: on the same base
+            # an adapter: on the same base, down to the model that is not an adapter
+            same_model = record.get("path") == path and record.get("base") == base
             if record.get("role") == role and same_model and record.get("config_key") == key:
                 return record if "result" in record else None
         return None
@@ -164,7 +165,7 @@ class _Evaluation:
         if mode == "first":
             return self.first_result
         if mode == "model":
-            name, make = detail.key, lambda: self._load(detail)
+            name, make = detail.chain_key, lambda: self._load(detail)
         else:  # untrained: one per architecture, so each model of a family has its own
             config = model_config(target, self.trust_remote_code).to_dict()
             architecture = {key: value for key, value in config.items() if key not in _NOT_ARCHITECTURE}

@@ -177,16 +177,18 @@ def _not_a_base(place: str) -> str:
         (name for name in os.listdir(place) if _CHECKPOINT.match(name)), key=lambda name: int(name.split("-")[1])
     )
     if checkpoints:
+        shown = ", ".join(checkpoints[:3]) + (f", ... ({len(checkpoints)} in all)" if len(checkpoints) > 3 else "")
         return (
-            f"{place} is a run directory ({len(checkpoints)} checkpoint-* directories, no model at its root): "
-            f"point base_model_name_or_path at the checkpoint meant, e.g. {os.path.join(place, checkpoints[-1])}"
+            f"{place} is a run directory ({shown}), not a model: point base_model_name_or_path at the checkpoint "
+            f"meant, e.g. {os.path.join(place, checkpoints[-1])}"
         )
     return f"{place} holds neither a model (config.json) nor a PEFT adapter"
 
 
 def _missing_base(adapter: str, base: str, places: list[str]) -> str:
     """Why the local base path ``base`` of ``adapter`` is not a model at any of ``places``."""
-    existing = [place for place in places if os.path.isdir(place)] or [p for p in places if os.path.exists(p)]
+    directories = [place for place in places if os.path.isdir(place)]  # what a bare name means, before a file
+    existing = directories or [place for place in places if os.path.exists(place)]
     if existing:
         return _not_a_base(existing[0])
     if os.path.isabs(base):

@@ -42,7 +42,7 @@ from mnn_callback.posthoc.responses import (
 from mnn_callback.probing.distributed import all_gather_object, broadcast_object, world
 from mnn_callback.probing.emitters import position_limit
 from mnn_callback.probing.probe import Probe
-from mnn_callback.probing.sample import text_paragraphs
+from mnn_callback.probing.sample import check_text, jsonl_lines, text_paragraphs
 
 __all__ = ["RANKING_COLUMNS", "rank_models", "read_prompts"]
 
@@ -73,13 +73,13 @@ def read_prompts(path: str | os.PathLike) -> list[str]:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise UsageError(f"prompts file not found: {path}")
+    if not path.endswith((".txt", ".jsonl")):
+        raise UsageError(f"prompts file must end in .txt or .jsonl, got {path}")
     try:
         if path.endswith(".txt"):
-            prompts = [candidate.item for candidate in text_paragraphs(path)]
-        elif path.endswith(".jsonl"):
-            prompts = [_prompt_of(record, path, number) for number, record in enumerate(read_jsonl(path), start=1)]
+            prompts = _checked([(candidate.source, candidate.item) for candidate in text_paragraphs(path)])
         else:
-            raise UsageError(f"prompts file must end in .txt or .jsonl, got {path}")
+            prompts = _checked([(where, _prompt_of(record, where)) for where, record in jsonl_lines(path)])
     except ValueError as error:
         raise UsageError(str(error)) from None
     prompts = [prompt for prompt in prompts if prompt.strip()]
@@ -88,13 +88,33 @@ def read_prompts(path: str | os.PathLike) -> list[str]:
     return prompts
 
 
-def _prompt_of(record: Any, path: str, number: int) -> str:
+def _prompt_of(record: Any, where: str) -> str:
     if isinstance(record, str):
         return record
     for field in ("prompt", "instruction"):
         if isinstance(record, dict) and isinstance(record.get(field), str):
             return record[field]
-    raise ValueError(f"{path}, record {number}: expected a string or an object with 'prompt' or 'instruction'")
+    raise ValueError(f"{where}: expected a string or an object with 'prompt' or 'instruction'")
+
+
+def _checked(prompts: list[tuple[str, Any]]) -> list[str]:
+    """The prompts, each given with where it came from, checked as text: ``ValueError`` naming the first that is
+    not a string or holds a lone surrogate."""
+    for where, prompt in prompts:
+        if not isinstance(prompt, str):
+            raise ValueError(f"{where}: expected a string, got {type(prompt).__name__}")
+        check_text(prompt, where)
+    return [prompt for _, prompt in prompts]
+
+
+def _prompt_texts(prompts: str | os.PathLike | Sequence[str]) -> list[str]:
+    """The prompts to answer: read from a file (:func:`read_prompts`), or a list of strings, checked."""
+    if isinstance(prompts, (str, os.PathLike)):
+        return read_prompts(prompts)
+    try:
+        return _checked([(f"prompt {number}", prompt) for number, prompt in enumerate(prompts, start=1)])
+    except ValueError as error:
+        raise UsageError(str(error)) from None
 
 
 def _short(prompt: str, limit: int = 40) -> str:
@@ -178,7 +198,7 @@ class _Ranking:
         """``target``'s responses and scores, writing nothing: ``("stored", summary)`` read back,
         ``("new", (summary, lines))``, ``("error", row)``, or ``("usage", message)`` for bad input."""
         try:
-            key = (target.key, target.base_key, self.config_key())  # an adapter: on the same base
+            key = (target.key, target.base_key, self.config_key())  # an adapter: on the same chain of bases
             if key in self.finished and not self.options["force"]:
                 return "stored", self.finished[key]
             config = model_config(target, self.options["trust"])
@@ -329,7 +349,7 @@ def rank_models(
     max_new_tokens = default_max_new_tokens(recipe) if max_new_tokens is None else max_new_tokens
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 2:
         raise UsageError(f"max_new_tokens must be an integer >= 2, got {max_new_tokens!r}")
-    texts = read_prompts(prompts) if isinstance(prompts, (str, os.PathLike)) else list(prompts)
+    texts = _prompt_texts(prompts)
     if not texts:
         raise UsageError("no prompt to answer")
     targets = discover(models, checkpoints=checkpoints)

@@ -22,9 +22,11 @@ from torch import Tensor
 __all__ = [
     "FixedSample",
     "check_seed",
+    "check_text",
     "check_token_range",
     "fingerprint",
     "fixed_sample",
+    "jsonl_lines",
     "load_tokenizer",
     "packed_sample",
     "text_paragraphs",
@@ -86,17 +88,25 @@ def text_paragraphs(path: str) -> list[Candidate]:
     return candidates
 
 
-def _jsonl_records(path: str, text_column: str) -> list[Candidate]:
-    """Records of a JSONL file: an object with ``input_ids`` or ``text_column``, or a bare string."""
-    candidates = []
+def jsonl_lines(path: str) -> list[tuple[str, Any]]:
+    """The records of a JSONL file, each with where it is (``line 7 of heldout.jsonl``); blank lines
+    skipped, ``ValueError`` naming the first line that is not valid JSON."""
+    records = []
     for number, line in enumerate(_read_text(path).splitlines(), start=1):
         if not line.strip():
             continue
         where = f"line {number} of {path}"
         try:
-            record = json.loads(line)
+            records.append((where, json.loads(line)))
         except json.JSONDecodeError as error:
             raise ValueError(f"{where}: not valid JSON ({error.msg})") from None
+    return records
+
+
+def _jsonl_records(path: str, text_column: str) -> list[Candidate]:
+    """Records of a JSONL file: an object with ``input_ids`` or ``text_column``, or a bare string."""
+    candidates = []
+    for where, record in jsonl_lines(path):
         if isinstance(record, str):
             candidates.append(Candidate(record, where))
         elif isinstance(record, dict) and "input_ids" in record:
@@ -204,6 +214,18 @@ def load_tokenizer(tokenizer: Any) -> Any:
     return AutoTokenizer.from_pretrained(source, local_files_only=os.path.isdir(source))
 
 
+def check_text(text: str, source: str) -> None:
+    """``ValueError`` naming ``source`` when ``text`` holds a lone surrogate (``"\\ud800"`` in JSON): no
+    tokenizer takes it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError(
+            f"{source}: expected valid Unicode text, got a lone surrogate {text[error.start]!r} at character "
+            f"{error.start}"
+        ) from None
+
+
 def _encoder(tokenizer: Any) -> Callable[[Candidate], list[int]]:
     def encode(candidate: Candidate) -> list[int]:
         ids = _token_ids(candidate.item, candidate.source)
@@ -216,13 +238,7 @@ def _encoder(tokenizer: Any) -> Callable[[Candidate], list[int]]:
             )
         if tokenizer is None:
             raise ValueError("the probe data holds text: pass tokenizer= to turn it into token ids")
-        try:
-            candidate.item.encode("utf-8")
-        except UnicodeEncodeError as error:  # a lone surrogate ("\ud800" in JSON): no tokenizer takes it
-            raise ValueError(
-                f"{candidate.source}: expected valid Unicode text, got a lone surrogate "
-                f"{candidate.item[error.start]!r} at character {error.start}"
-            ) from None
+        check_text(candidate.item, candidate.source)
         return list(tokenizer(candidate.item, add_special_tokens=True, truncation=False, verbose=False)["input_ids"])
 
     return encode
