@@ -100,7 +100,7 @@ def disagreement_reports(tmp_path_factory):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     subprocess.run([*launcher, script, str(out), str(SYNC_TIMEOUT)], check=True, env=env, timeout=HANG_TIMEOUT)
     reports = [json.loads((out / f"report.{rank}.json").read_text()) for rank in range(2)]
-    for case in ("skip", "offset", "force", "finish", "two", "rerun"):  # the measured waits, for the closing notes
+    for case in ("skip", "offset", "force", "finish", "two", "two_first", "rerun"):  # measured waits, for the notes
         print(case, [(round(r[case]["waited"], 2), round(r[case]["longest_call"], 2)) for r in reports])
     return out, reports
 
@@ -131,14 +131,16 @@ def test_processes_that_disagree_cost_one_bounded_wait_and_one_error(disagreemen
     assert [line["step"] for line in lines if "mnn/layer_0" in line] == logged
 
 
-def test_a_monitor_used_rightly_beside_one_that_is_not_keeps_probing(disagreement_reports):
+@pytest.mark.parametrize(("case", "misused", "kept"), [("two", "a", "b"), ("two_first", "b", "a")])
+def test_a_monitor_used_rightly_beside_one_that_is_not_keeps_probing(disagreement_reports, case, misused, kept):
+    """Whether the loop calls the misused monitor first or last, only it is off, after one wait."""
     out, reports = disagreement_reports
     for report in reports:
-        assert report["two"]["losses"] == report["none"]["losses"]
-    main, other = (report["two"]["warnings"] for report in reports)
+        assert report[case]["losses"] == report["none"]["losses"]
+    main, other = (report[case]["warnings"] for report in reports)
     assert len(main) == 1 and "process 1 did not reach the monitor's probe" in main[0] and other == []
-    assert [line["step"] for line in probe_lines(out / "two" / "a" / "mnn_metrics.jsonl")] == [0, 2]
-    assert [line["step"] for line in probe_lines(out / "two" / "b" / "mnn_metrics.jsonl")] == [0, 2, 4, 6, 8]
+    assert [line["step"] for line in probe_lines(out / case / misused / "mnn_metrics.jsonl")] == [0, 2]
+    assert [line["step"] for line in probe_lines(out / case / kept / "mnn_metrics.jsonl")] == [0, 2, 4, 6, 8]
 
 
 def test_after_a_disagreement_the_next_run_of_the_same_monitor_agrees_afresh(disagreement_reports):

@@ -133,3 +133,61 @@ def test_a_resume_from_a_checkpoint_of_a_run_that_a_later_run_abandoned_reads_as
     assert resumed.history[:4] == first.history  # checkpoint-6 was A's
     assert resumed.history[1]["mnn/layer_2"] != scratch.history[1]["mnn/layer_2"]
     assert_every_reader_sees(tmp_path, resumed.history, tmp_path / "readers")
+
+
+def test_a_checkpoint_saved_before_the_resumed_runs_first_probe_names_that_run(tmp_path):
+    """A probes 0, 4, 6 (its last); B resumes from checkpoint-4 and saves checkpoint-6 before it probes
+    (at 8); C resumes from B's checkpoint-6: A's line at 6 (another model's) is not on C's timeline."""
+    make_trainer(
+        tmp_path, MNNCallback(PROBE_DATA, every_n_steps=4), save_strategy="steps", save_steps=2, max_steps=6
+    ).train()
+    middle = MNNCallback(PROBE_DATA, every_n_steps=4)
+    trainer = make_trainer(tmp_path, middle, save_strategy="steps", save_steps=2, max_steps=10, learning_rate=1e-2)
+    trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
+    last = MNNCallback(PROBE_DATA, every_n_steps=4)
+    trainer = make_trainer(tmp_path, last, save_strategy="steps", save_steps=2, max_steps=10, learning_rate=1e-2)
+    trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-6"))
+
+    assert [entry["step"] for entry in last.history] == [0, 4, 8, 10]
+    assert_every_reader_sees(tmp_path, last.history, tmp_path / "readers")
+
+
+def test_lines_of_an_older_version_without_run_ids_are_continued_by_their_place(tmp_path):
+    """An older version's run A (no run ids), resumed by B from A's step-6 state, a new run F from scratch,
+    then C resumed from B's state at step 9 (probed to 8): C's timeline is A's to 6, B's 8, its own."""
+    import torch
+    from helpers import tiny_model
+
+    from mnn_callback import MNNMonitor
+
+    def train(monitor, model, steps, keep_at=None):
+        kept = None
+        for step in steps:
+            with torch.no_grad():
+                model.transformer.wte.weight.mul_(1.02)  # every step moves the representations
+            monitor.step(model, step)
+            if step == keep_at:
+                kept = monitor.state_dict()
+        return kept
+
+    model, options = tiny_model("gpt2"), {"out_dir": tmp_path, "every_n_steps": 2, "dashboards": False}
+    old = MNNMonitor(PROBE_DATA, **options)
+    saved = train(old, model, range(9), keep_at=6)
+    old.finish(model, 8)
+    del saved["run"]  # as an older version saved it
+    path = tmp_path / "mnn_metrics.jsonl"
+    path.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "run"}) + "\n" for r in read_jsonl(path)))
+    middle = MNNMonitor(PROBE_DATA, **options)
+    middle.load_state_dict(saved)
+    saved = train(middle, model, range(7, 10), keep_at=9)
+    middle.finish(model, 9)  # its probe at 9 comes after the state C resumes from
+    scratch = MNNMonitor(PROBE_DATA, **options)
+    train(scratch, tiny_model("gpt2", seed=1), range(5))
+    scratch.finish(model, 4)
+    last = MNNMonitor(PROBE_DATA, **options)
+    last.load_state_dict(saved)
+    train(last, model, range(10, 13))
+    last.finish(model, 12)
+
+    assert [entry["step"] for entry in last.history] == [0, 2, 4, 6, 8, 10, 12]
+    assert_every_reader_sees(tmp_path, last.history, tmp_path / "readers")

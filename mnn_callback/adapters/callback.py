@@ -260,9 +260,13 @@ class MNNCallback(TrainerCallback):
         if measurement.result is None:
             return
         state.log_history.append(self._log_entry(self.history[-1]))
+        self._keep_state(state)
+
+    def _keep_state(self, state: Any) -> None:
+        """What a checkpoint saved from now on carries (in ``trainer_state.json``): this run's id from its start."""
         state.stateful_callbacks[self._state_key] = {
             "fingerprint": self.probe.fingerprint,
-            "reference": self.reference.to_dict(),
+            "reference": None if self.reference is None else self.reference.to_dict(),
             "run": self.monitor.run_id,
         }
 
@@ -290,6 +294,7 @@ class MNNCallback(TrainerCallback):
         # needs a new reference (another probe configuration, or none was saved).
         if not (resumed and self.reference is not None) and self.monitor.last_step != state.global_step:
             self._measure(state, model, optimizer)
+        self._keep_state(state)
         self.monitor.start_clock(state.global_step)
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):

@@ -79,56 +79,72 @@ def current_timeline(records: Iterable[Mapping[str, Any]]) -> list[Mapping[str, 
     [(0, 'a'), (2, 'a'), (4, 'a'), (6, 'c')]
     """
     records = list(records)
-    kept: dict[str, list[int]] = defaultdict(list)  # each monitor's probe lines not superseded so far
-    opened: dict[str, Mapping[str, Any]] = {}  # monitors whose latest run has not probed yet: its config or resume
+    by_monitor: dict[str, list[int]] = defaultdict(list)
     for index, record in enumerate(records):
-        monitor = record.get("monitor", DEFAULT_NAME)
-        if record.get("event") in ("config", "resume"):
-            opened[monitor] = record
-        if record.get("event") == "resume":
-            kept[monitor] = [i for i in kept[monitor] if not _later(records[i]["step"], record.get("step"))]
-        elif _is_probe_line(record):
-            start, step = opened.pop(monitor, None), record["step"]
-            if start is not None and start["event"] == "config":
-                kept[monitor] = []
-            elif start is not None and start.get("step") == step:
-                kept[monitor] = [i for i in kept[monitor] if records[i]["step"] != step]
-            kept[monitor].append(index)
-    for monitor in kept:
-        mine = [i for i, record in enumerate(records) if record.get("monitor", DEFAULT_NAME) == monitor]
-        if all(isinstance(records[i].get("run"), str) for i in mine if _is_probe_line(records[i])):
-            kept[monitor] = _lineage(records, mine)
-    timeline = {index for indices in kept.values() for index in indices}
+        by_monitor[record.get("monitor", DEFAULT_NAME)].append(index)
+    timeline: set[int] = set()
+    for indices in by_monitor.values():
+        named = any(isinstance(records[i].get("run"), str) for i in indices if _is_probe_line(records[i]))
+        timeline.update(_lineage(records, indices) if named else _by_position(records, indices))
     return [record for index, record in enumerate(records) if index in timeline or not _is_probe_line(record)]
+
+
+def _by_position(records: list[Mapping[str, Any]], indices: list[int]) -> list[int]:
+    """One monitor's probe lines on its latest run's timeline, read by their place in the file (no run ids)."""
+    kept: list[int] = []
+    opened: Mapping[str, Any] | None = None  # the latest run's config or resume, until it probes
+    for index in indices:
+        record = records[index]
+        if record.get("event") in ("config", "resume"):
+            opened = record
+        if record.get("event") == "resume":
+            kept = [i for i in kept if not _later(records[i]["step"], record.get("step"))]
+        elif _is_probe_line(record):
+            if opened is not None and opened["event"] == "config":
+                kept = []
+            elif opened is not None and opened.get("step") == record["step"]:
+                kept = [i for i in kept if records[i]["step"] != record["step"]]
+            opened = None
+            kept.append(index)
+    return kept
 
 
 def _lineage(records: list[Mapping[str, Any]], indices: list[int]) -> list[int]:
     """One monitor's probe lines on the timeline of its latest run (the run of its last probe line or
     ``resume``), following each ``resume``'s ``continues`` back: a run's lines up to the step its
-    successor resumed at (the smallest such step on the way), none at a step a later run holds."""
+    successor resumed at (the smallest such step on the way), none at a step a later run holds. A
+    ``resume`` that names no run (its checkpoint is from a version without run ids) continues the
+    lines before it, read by their place."""
     lines: dict[str, list[int]] = defaultdict(list)
-    continues: dict[str, tuple[Any, Any]] = {}  # run -> (the run it continues, the step it resumed at)
+    continues: dict[str, tuple[Any, Any, int]] = {}  # run -> (the run it continues, its resume step, where)
     latest = None
     for index in indices:
         record = records[index]
-        if _is_probe_line(record):
+        if _is_probe_line(record) and isinstance(record.get("run"), str):
             lines[record["run"]].append(index)
             latest = record["run"]
         elif record.get("event") == "resume" and isinstance(record.get("run"), str):
-            continues[record["run"]] = (record.get("continues"), record.get("step"))
+            continues[record["run"]] = (record.get("continues"), record.get("step"), index)
             latest = record["run"]
     kept: list[int] = []
     steps: set[Any] = set()
-    run, bound, visited = latest, None, set()
-    while isinstance(run, str) and run not in visited:
-        visited.add(run)
-        for index in reversed(lines[run]):
+
+    def keep(candidates: list[int], bound: Any) -> None:
+        for index in reversed(candidates):
             step = records[index]["step"]
             if (bound is None or not _later(step, bound)) and step not in steps:
                 kept.append(index)
                 steps.add(step)
-        run, resumed_at = continues.get(run, (None, None))
+
+    run, bound, visited = latest, None, set()
+    while isinstance(run, str) and run not in visited:
+        visited.add(run)
+        keep(lines[run], bound)
+        parent, resumed_at, where = continues.get(run, (None, None, None))
         bound = resumed_at if bound is None or _later(bound, resumed_at) else bound
+        if parent is None and where is not None:  # an older checkpoint: the lines before, by their place
+            keep(_by_position(records, [i for i in indices if i < where]), bound)
+        run = parent
     return sorted(kept)
 
 

@@ -35,6 +35,7 @@ _LAST_ALL_REDUCE: list[Any] = []
 
 
 _AGREEMENTS = itertools.count()  # each StepAgreement's place in this process: which of two waits gives way
+_CALLS = itertools.count()  # every agree() call of this process, in order: the order a loop calls its monitors in
 _RUNS: dict[str, int] = {}  # per monitor name, the agreements made so far in this process: each run's key space
 
 
@@ -131,9 +132,11 @@ class StepAgreement:
     off, training goes on.
 
     One agreement serves one run of the monitor named ``name`` (the n-th run of that name in each
-    process meets the n-th of the others). A process that is late because it waits in an earlier
-    agreement (another monitor's) is waited for: of two processes waiting for each other in two
-    agreements, the later one gives way, so only the earlier one's wait can run out.
+    process meets the n-th of the others). A process that is late because it waits in another
+    monitor's agreement that the loop calls earlier (as the processes' last calls showed; else
+    the one made first) is waited for: a process that skipped a monitor waits at the next one,
+    and the other, once its wait at the skipped one ran out, comes there. So of two processes
+    waiting for each other, only the wait at the monitor called first runs out.
 
     Without a process group (or a store) every call agrees at once.
     """
@@ -147,6 +150,7 @@ class StepAgreement:
         run = _RUNS[name] = _RUNS.get(name, -1) + 1
         self.namespace = f"mnn_callback/agreement/{name}/{run}"
         self.order = next(_AGREEMENTS)
+        self.previous_call = -1  # this agreement's last agree() among the process's calls (-1: none yet)
         self.probes = 0  # probes agreed (or tried) so far: the same on every process while they agree
         self.waited = 0.0  # the longest wait so far, in seconds
         self.disagreement: str | None = None
@@ -177,32 +181,13 @@ class StepAgreement:
         if not store.check([outcome]):  # decided already only when it is off: then nobody waits for this one
             store.set(keys[rank], what)
         waiting = f"mnn_callback/waiting/{rank}"
-        store.set(waiting, str(self.order))
-        started, pause = time.monotonic(), 0.001
-        while not store.check([outcome]):
-            if store.check(keys):
-                doing = [store.get(key).decode() for key in keys]
-                reason = "the processes were at different probes: " + "; ".join(
-                    f"process {other} at {done}" for other, done in enumerate(doing)
-                )
-                store.compare_set(outcome, "", self.GO if len(set(doing)) == 1 else reason)
-            elif time.monotonic() - started > self.timeout:
-                missing = [other for other in range(size) if not store.check([keys[other]])]
-                if self._waiting_earlier(store, missing, rank):
-                    started = time.monotonic()  # they are bound by their own wait: come here after it
-                    continue
-                store.compare_set(
-                    outcome,
-                    "",
-                    f"{_processes(missing)} did not reach the monitor's probe within {self.timeout:g} s while "
-                    f"process {rank} was at {what}: a step() call skipped, a step number that differs, force=True or "
-                    "finish() on some processes only",
-                )
-            else:
-                time.sleep(pause)
-                pause = min(2 * pause, 0.05)
-        self.waited = max(self.waited, time.monotonic() - started)
-        store.set(waiting, "")
+        place = (self.previous_call, self.order, rank)
+        store.set(waiting, f"{self.previous_call},{self.order}")
+        self.previous_call = next(_CALLS)
+        try:
+            self._wait(store, outcome, keys, place, what)
+        finally:
+            store.set(waiting, "")
         decided = store.get(outcome).decode()
         if decided != self.GO:
             self.disagreement = (
@@ -215,14 +200,47 @@ class StepAgreement:
             if rank == 0:
                 store.delete_key(f"{self.namespace}/{probe - 1}/outcome")
 
-    def _waiting_earlier(self, store: Any, ranks: list[int], rank: int) -> bool:
-        """Whether one of ``ranks`` waits in an agreement that comes before this one (its order, then its rank)."""
-        for other in ranks:
-            key = f"mnn_callback/waiting/{other}"
-            order = store.get(key).decode() if store.check([key]) else ""
-            if order and (int(order), other) < (self.order, rank):
-                return True
-        return False
+    def _wait(self, store: Any, outcome: str, keys: list[str], place: tuple[int, int, int], what: str) -> None:
+        """Until the probe's outcome is decided: by this process once every key is there, or once the
+        others did not come within the timeout (waiting longer, up to 3 timeouts in all, for a process
+        bound by a wait at an agreement called earlier)."""
+        started = waiting_since = time.monotonic()
+        pause = 0.001
+        while not store.check([outcome]):
+            now = time.monotonic()
+            if store.check(keys):
+                doing = [store.get(key).decode() for key in keys]
+                reason = "the processes were at different probes: " + "; ".join(
+                    f"process {other} at {done}" for other, done in enumerate(doing)
+                )
+                store.compare_set(outcome, "", self.GO if len(set(doing)) == 1 else reason)
+            elif now - waiting_since > self.timeout:
+                missing = [other for other in range(len(keys)) if not store.check([keys[other]])]
+                if now - started < 3 * self.timeout and _waiting_earlier(store, missing, place):
+                    waiting_since = now  # they are bound by their own wait: they come here after it
+                    continue
+                store.compare_set(
+                    outcome,
+                    "",
+                    f"{_processes(missing)} did not reach the monitor's probe within {self.timeout:g} s while "
+                    f"process {place[2]} was at {what}: a step() call skipped, a step number that differs, "
+                    "force=True or finish() on some processes only",
+                )
+            else:
+                time.sleep(pause)
+                pause = min(2 * pause, 0.05)
+        self.waited = max(self.waited, time.monotonic() - waiting_since)
+
+
+def _waiting_earlier(store: Any, ranks: list[int], place: tuple[int, int, int]) -> bool:
+    """Whether one of ``ranks`` waits in an agreement that comes before the one at ``place`` (its last call,
+    then the order agreements were made in, then the rank): a strict order, so no two waits wait for each other."""
+    for other in ranks:
+        key = f"mnn_callback/waiting/{other}"
+        theirs = store.get(key).decode() if store.check([key]) else ""
+        if theirs and (*map(int, theirs.split(",")), other) < place:
+            return True
+    return False
 
 
 def _processes(ranks: list[int]) -> str:

@@ -9,7 +9,8 @@ DDP, with an :class:`MNNMonitor` probing every 2 steps (but in ``none``):
 - ``offset``: process 1 passes ``step + 1`` (a counter that starts at 1);
 - ``force``: process 0 calls ``step(force=True)`` at step 3, alone;
 - ``finish``: process 1 calls ``finish`` at step 5 (an early stop) and the monitor no more;
-- ``two``: two monitors of the same model (``a/`` and ``b/``); process 1 skips monitor a's step 4;
+- ``two``: two monitors of the same model (``a/`` and ``b/``, the loop calls b first); process 1 skips
+  a's step 4; ``two_first``: the same, process 1 skipping b's step 4 (it then waits at a's probe);
 - ``rerun``: ``skip``, then the same monitor for a second run (steps 0-4 again after ``finish``);
 - ``calibration``: every probe's first forward fails on process 1 (before any of the probe's sums).
 
@@ -25,7 +26,7 @@ import warnings
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-CASES = ("none", "skip", "offset", "force", "finish", "two", "rerun", "calibration")
+CASES = ("none", "skip", "offset", "force", "finish", "two", "two_first", "rerun", "calibration")
 
 
 def train(case: str, output_dir: str, sync_timeout: float) -> dict:
@@ -40,7 +41,7 @@ def train(case: str, output_dir: str, sync_timeout: float) -> dict:
     model = tiny_model("gpt2", seed=0)
     options = {"every_n_steps": 2, "batch_size": 2, "sync_timeout": sync_timeout}
     monitor = second = None
-    if case == "two":
+    if case in ("two", "two_first"):
         monitor = MNNMonitor(PROBE_DATA, out_dir=os.path.join(output_dir, case, "a"), **options)
         second = MNNMonitor(PROBE_DATA, out_dir=os.path.join(output_dir, case, "b"), **options)
     elif case != "none":
@@ -75,7 +76,7 @@ def train(case: str, output_dir: str, sync_timeout: float) -> dict:
         optimizer.step()
         optimizer.zero_grad()
         losses.append(loss.item())
-        if second is not None:
+        if second is not None and not (case == "two_first" and rank == 1 and step == 4):
             call(second.step, ddp, step)
         if monitor is None or finished:
             continue
