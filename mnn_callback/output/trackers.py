@@ -72,9 +72,15 @@ class MlflowSink(Sink):
             self.client.log_batch(self.run_id, metrics=metrics[start : start + 1000])
 
 
-# What ``COMET_MODE`` may hold for the Trainer's ``CometCallback`` (transformers' ``comet_ml.start``
-# integration): any other value turns its Comet logging off, with "Invalid COMET_MODE env value".
-_TRAINER_COMET_MODES = ("get", "get_or_create", "create")
+def _trainer_comet_modes() -> tuple[str, ...]:
+    """What ``COMET_MODE`` may hold for the installed transformers' ``CometCallback``: any other value turns
+    its Comet logging off ("Invalid COMET_MODE env value"). transformers 4 also reads online and offline."""
+    try:
+        import transformers
+    except ImportError:
+        return ("get", "get_or_create", "create")
+    major = int(transformers.__version__.split(".")[0])
+    return ("get", "get_or_create", "create") + (("online", "offline") if major < 5 else ())
 
 
 def _comet_configuration_problem() -> str | None:
@@ -100,10 +106,10 @@ def _why_no_comet_experiment(ended: Any) -> str:
         found = "no running Comet experiment (comet_ml.get_running_experiment() is None)"
     else:
         found = f"no running Comet experiment: the last one ({ended.get_key()}) has ended"
-    mode = os.environ.get("COMET_MODE", "")
-    if mode and mode.lower() not in _TRAINER_COMET_MODES:
+    mode, modes = os.environ.get("COMET_MODE", ""), _trainer_comet_modes()
+    if mode and mode.lower() not in modes:
         why = (
-            f"COMET_MODE={mode!r} is not a mode of the Trainer's CometCallback ({', '.join(_TRAINER_COMET_MODES)}): "
+            f"COMET_MODE={mode!r} is not a mode of the Trainer's CometCallback ({', '.join(modes)}): "
             "it turned the Trainer's Comet logging off and started no experiment; for an offline experiment set "
             "COMET_START_ONLINE=0 and unset COMET_MODE"
         )
