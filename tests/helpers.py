@@ -45,6 +45,27 @@ def tiny_model(kind: str, seed: int = 0, vocab_size: int = VOCAB, layers: int = 
     raise ValueError(kind)
 
 
+def tiny_lightning_module(fail_at_step: int | None = None):
+    """A LightningModule training a tiny GPT-2 kept as ``self.model`` (AdamW, lr 1e-2); with
+    ``fail_at_step``, its training step raises there."""
+    import lightning
+
+    class TinyGPT2(lightning.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = tiny_model("gpt2", seed=0)
+
+        def training_step(self, batch, batch_idx):
+            if self.trainer.global_step == fail_at_step:
+                raise RuntimeError("simulated: the training step fails")
+            return self.model(input_ids=batch, labels=batch).loss
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+    return TinyGPT2()
+
+
 def make_hidden(kind: str, batch: int, length: int, d: int, seed: int = 0) -> torch.Tensor:
     """Synthetic hidden states: random, rank-deficient, or anisotropic like real LLM activations."""
     g = torch.Generator().manual_seed(seed)

@@ -9,7 +9,7 @@ import sys
 import warnings
 
 import pytest
-from helpers import HANG_TIMEOUT, PROBE_DATA, probe_lines, random_sequences, tiny_model
+from helpers import HANG_TIMEOUT, PROBE_DATA, probe_lines, random_sequences, tiny_lightning_module
 
 pytest.importorskip("lightning")
 import lightning
@@ -49,18 +49,6 @@ def test_two_processes_under_the_ddp_strategy_write_once_with_the_single_process
         assert two[0][key] == pytest.approx(one[0][key], rel=1e-6), key
 
 
-class TinyGPT2(lightning.LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.model = tiny_model("gpt2", seed=0)
-
-    def training_step(self, batch, batch_idx):
-        return self.model(input_ids=batch, labels=batch).loss
-
-    def configure_optimizers(self):
-        return torch.optim.AdamW(self.parameters(), lr=1e-2)
-
-
 def fit(root, callbacks, max_steps=6, ckpt_path=None, checkpoints=None):
     """A real single-process fit of a tiny GPT-2; with ``checkpoints``, a checkpoint every 3 steps there."""
     lightning.seed_everything(0, verbose=False)
@@ -78,7 +66,7 @@ def fit(root, callbacks, max_steps=6, ckpt_path=None, checkpoints=None):
         enable_model_summary=False,
         callbacks=[*callbacks, *extra],
     )
-    trainer.fit(TinyGPT2(), loader, ckpt_path=ckpt_path)
+    trainer.fit(tiny_lightning_module(), loader, ckpt_path=ckpt_path)
     return trainer
 
 
@@ -155,13 +143,6 @@ def test_sinks_named_without_out_dir_write_into_the_trainers_directory(tmp_path)
     assert list((tmp_path / "runs").glob("events.out.tfevents.*"))
 
 
-class FailsAtStep4(TinyGPT2):
-    def training_step(self, batch, batch_idx):
-        if self.trainer.global_step == 4:
-            raise RuntimeError("simulated: the training step fails")
-        return super().training_step(batch, batch_idx)
-
-
 def test_a_fit_that_fails_closes_the_monitor_and_its_checkpoint_resumes_under_the_same_name(tmp_path):
     crashed = MNNLightningCallback(PROBE_DATA, module="model", every_n_steps=2, batch_size=4, dashboards=False)
     lightning.seed_everything(0, verbose=False)
@@ -176,7 +157,7 @@ def test_a_fit_that_fails_closes_the_monitor_and_its_checkpoint_resumes_under_th
     )
     loader = torch.utils.data.DataLoader(torch.tensor(random_sequences(48, 12, 12, seed=1)), batch_size=4)
     with pytest.raises(RuntimeError, match="simulated"):
-        trainer.fit(FailsAtStep4(), loader)
+        trainer.fit(tiny_lightning_module(fail_at_step=4), loader)
     assert not crashed.monitor.is_open and steps(tmp_path / "mnn_metrics.jsonl") == [0, 2, 4]
     resumed = MNNLightningCallback(PROBE_DATA, module="model", every_n_steps=2, batch_size=4, dashboards=False)
     with warnings.catch_warnings():

@@ -13,20 +13,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 def main(out: str, monitor: bool) -> None:
     import lightning
     import torch
-    from helpers import PROBE_DATA, random_sequences, tiny_model
+    from helpers import PROBE_DATA, random_sequences, tiny_lightning_module
 
     from mnn_callback.adapters.lightning import MNNLightningCallback
-
-    class Module(lightning.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = tiny_model("gpt2", seed=0)
-
-        def training_step(self, batch, batch_idx):
-            return self.model(input_ids=batch, labels=batch).loss
-
-        def configure_optimizers(self):
-            return torch.optim.AdamW(self.parameters(), lr=1e-2)
 
     lightning.seed_everything(0, verbose=False)
     data = torch.tensor(random_sequences(48, 12, 12, seed=1))
@@ -45,7 +34,7 @@ def main(out: str, monitor: bool) -> None:
         enable_model_summary=False,
         callbacks=callbacks,
     )
-    module = Module()
+    module = tiny_lightning_module()
     trainer.fit(module, loader)
     if trainer.is_global_zero:
         os.makedirs(out, exist_ok=True)
