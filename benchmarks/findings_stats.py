@@ -148,3 +148,52 @@ def bootstrap_spearman(x: Sequence[float], y: Sequence[float], seed: int = 0) ->
         random_state=np.random.default_rng(seed),
     )
     return float(result.confidence_interval.low), float(result.confidence_interval.high)
+
+
+def cluster_bootstrap_spearman(
+    x: Sequence[float], y: Sequence[float], clusters: Sequence[object], seed: int = 0
+) -> tuple[float, float]:
+    """95% percentile interval of Spearman's correlation, resampling whole clusters (scipy.stats.bootstrap).
+
+    Responses to one prompt are not independent of each other; the prompts are. Each resample draws
+    the clusters (prompts) with replacement and keeps every pair of each drawn cluster, so the
+    interval's unit of replication is the cluster, not the pair.
+    """
+    from scipy import stats
+
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    labels = list(dict.fromkeys(clusters))
+    members = [np.flatnonzero([c == label for c in clusters]) for label in labels]
+    if len(members) < 2:
+        raise ValueError(f"expected at least 2 clusters, got {len(members)}")
+
+    def statistic(chosen: np.ndarray) -> float:
+        rows = np.concatenate([members[int(index)] for index in chosen])
+        return stats.spearmanr(x[rows], y[rows]).statistic
+
+    result = stats.bootstrap(
+        (np.arange(len(members)),),
+        statistic,
+        vectorized=False,
+        n_resamples=RESAMPLES,
+        method="percentile",
+        random_state=np.random.default_rng(seed),
+    )
+    return float(result.confidence_interval.low), float(result.confidence_interval.high)
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjusted p-values, in the input order (family-wise error control).
+
+    With the m p-values sorted ascending, p_(1) <= ... <= p_(m): adjusted p_(i) =
+    max over j <= i of min(1, (m - j + 1) p_(j)).
+    """
+    values = np.asarray(p_values, dtype=float)
+    if values.ndim != 1 or not np.all((values >= 0) & (values <= 1)):
+        raise ValueError(f"expected p-values in [0, 1], got {list(p_values)}")
+    order = np.argsort(values, kind="mergesort")
+    m = len(values)
+    scaled = np.minimum(1.0, (m - np.arange(m)) * values[order])
+    adjusted = np.empty(m)
+    adjusted[order] = np.maximum.accumulate(scaled)
+    return adjusted.tolist()

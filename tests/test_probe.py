@@ -465,6 +465,20 @@ def test_standard_errors_are_the_sample_sd_over_root_n_of_per_sequence_values():
             assert result.metrics[f"{name}_se/layer_{layer}"] == result.standard_errors[name][layer]
 
 
+def test_a_run_keeps_each_sequences_values_by_default_and_per_sequence_false_only_drops_them():
+    model = tiny_model("gpt2", seed=4)
+    probe = Probe(random_sequences(6, 4, 20, seed=9), batch_size=4)
+    kept, dropped = probe.run(model), probe.run(model, per_sequence=False)
+    alone = per_sequence(model, probe.sequences)
+    assert sorted(kept.per_sequence) == sorted(
+        ["mnn", "mnn_vs_noise", "nuclear_norm", "matrix_entropy", "entropy_nats", "renyi2_entropy"]
+    )
+    for name, layers in kept.per_sequence.items():
+        assert np.allclose(layers, alone[name], rtol=1e-5, atol=1e-7), name
+    assert dropped.per_sequence is None
+    assert comparable(kept.metrics) == comparable(dropped.metrics)
+
+
 def test_packed_probes_have_the_same_length_everywhere():
     tokenizer = shakespeare_tokenizer()
     texts = [

@@ -223,7 +223,7 @@ def test_the_authors_recipe_samples_seeded_and_scores_each_response_on_its_own(m
     assert main([*argv, "--max-new-tokens", "16", "--seed", "3"]) == 0
     assert torch.equal(torch.get_rng_state(), state)  # the global RNG is left as it was
     printed = capsys.readouterr().out
-    assert "regime: n < d" in printed and "RISES" in printed  # 16-token responses, hidden size 32
+    assert "regime: 0.6d <= n < d" in printed and "not determined" in printed  # 20-26 tokens re-tokenised, d = 32
 
     tokenizer = shakespeare_tokenizer()
     model = AutoModelForCausalLM.from_pretrained(models[1], local_files_only=True).eval()
@@ -250,8 +250,63 @@ def test_the_authors_recipe_samples_seeded_and_scores_each_response_on_its_own(m
     row = read_csv(tmp_path / "out" / "ranking.csv")[0]
     assert float(row["repeated_4grams"]) == pytest.approx(sum(repeated) / len(repeated))
     assert float(row["erank"]) == pytest.approx(torch.tensor(erank).mean().exp().item(), rel=1e-5)
-    assert float(row["erank_se"]) > 0 and row["regime"] == "n < d"
+    assert float(row["erank_se"]) > 0 and row["regime"] == "0.6d <= n < d"
 
     assert main([*argv, "--max-new-tokens", "16", "--seed", "4", "--out", str(tmp_path / "other")]) == 0
     other = read_jsonl(tmp_path / "other" / "responses.jsonl")
     assert [line["response"] for line in other[:3]] != [line["response"] for line in lines[:3]]  # another seed
+
+
+def penalised_copy(source: str, path) -> str:
+    """A copy of the model at ``source`` whose saved generation_config penalises repeats (2.0; no repeated 2-gram)."""
+    from transformers import GenerationConfig
+
+    shutil.copytree(source, path)
+    config = GenerationConfig.from_pretrained(path)
+    config.repetition_penalty, config.no_repeat_ngram_size = 2.0, 2
+    config.save_pretrained(path)
+    return str(path)
+
+
+def generated(model, tokenizer, seed: int, **settings) -> list[str]:
+    """Each prompt's answer by ``model.generate(**settings)``, the CPU RNG seeded once before the first."""
+    texts = []
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(seed)
+        for prompt in PROMPTS.strip().split("\n\n"):
+            prompt_ids = tokenizer(prompt)["input_ids"]
+            output = model.generate(torch.tensor([prompt_ids]), max_new_tokens=16, pad_token_id=0, **settings)
+            response_ids = output[0, len(prompt_ids) :].tolist()
+            if tokenizer.eos_token_id in response_ids:
+                response_ids = response_ids[: response_ids.index(tokenizer.eos_token_id)]
+            texts.append(tokenizer.decode(response_ids, skip_special_tokens=True))
+    return texts
+
+
+def test_the_authors_recipe_neutralises_the_models_generation_config_and_greedy_keeps_it(models, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from mnn_callback.posthoc.responses import authors_sampling
+
+    path = penalised_copy(models[0], tmp_path / "penalised")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(PROMPTS)
+    answers = {}
+    for recipe in ("authors", "greedy"):
+        out = tmp_path / recipe
+        argv = ["rank", path, "--prompts", str(prompts), "--out", str(out), "--recipe", recipe, "--seed", "3"]
+        assert main([*argv, "--max-new-tokens", "16"]) == 0
+        answers[recipe] = [line["response"] for line in read_jsonl(out / "responses.jsonl") if "prompt" in line]
+
+    tokenizer = shakespeare_tokenizer()
+    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True).eval()
+    assert (model.generation_config.repetition_penalty, model.generation_config.no_repeat_ngram_size) == (2.0, 2)
+    settings = authors_sampling(model)
+    assert settings["repetition_penalty"] == 1.0 and settings["no_repeat_ngram_size"] == 0
+    assert not {"eos_token_id", "pad_token_id", "bos_token_id"} & set(settings)  # the token ids stay the model's
+    sampled = {"do_sample": True, "temperature": 0.7, "top_k": 0, "top_p": 1.0}
+    neutral = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0}
+    penalised_samples = generated(model, tokenizer, 3, **sampled)  # generate applies the saved config
+    assert answers["authors"] == generated(model, tokenizer, 3, **sampled, **neutral) != penalised_samples
+    unpenalised_greedy = generated(model, tokenizer, 3, do_sample=False, **neutral)
+    assert answers["greedy"] == generated(model, tokenizer, 3, do_sample=False) != unpenalised_greedy

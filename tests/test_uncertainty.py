@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ import torch
 from helpers import random_sequences, tiny_model
 from scipy import stats
 
-from mnn_callback import MemorySink, Monitor, Probe
+from mnn_callback import MemorySink, MNNWarning, Monitor, Probe
 from mnn_callback.core.uncertainty import paired_standard_error
 from mnn_callback.probing.results import Measurement
 
@@ -73,10 +74,38 @@ def test_the_diff_erank_standard_error_matches_a_paired_bootstrap(probes):
     assert after.difference_errors(before)["diff_erank"][LAYER] == pytest.approx(bootstrap, rel=0.1)
 
 
-def test_without_per_sequence_values_the_error_is_that_of_two_independent_means(probes):
+def test_without_per_sequence_values_the_error_is_that_of_two_independent_means_and_a_warning_says_so(probes):
     before, after = probes
-    error = after.difference_errors(dataclasses.replace(before, per_sequence=None))["mnn_change"][LAYER]
-    assert error == pytest.approx(math.hypot(after.standard_errors["mnn"][LAYER], before.standard_errors["mnn"][LAYER]))
+    independent = math.hypot(after.standard_errors["mnn"][LAYER], before.standard_errors["mnn"][LAYER])
+    unpaired = dataclasses.replace(before, per_sequence=None)
+    for now, then, missing in (
+        (after, unpaired, "the reference"),
+        (dataclasses.replace(after, per_sequence=None), before, "this result"),
+    ):
+        with pytest.warns(MNNWarning, match=f"same sample.*{missing} kept no per-sequence values") as caught:
+            error = now.difference_errors(then)["mnn_change"][LAYER]
+        assert len(caught) == 1  # one warning per comparison, not one per metric and layer
+        assert error == pytest.approx(independent)
+    other_sample = dataclasses.replace(unpaired, fingerprint="another sample")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # another sample: independent means are the right comparison, no warning
+        assert after.difference_errors(other_sample)["mnn_change"][LAYER] == pytest.approx(independent)
+
+
+def test_two_runs_with_the_defaults_on_one_sample_are_compared_paired():
+    probe = Probe(random_sequences(24, 8, 40, seed=6), batch_size=8)
+    model = tiny_model("gpt2", seed=3)
+    before = probe.run(model)
+    with torch.no_grad():
+        model.transformer.h[0].mlp.c_fc.weight.mul_(1.5)
+    after = probe.run(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        errors = after.difference_errors(before)
+    change = np.asarray(after.per_sequence["mnn"][LAYER]) - np.asarray(before.per_sequence["mnn"][LAYER])
+    assert errors["mnn_change"][LAYER] == pytest.approx(change.std(ddof=1) / math.sqrt(len(change)), rel=1e-9)
+    independent = math.hypot(after.standard_errors["mnn"][LAYER], before.standard_errors["mnn"][LAYER])
+    assert errors["mnn_change"][LAYER] < independent
 
 
 def test_the_monitor_logs_changes_with_paired_errors_under_schema_keys():

@@ -118,6 +118,10 @@ class MNNCallback(TrainerCallback):
         sync_timeout: with several processes, the seconds one waits at a probe for the others
             (default 300); a process that does not come (or comes to another step) turns the
             monitor off on every process, with one error, and training goes on.
+        alert: the collapse alarm: True, a :class:`~mnn_callback.monitoring.alarm.CollapseAlert` or a
+            dict of its fields. When a hidden state's Matrix Entropy (or eRank) falls by more than
+            ``k`` paired standard errors and ``min_drop``: one warning, an ``alert`` event, ``wandb.alert``;
+            with ``stop=True`` the Trainer stops (``control.should_training_stop``).
         **probe_options: passed to :class:`~mnn_callback.probing.probe.Probe` (``max_samples``,
             ``max_length``, ``batch_size``, ``layers``, ``seed``, ``dtype``, ...).
 
@@ -144,6 +148,7 @@ class MNNCallback(TrainerCallback):
         strict: bool = False,
         dashboards: Dashboards | bool = True,
         sync_timeout: float = DEFAULT_SYNC_TIMEOUT,
+        alert: Any = None,
         **probe_options: Any,
     ) -> None:
         self.requested_name = validate_name(name)
@@ -160,6 +165,7 @@ class MNNCallback(TrainerCallback):
             reference=reference,
             dashboards=dashboards,
             sync_timeout=sync_timeout,
+            alert=alert,
         )
         self.monitor.adapter_settings = {"on_evaluate": bool(on_evaluate)}
         self.sink_specs = None if sinks is None else list(sinks)
@@ -250,6 +256,7 @@ class MNNCallback(TrainerCallback):
                 "history": history,
                 "last_step": history[-1].get("step") if history else None,  # checked there
                 "run": saved.get("run"),
+                "alarm": saved.get("alarm"),
             }
         )
 
@@ -268,6 +275,7 @@ class MNNCallback(TrainerCallback):
             "fingerprint": self.probe.fingerprint,
             "reference": None if self.reference is None else self.reference.to_dict(),
             "run": self.monitor.run_id,
+            "alarm": None if self.monitor.alarm is None else self.monitor.alarm.state_dict(),
         }
 
     # -- Trainer events ---------------------------------------------------------------------------
@@ -299,6 +307,8 @@ class MNNCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         self.guard.call("the monitor (step end)", self._step_end, state, model, optimizer)
+        if self.monitor.should_stop:  # the collapse alarm fired with stop=True
+            control.should_training_stop = True
 
     def _step_end(self, state: Any, model: nn.Module, optimizer: Any) -> None:
         if self.monitor.due(state.global_step):
@@ -310,6 +320,8 @@ class MNNCallback(TrainerCallback):
     def on_evaluate(self, args, state, control, model=None, optimizer=None, **kwargs):
         if self.probe_on_evaluate and self.monitor.last_step != state.global_step:
             self.guard.call("the monitor (evaluate)", self._measure, state, model, optimizer)
+        if self.monitor.should_stop:
+            control.should_training_stop = True
 
     def on_save(self, args, state, control, **kwargs):
         if not state.is_world_process_zero:

@@ -130,6 +130,8 @@ class MNNLightningCallback(MNNMonitor, Callback):
         model = self._model(pl_module)
         if model is not None:
             self.step(model, trainer.global_step)  # a step probed already (accumulation): nothing
+        if self.should_stop:  # the collapse alarm fired with stop=True (alike on every process)
+            trainer.should_stop = True
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         model = self._model(pl_module)

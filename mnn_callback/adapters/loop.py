@@ -55,7 +55,8 @@ class MNNMonitor:
             and ``"tensorboard"`` too when it is installed.
         log_dir: the TensorBoard directory (default ``out_dir/runs``).
         every_n_steps, schedule, max_overhead, exact_every, reference, strict, dashboards, name,
-            sync_timeout: as for :class:`~mnn_callback.adapters.callback.MNNCallback`.
+            sync_timeout, alert: as for :class:`~mnn_callback.adapters.callback.MNNCallback`; with
+            ``alert={"stop": True}`` the loop reads :attr:`should_stop` (True on every process alike).
         **probe_options: passed to :class:`~mnn_callback.probing.probe.Probe`.
 
     :meth:`step` must be called on every process of a ``torch.distributed`` group at the same
@@ -85,6 +86,7 @@ class MNNMonitor:
         name: str | None = None,
         dashboards: Dashboards | bool = True,
         sync_timeout: float = DEFAULT_SYNC_TIMEOUT,
+        alert: Any = None,
         **probe_options: Any,
     ) -> None:
         check_sink_specs(sinks)
@@ -101,6 +103,7 @@ class MNNMonitor:
             reference=reference,
             dashboards=dashboards,
             sync_timeout=sync_timeout,
+            alert=alert,
         )
         if "jsonl" in (sinks or ()) and out_dir is None and not self._out_dir_known_later:
             raise ValueError("the jsonl sink needs out_dir (where mnn_metrics.jsonl goes)")
@@ -117,6 +120,8 @@ class MNNMonitor:
     guard = property(lambda self: self.monitor.guard)
     every_n_steps = property(lambda self: self.monitor.every_n_steps)
     name = property(lambda self: self.monitor.name)
+    # the collapse alarm fired with stop=True: `if monitor.should_stop: break` (alike on every process)
+    should_stop = property(lambda self: self.monitor.should_stop)
 
     # -- what an adapter on top changes -----------------------------------------------------------
 

@@ -22,8 +22,10 @@ Diff-eRank (Wei et al., 2024). Lower Matrix Entropy and eRank mean a spectrum co
 fewer directions; they, the nuclear norm and the Rényi entropy do not change when the hidden
 space is rotated. MNN does (its column norms depend on the basis: the same data can score 0.09
 in one basis and 0.91 in another), it is capped at ``(min(n, d) / n)^1/2``, and its response
-to a collapse onto fewer directions changes sign at ``n = d``: with fewer tokens than dimensions
-it rises, with more it falls (:mod:`mnn_callback.core.regime`). So a lower MNN is not by itself a
+to a collapse onto fewer directions is not one-signed: a random-basis collapse raises it below
+0.6 d tokens and lowers it from d on, with a band between where its direction is not determined;
+a collapse onto coordinate axes or outlier coordinates lowers it at every n
+(:mod:`mnn_callback.core.regime`). So a lower MNN is not by itself a
 more compressed representation. ``mnn_vs_noise`` compares it with random Gaussian hidden states
 of the same n and d (:mod:`mnn_callback.core.noise`). The order-2 (Rényi) entropy is a different
 quantity from the Shannon one (it weighs large eigenvalues more, and is never larger); it is

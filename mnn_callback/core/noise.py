@@ -1,7 +1,7 @@
 """The noise reference of MNN: its expected value for i.i.d. isotropic Gaussian hidden states of the same shape.
 
 With unit rows, MNN of an ``n x d`` matrix is capped at ``(min(n, d) / n)^1/2``. Random directions
-sit near that cap only when ``n >= d``; with fewer tokens than dimensions (``n < d``, where LLM
+sit near that cap only when ``n >= d``; with fewer tokens than dimensions (``n < d``, where most LLM
 probes live) only the ``n`` largest of ``d`` column norms count, and noise sits far below it
 (0.34 of the cap at 64 x 768, 0.15 at 64 x 4096). So the noise value peaks at ``n = d`` and falls
 on both sides of it. The ratio ``MNN / E[MNN of noise with the same n and d]`` says how a measured

@@ -32,7 +32,11 @@ def paired_standard_error(
         SE = s(w_c c_i - w_r r_i) / sqrt(N)
 
     Example:
-        >>> round(paired_standard_error([1.0, 2.0, 3.0], [0.9, 2.0, 3.1]), 6)  # the same change everywhere: tiny
+        Three sequences whose values spread widely (each mean's own SE: s / sqrt(3) = 0.577), then changed:
+
+        >>> round(paired_standard_error([1.1, 2.1, 3.1], [1.0, 2.0, 3.0]), 6)  # +0.1 on every sequence
+        0.0
+        >>> round(paired_standard_error([1.1, 2.0, 2.9], [1.0, 2.0, 3.0]), 6)  # +0.1, 0, -0.1: s = 0.1
         0.057735
     """
     if len(current) != len(reference):

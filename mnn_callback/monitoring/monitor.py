@@ -21,9 +21,10 @@ from mnn_callback.core.errors import MNNWarning
 from mnn_callback.core.guard import Guard
 from mnn_callback.core.identity import DEFAULT_NAME, claim_name, release_name
 from mnn_callback.core.regime import MORE_TOKENS, regime_line
+from mnn_callback.monitoring.alarm import Alarm, CollapseAlert
 from mnn_callback.monitoring.reference import check_reference_sample, kept_reference
 from mnn_callback.monitoring.saved_state import read_saved_state
-from mnn_callback.monitoring.schedule import Overhead, Schedule
+from mnn_callback.monitoring.schedule import OVERHEAD_WARNING_SHARE, Overhead, Schedule
 from mnn_callback.output.figures import DashboardFeed, Dashboards
 from mnn_callback.output.sinks import Sink, SinkSet
 from mnn_callback.probing.distributed import StepAgreement, all_reduce, differing_across_processes
@@ -33,9 +34,6 @@ from mnn_callback.probing.results import Measurement, ProbeResult
 __all__ = ["DEFAULT_SYNC_TIMEOUT", "OVERHEAD_WARNING_SHARE", "Monitor"]
 
 DEFAULT_SYNC_TIMEOUT = 300.0  # seconds a process waits at a probe for the others before the monitor turns off
-
-OVERHEAD_WARNING_SHARE = 0.05  # without max_overhead, a share above this is warned about, once
-OVERHEAD_WARNING_PROBES = 5  # after this many scheduled probes: enough to estimate the share
 # settings that fix the sample: when they differ across processes, process 0's sample is used
 # (the fingerprint check); every other setting must be equal everywhere, or the collectives part ways
 _SAMPLE_SETTINGS = ("fingerprint", "sequences", "tokens", "seed", "max_samples")
@@ -59,13 +57,13 @@ class Monitor:
         dashboards: the pictures drawn besides the scalars (:class:`Dashboards`, or True/False).
         sync_timeout: under ``torch.distributed``, how many seconds a process waits at a probe for
             the others to reach it (keep it below the process group's own timeout).
+        alert: the collapse alarm (a :class:`~mnn_callback.monitoring.alarm.CollapseAlert`, a dict of its fields, True).
 
-    Every process runs :meth:`due` and :meth:`measure` at the same steps (the probe's work is
-    sharded, the budget decided together); only the main process (``is_main_process`` in
-    :meth:`open`) has sinks. Before each probe's first collective the processes agree that they
-    are at the same probe (:class:`~mnn_callback.probing.distributed.StepAgreement`); at the first
-    one they also compare their settings (e.g. ``every_n_steps``). Either difference would make
-    them part ways in the collectives: it costs one error, and the monitor is off on every process.
+    Every process runs :meth:`due` and :meth:`measure` at the same steps (the probe's work sharded,
+    the budget decided together); only the main process (``is_main_process`` in :meth:`open`) has
+    sinks. Before each probe's first collective the processes agree that they are at the same probe
+    (:class:`~mnn_callback.probing.distributed.StepAgreement`), at the first one on their settings
+    too: a difference costs one error, and the monitor is off on every process.
 
     Each :meth:`open` starts a run: a fresh history, schedule state and (unless one was given)
     Diff-eRank reference; :meth:`load_state_dict` then continues a saved one.
@@ -83,8 +81,10 @@ class Monitor:
         strict: bool = False,
         dashboards: Dashboards | bool = True,
         sync_timeout: float = DEFAULT_SYNC_TIMEOUT,
+        alert: Any = None,
     ) -> None:
         self.probe = probe
+        self.alert = CollapseAlert.of(alert)
         self.sync_timeout = sync_timeout
         self.agreement: StepAgreement | None = None  # each run's, made when it opens (or at its first probe)
         self.schedule = Schedule(every_n_steps, schedule, exact_every)
@@ -118,7 +118,7 @@ class Monitor:
         self.guard.reset()
         self._probes_run = 0  # measurements so far: which ones are exact (exact_every)
         self._probes_succeeded = 0
-        self._warned_overhead = False
+        self.alarm = Alarm(self.alert, self.every_n_steps) if self.alert is not None else None
         self._first_cost = 0.0  # the first probe's cost: the budget's estimate before any scheduled probe
         self.feed = DashboardFeed(self.dashboards, self.guard)
         self.disabled: str | None = None  # why the monitor is off on every process in this run, if it is
@@ -148,6 +148,8 @@ class Monitor:
             schedule["exact_every"] = self.schedule.exact_every
         if self.overhead.max_share is not None:
             schedule["max_overhead"] = self.overhead.max_share
+        if self.alert is not None:
+            schedule["alert"] = self.alert.config()
         return {**self.probe.config, **schedule, "monitor": self.name}
 
     def open(
@@ -314,6 +316,9 @@ class Monitor:
             measurement = Measurement(step, epoch, None, monitor=monitor)
         else:
             self._keep_reference(result, step)
+            if self.alarm is not None:  # decided alike on every process (all-reduced values); the main one announces
+                sinks = self.sinks if self.is_main_process else None
+                self.guard.call("the collapse alarm", self.alarm.observe, result, self.reference, step, sinks)
             if scheduled:
                 self.overhead.add(time.perf_counter() - started, probe=True, step=step)
                 monitor["time_share"] = self.overhead.share
@@ -349,7 +354,7 @@ class Monitor:
             warnings.warn(change, MNNWarning, stacklevel=4)
 
     def _announce_regime(self, result: ProbeResult, step: int) -> None:
-        """Which side of n = d the probe is on: a ``regime`` event, and an INFO line where MNN rises with collapse."""
+        """Where n lies against d: a ``regime`` event, and an INFO line wherever MNN can rise with collapse."""
         if result.regime is None:
             return
         self.log_event(
@@ -360,18 +365,15 @@ class Monitor:
             logger.info(regime_line(result.regime, int(low), int(high), int(result.hidden_size)))
 
     def _warn_overhead(self) -> None:
-        """Once, on the main process, when after 5 scheduled probes the cadence projects a share above 5%.
+        """Once, on the main process, when after a few scheduled probes the cadence projects a share above 5%."""
+        message = self.overhead.cadence_warning_due(self.every_n_steps) if self.is_main_process else None
+        if message:
+            warnings.warn(message, MNNWarning, stacklevel=5)
 
-        Only without ``max_overhead`` (a budget already keeps the share down).
-        """
-        overhead = self.overhead
-        if self._warned_overhead or not self.is_main_process or overhead.max_share is not None:
-            return
-        projected = overhead.projected_share(self.every_n_steps)
-        if overhead.probes < OVERHEAD_WARNING_PROBES or projected is None or projected <= OVERHEAD_WARNING_SHARE:
-            return
-        self._warned_overhead = True
-        warnings.warn(overhead.cadence_warning(self.every_n_steps, OVERHEAD_WARNING_SHARE), MNNWarning, stacklevel=5)
+    @property
+    def should_stop(self) -> bool:
+        """Whether the collapse alarm fired with ``stop=True`` in this run: the adapters stop training."""
+        return self.alarm is not None and self.alarm.stop_requested
 
     def poll(self) -> None:
         """Hand finished dashboard figures to the sinks (call at step boundaries; cheap)."""
@@ -406,14 +408,11 @@ class Monitor:
                     MNNWarning,
                     stacklevel=3,
                 )
-            if self.overhead.probes:
-                logger.info(self.overhead.summary())
+            cost = self.overhead
+            if cost.probes:
+                logger.info(cost.summary())
                 self.sinks.log_event(
-                    "overhead",
-                    self.last_step or 0,
-                    share=self.overhead.share,
-                    probes=self.overhead.probes,
-                    skipped=self.overhead.skipped,
+                    "overhead", self.last_step or 0, share=cost.share, probes=cost.probes, skipped=cost.skipped
                 )
         self.sinks.close()
 
@@ -427,6 +426,7 @@ class Monitor:
             "reference": None if self.reference is None else self.reference.to_dict(),
             "last_step": self.last_step,
             "run": self.run_id,
+            **({"alarm": self.alarm.state_dict()} if self.alarm is not None else {}),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> bool:
@@ -447,14 +447,14 @@ class Monitor:
             return False
         if saved.reference is not None and self._reference_model is None:
             self.reference = saved.reference
+        if self.alarm is not None and isinstance(state, Mapping):
+            self.alarm.load_state_dict(state.get("alarm"))
         return True
 
     def _forget(self, why: str) -> None:
-        warnings.warn(
-            f"{why}: the curves before and after are not comparable; a new Diff-eRank reference is taken at the "
-            "next probe",
-            MNNWarning,
-            stacklevel=4,
+        message = (
+            f"{why}: the curves before and after are not comparable; a new Diff-eRank reference is taken next probe"
         )
+        warnings.warn(message, MNNWarning, stacklevel=4)
         if self._reference_model is None:
             self.reference = None

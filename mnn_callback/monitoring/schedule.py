@@ -8,7 +8,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["SCHEDULES", "Overhead", "Schedule"]
+__all__ = ["OVERHEAD_WARNING_PROBES", "OVERHEAD_WARNING_SHARE", "SCHEDULES", "Overhead", "Schedule"]
+
+OVERHEAD_WARNING_SHARE = 0.05  # without max_overhead, a share above this is warned about, once
+OVERHEAD_WARNING_PROBES = 5  # after this many scheduled probes: enough to estimate the share
 
 SCHEDULES = ("fixed", "log")
 
@@ -72,6 +75,7 @@ class Overhead:
     largest_cost: float = 0.0
     start_step: int | None = None
     last_step: int | None = None
+    warned: bool = False  # the cadence warning was given
 
     def __post_init__(self) -> None:
         if self.max_share is not None and not (isinstance(self.max_share, (int, float)) and 0 < self.max_share < 1):
@@ -154,6 +158,19 @@ class Overhead:
             f"at {target:.0%} by these numbers; or set max_overhead={target} "
             f"(skips probes to stay under it) or method='cheap' (no spectra)"
         )
+
+    def cadence_warning_due(self, every_n_steps: int) -> str | None:
+        """The cadence warning, once, when after enough scheduled probes the projected share is too high.
+
+        Only without ``max_share`` (a budget already keeps the share down).
+        """
+        if self.warned or self.max_share is not None or self.probes < OVERHEAD_WARNING_PROBES:
+            return None
+        projected = self.projected_share(every_n_steps)
+        if projected is None or projected <= OVERHEAD_WARNING_SHARE:
+            return None
+        self.warned = True
+        return self.cadence_warning(every_n_steps, OVERHEAD_WARNING_SHARE)
 
     def summary(self) -> str:
         """One line: the scheduled probes' share of the training wall time, how many, how long, how many skipped."""

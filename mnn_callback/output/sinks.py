@@ -72,6 +72,10 @@ class Sink:
     def log_event(self, event: str, step: int, **fields: Any) -> None:
         """Record a run event, e.g. a resume from a checkpoint."""
 
+    def log_alert(self, title: str, text: str, step: int, **fields: Any) -> None:
+        """The collapse alarm fired: by default an ``alert`` event (a JSONL line, a TensorBoard text entry)."""
+        self.log_event("alert", step, message=text, **fields)
+
     def log_layout(self, layers: Sequence[int]) -> None:
         """Arrange the dashboard once the probed layers are known (first measurement)."""
 
@@ -303,6 +307,10 @@ class WandbSink(Sink):
             charts[f"charts/{name}"] = line_series(xs=steps, ys=ys, keys=keys, title=title, xname="step")
         self._log(charts, step)
 
+    def log_alert(self, title: str, text: str, step: int, **fields: Any) -> None:
+        """``run.alert``: W&B's own alert (e-mail or Slack, as the user's W&B settings say), level WARN."""
+        self.run.alert(title=title[:63], text=text, level="WARN")
+
     def log_config(self, config: Mapping[str, Any]) -> None:
         entry = "mnn_callback" + ("." + self.prefix.rstrip("/") if self.prefix else "")  # one per monitor
         self.run.config.update({entry: dict(config)}, allow_val_change=True)
@@ -438,6 +446,10 @@ class SinkSet:
     def log_event(self, event: str, step: int, **fields: Any) -> None:
         for sink in self.sinks:
             self.guard.call(f"the {sink.name} sink (log_event)", sink.log_event, event, step, **fields)
+
+    def log_alert(self, title: str, text: str, step: int, **fields: Any) -> None:
+        for sink in self.sinks:
+            self.guard.call(f"the {sink.name} sink (log_alert)", sink.log_alert, title, text, step, **fields)
 
     def close(self) -> None:
         self._each("close")

@@ -5,9 +5,10 @@ one), by one of two recipes (:mod:`~mnn_callback.posthoc.responses`: greedy and 
 context, the default; or the authors' sampled answers measured on their own), at the chosen
 hidden states; the final hidden state's MNN ranks the models, lowest first, as the paper does.
 Responses differ in length between models, and MNN depends on length: the mean response length
-is written beside every score, and ``mnn_vs_noise`` is the length-fair one. Responses are far
-shorter than a model's hidden size (n < d), where a collapse onto fewer directions RAISES MNN:
-a low MNN is not "more compressed" there (``regime`` column). A degenerate, repetitive answer
+is written beside every score, and ``mnn_vs_noise`` is the length-fair one. Short responses lie
+below 0.6 d, where a collapse onto a few random directions RAISES MNN, and a collapse onto
+coordinate axes or outlier coordinates lowers it: a low MNN is not "more compressed" there
+(``regime`` column; long sampled answers can reach the band below d or beyond it). A degenerate, repetitive answer
 shows in ``repeated_4grams`` and a low ``erank`` beside its score.
 """
 
@@ -336,8 +337,8 @@ def rank_models(
     over the devices (as in :func:`~mnn_callback.posthoc.evaluation.evaluate_models`). Under ``torchrun``
     every process calls it and ranks its own models; the main process writes.
     Returns the rows of ``ranking.csv`` (:data:`RANKING_COLUMNS`): ``rank`` by MNN ascending, ties
-    by name; beside the scores the ``regime`` (responses shorter than the hidden size: ``n < d``,
-    where a low MNN is not "more compressed"), eRank with its standard error, and the mean share
+    by name; beside the scores the ``regime`` (of the responses' lengths against the hidden size:
+    below d a low MNN is not "more compressed"), eRank with its standard error, and the mean share
     of repeated 4-grams of the responses (degenerate, repetitive answers). Models may be
     directories or hub ids (``org/name@revision``); a run directory stands for
     its final model (``checkpoints=True``: each of its checkpoints). A model that fails (a

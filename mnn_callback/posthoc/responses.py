@@ -5,8 +5,12 @@ Two recipes:
 - ``"greedy"`` (the default): a greedy answer (up to 128 new tokens), measured inside one forward
   over prompt + response, on the response tokens only. Deterministic, and cheaper.
 - ``"authors"``: the MNN authors' code (``MLGroupJLU/MatrixNuclearNorm``): an answer sampled at
-  temperature 0.7 (no top-k or top-p cut; seeded) up to 1000 new tokens, decoded to text, then
-  re-tokenised on its own (the tokenizer's default special tokens, no prompt) and measured whole.
+  temperature 0.7 (no top-k or top-p cut, none of the model's ``generation_config`` penalties;
+  seeded) up to 1000 new tokens, decoded to text, then re-tokenised on its own (the tokenizer's
+  default special tokens, no prompt) and measured whole.
+
+The greedy recipe turns sampling off and keeps the rest of the model's ``generation_config`` (a
+repetition penalty, an n-gram ban, beams set there still apply): the answer as the model is set up to give it.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from mnn_callback.probing.emitters import model_device
 
 __all__ = [
     "RECIPES",
+    "authors_sampling",
     "default_max_new_tokens",
     "encode_prompt",
     "repeated_ngram_share",
@@ -66,6 +71,48 @@ def encode_prompt(tokenizer: Any, prompt: str, chat_template: bool) -> list[int]
     return list(tokenizer(prompt)["input_ids"])
 
 
+# what a model's generation_config may set that shapes the next-token distribution, and the value that
+# turns it off; the authors' vLLM call (SamplingParams(temperature=0.7, max_tokens=1000)) applied none of them
+_NEUTRAL = {
+    "top_h": None,
+    "min_p": None,
+    "typical_p": 1.0,
+    "epsilon_cutoff": 0.0,
+    "eta_cutoff": 0.0,
+    "repetition_penalty": 1.0,
+    "encoder_repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "encoder_no_repeat_ngram_size": 0,
+    "bad_words_ids": None,
+    "sequence_bias": None,
+    "suppress_tokens": None,
+    "begin_suppress_tokens": None,
+    "min_length": 0,
+    "min_new_tokens": 0,
+    "forced_bos_token_id": None,
+    "forced_eos_token_id": None,
+    "exponential_decay_length_penalty": None,
+    "guidance_scale": None,
+    "renormalize_logits": False,
+    "watermarking_config": None,
+    "stop_strings": None,
+    "num_beams": 1,
+    "num_return_sequences": 1,
+}
+
+
+def authors_sampling(model: nn.Module) -> dict[str, Any]:
+    """The authors' sampling as ``generate`` keyword arguments: temperature 0.7, no top-k or top-p cut, and
+    the neutral value of every other setting the model's ``generation_config`` holds (a repetition penalty,
+    an n-gram ban, beams, ...), which ``generate`` would otherwise apply. Its token ids (eos, pad, bos) stay."""
+    sampling: dict[str, Any] = {"do_sample": True, "temperature": AUTHORS_TEMPERATURE, "top_k": 0, "top_p": 1.0}
+    config = getattr(model, "generation_config", None)
+    for name, neutral in _NEUTRAL.items():
+        if getattr(config, name, None) not in (None, neutral):
+            sampling[name] = neutral
+    return sampling
+
+
 @torch.no_grad()
 def respond(
     model: nn.Module, tokenizer: Any, prompt_ids: list[int], max_new_tokens: int, recipe: str = "greedy"
@@ -77,9 +124,7 @@ def respond(
     device = model_device(model)  # the first device of a model dispatched over several
     input_ids = torch.tensor([prompt_ids], device=device)
     eos = tokenizer.eos_token_id
-    sampling = {"do_sample": False}
-    if recipe == "authors":  # explicit: a model's generation_config may set top_k or top_p
-        sampling = {"do_sample": True, "temperature": AUTHORS_TEMPERATURE, "top_k": 0, "top_p": 1.0}
+    sampling = authors_sampling(model) if recipe == "authors" else {"do_sample": False}
     output = model.generate(
         input_ids=input_ids,
         attention_mask=torch.ones_like(input_ids),

@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from mnn_callback.core import schema
+from mnn_callback.core.errors import MNNWarning
 from mnn_callback.core.regime import regime
 from mnn_callback.core.uncertainty import paired_standard_error
 
@@ -65,7 +67,7 @@ class ProbeResult:
 
     @property
     def regime(self) -> str | None:
-        """``"n < d"``, ``"n >= d"`` or ``"mixed"``: the tokens per sequence against the hidden size (None: unknown)."""
+        """The tokens per sequence against the hidden size (:func:`~mnn_callback.core.regime.regime`; None: unknown)."""
         if self.hidden_size is None or self.token_range is None:
             return None
         return regime(int(self.token_range[0]), int(self.token_range[2]), int(self.hidden_size))
@@ -113,10 +115,14 @@ class ProbeResult:
     def difference_errors(self, reference: ProbeResult) -> dict[str, list[float]]:
         """Standard errors of :meth:`differences`, per layer.
 
-        Paired when both results kept each sequence's values (``per_sequence``; the monitor always
-        does) of the same sample: from the per-sequence differences, delta method for eRank. Else
-        those of two independent means (larger when the sequences keep their order).
+        Paired when both results kept each sequence's values (``per_sequence``: :meth:`Probe.run
+        <mnn_callback.probing.probe.Probe.run>` by default, the monitor always) of the same sample:
+        from the per-sequence differences, delta method for eRank. Else those of two independent
+        means, ``sqrt(SE_now^2 + SE_ref^2)``: on the same sample (equal fingerprints) they are too
+        wide whenever the sequences keep their order, and an
+        :class:`~mnn_callback.core.errors.MNNWarning` says which side lacks the per-sequence values.
         """
+        self._warn_if_unpaired(reference)
         index = {layer: position for position, layer in enumerate(reference.layers)}
         out: dict[str, list[float]] = {}
         for name in self.differences(reference):
@@ -126,6 +132,22 @@ class ProbeResult:
                     errors[position] = self._comparison_error(reference, name, position, index[layer])
             out[name] = errors
         return out
+
+    def _warn_if_unpaired(self, reference: ProbeResult) -> None:
+        """One warning when both results measured the same sample but a side kept no per-sequence values."""
+        if self.fingerprint != reference.fingerprint:
+            return
+        missing = [
+            side for side, result in (("this result", self), ("the reference", reference)) if not result.per_sequence
+        ]
+        if missing:
+            warnings.warn(
+                f"both results measured the same sample (fingerprint {self.fingerprint}), but {' and '.join(missing)} "
+                "kept no per-sequence values: the standard errors of the differences are those of two independent "
+                "means, wider than the paired ones; run the probe with per_sequence=True (the default) on both",
+                MNNWarning,
+                stacklevel=3,
+            )
 
     def _comparison_error(self, reference: ProbeResult, name: str, position: int, reference_position: int) -> float:
         metric = schema.compared(name)[0]
