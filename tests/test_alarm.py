@@ -115,6 +115,24 @@ def test_the_alarm_resumes_its_window_and_episode_from_a_checkpoint(tmp_path):
     assert again.monitor.alarm.in_episode and again.monitor.alarm.trail[0][0] == COLLAPSE_STEP
 
 
+def test_a_probe_without_finite_values_is_no_baseline(tmp_path):
+    import dataclasses
+
+    from mnn_callback.monitoring.alarm import Alarm
+
+    probes = []
+    train_loop(tmp_path, collapse_at=COLLAPSE_STEP, steps=COLLAPSE_STEP, probes=probes, alert=True)
+    results = dict(probes)
+    healthy, collapsed = results[COLLAPSE_STEP - 2], results[COLLAPSE_STEP]
+    broken = dataclasses.replace(
+        healthy, per_layer={name: [math.nan] * len(values) for name, values in healthy.per_layer.items()}
+    )
+    alarm = Alarm(CollapseAlert(), every_n_steps=2)
+    assert alarm.check(healthy, None, 2) is None and alarm.check(broken, None, 4) is None
+    alert = alarm.check(collapsed, None, 6)  # compared with step 2, not with the NaN probe
+    assert alert is not None and alert.since == 2
+
+
 def _saved(tmp_path, state):
     path = tmp_path / "monitor.pt"
     torch.save(state, path)
@@ -130,6 +148,7 @@ def _saved(tmp_path, state):
         ({"baseline": "best"}, "expected baseline"),
         ({"window": 0}, "expected window to be an integer >= 1"),
         ("yes", "expected alert to be True"),
+        ({"stpo": True}, "expected alert keys among .*stop.*, got stpo"),
     ],
 )
 def test_bad_alert_settings_are_refused(alert, message):

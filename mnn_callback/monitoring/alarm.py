@@ -16,9 +16,11 @@ so every process holds the same results; only the main process announces (:func:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -119,8 +121,12 @@ its direction depends on the regime and the basis)
             return cls()
         if isinstance(value, cls):
             return value
-        if isinstance(value, dict):
-            return cls(**value)
+        if isinstance(value, Mapping):  # a dict, or a config system's mapping (Hydra's DictConfig)
+            fields = {option.name for option in dataclasses.fields(cls)}
+            unknown = sorted(map(str, set(value) - fields))
+            if unknown:
+                raise ValueError(f"expected alert keys among {', '.join(sorted(fields))}, got {', '.join(unknown)}")
+            return cls(**{str(key): item for key, item in value.items()})
         raise ValueError(f"expected alert to be True, False, None, a CollapseAlert or a dict, got {value!r}")
 
     def config(self) -> dict[str, Any]:
@@ -209,6 +215,8 @@ class Alarm:
         metric = self.rule.metric
         if metric not in result.per_layer or step < self.warmup:
             return None
+        if not any(math.isfinite(value) for value in result.per_layer[metric]):
+            return None  # a probe without a finite value is no baseline (nor compared: its falls are NaN)
         since, baseline = (
             (None, reference) if self.rule.baseline == "reference" else (self.trail[0] if self.trail else (None, None))
         )
@@ -279,12 +287,13 @@ class Alarm:
 
 
 def announce(alert: Alert, sinks: SinkSet, *, strict: bool = False) -> None:
-    """The main process's announcement: one :class:`CollapseWarning`, then every sink's ``log_alert``.
+    """The main process's announcement: every sink's ``log_alert``, then one :class:`CollapseWarning`.
 
+    The sinks first: a warnings filter that turns warnings into errors loses no ``alert`` event.
     Under ``strict`` it stays a warning: the alarm is the monitor's finding, not its failure.
     """
+    sinks.log_alert(alert.title, alert.message(), alert.step, **alert.fields())
     with warnings.catch_warnings():
         if strict:
             warnings.simplefilter("default", CollapseWarning)
         warnings.warn(alert.message(), CollapseWarning, stacklevel=5)
-    sinks.log_alert(alert.title, alert.message(), alert.step, **alert.fields())
