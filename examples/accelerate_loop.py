@@ -3,7 +3,8 @@
 Runs on CPU in a couple of minutes, and unchanged on GPUs or several processes::
 
     python examples/accelerate_loop.py --out runs/accelerate
-    accelerate launch --multi_gpu --num_processes 2 examples/accelerate_loop.py --out runs/accelerate2
+    ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 examples/accelerate_loop.py  # CPU
+    accelerate launch --multi_gpu --num_processes 2 examples/accelerate_loop.py --out runs/accelerate2   # GPUs
     torchrun --standalone --nproc_per_node 2 examples/accelerate_loop.py --out runs/accelerate2   # CPU: gloo
 
 TensorBoard logs go to ``OUT/accelerate_loop`` (``tensorboard --logdir OUT``), the history to

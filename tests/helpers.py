@@ -42,6 +42,16 @@ def tiny_model(kind: str, seed: int = 0, vocab_size: int = VOCAB, layers: int = 
     if kind == "bert":
         config = tf.BertConfig(**common, intermediate_size=2 * hidden, max_position_embeddings=128)
         return tf.BertModel(config)
+    if kind == "t5":  # encoder-decoders: token 0 pads and starts the decoder, 1 ends a sequence
+        sizes = {"d_model": hidden, "d_kv": hidden // 2, "d_ff": 2 * hidden, "num_layers": layers, "num_heads": 2}
+        config = tf.T5Config(vocab_size=vocab_size, **sizes, pad_token_id=0, decoder_start_token_id=0, eos_token_id=1)
+        return tf.T5ForConditionalGeneration(config)
+    if kind == "bart":
+        sizes = {"encoder_layers": layers, "decoder_layers": layers, "encoder_ffn_dim": 2 * hidden}
+        sizes |= {"decoder_ffn_dim": 2 * hidden, "encoder_attention_heads": 2, "decoder_attention_heads": 2}
+        tokens = {"pad_token_id": 1, "bos_token_id": 0, "eos_token_id": 2, "decoder_start_token_id": 2}
+        config = tf.BartConfig(vocab_size=vocab_size, d_model=hidden, max_position_embeddings=128, **sizes, **tokens)
+        return tf.BartForConditionalGeneration(config)
     raise ValueError(kind)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import importlib.util
+import json
 import math
 import os
 import subprocess
@@ -203,3 +204,97 @@ def test_two_hooks_with_one_project_dir_keep_their_own_files(tmp_path):
         assert {line["monitor"] for line in lines} == {name}
         assert sorted({row["step"] for row in load_table(tmp_path / file)}) == steps[name]
     assert read_jsonl(tmp_path / files["long"])[0]["config"]["monitor"] == "long"
+
+
+# --- `accelerate launch`, 2 CPU processes (gloo), hook on and off --------------------------------------
+
+LAUNCH_SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "accelerate_launch_loop.py")
+
+
+def accelerate_launch(out, mode):
+    """``accelerate launch`` of the loop on 2 CPU processes: ``--cpu --num_processes 2`` would start one
+    (accelerate's simple launcher), so ``--multi_gpu`` (torchrun) with ACCELERATE_USE_CPU=true (gloo); an
+    empty HF_HOME keeps a developer's accelerate config out of it. The timeout fails a hang."""
+    out.mkdir()
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "HF_HOME": str(out / "hf_home")}
+    flags = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--main_process_port", "0"]
+    flags += ["--mixed_precision", "no", "--dynamo_backend", "no"]
+    command = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", *flags, LAUNCH_SCRIPT]
+    subprocess.run([*command, str(out), mode], check=True, env=env, timeout=HANG_TIMEOUT)
+    return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(2)]
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory):
+    """The same loop launched twice, with the hook and without it (the control)."""
+    root = tmp_path_factory.mktemp("launch")
+    return root, {mode: accelerate_launch(root / mode, mode) for mode in ("hook", "off")}
+
+
+def launch_probe_data():
+    spec = importlib.util.spec_from_file_location("accelerate_launch_loop", LAUNCH_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.probe_data(), module.MODEL_SEED
+
+
+def test_accelerate_launch_writes_once_the_values_of_a_single_process_probe(launched):
+    """Both processes finish in one gloo group; only the main one writes; every metric of steps 0 and 6 is
+    that of Probe.run in this process on the initial and the final weights (measured: equal to the last bit)."""
+    from mnn_callback import Probe
+
+    root, ranks = launched
+    assert [(r["process_index"], r["num_processes"], r["is_main_process"]) for r in ranks["hook"]] == [
+        (0, 2, True),
+        (1, 2, False),
+    ]
+    assert {(r["distributed_type"], r["backend"]) for r in ranks["hook"]} == {("DistributedType.MULTI_CPU", "gloo")}
+    records = read_jsonl(root / "hook" / "mnn_metrics.jsonl")
+    assert [r.get("event", r.get("step")) for r in records] == ["config", "regime", 0, 3, 6, "overhead"]  # one writer
+    assert not glob.glob(str(root / "off" / "mnn_metrics*.jsonl"))
+    data, seed = launch_probe_data()
+    initial = tiny_model("gpt2", seed=seed)
+    final = tiny_model("gpt2", seed=seed)
+    final.load_state_dict(torch.load(root / "hook" / "final.pt", weights_only=True))
+    lines = probe_lines(root / "hook" / "mnn_metrics.jsonl")
+    for line, model in ((lines[0], initial), (lines[-1], final)):
+        expected = Probe(data, batch_size=2).run(model)
+        compared = {key: value for key, value in expected.metrics.items() if key != "probe/seconds"}
+        assert len(compared) == 50 and line["probe/sequences"] == 9  # 3 hidden states; 9 sequences: a dummy pass
+        assert {key: line[key] for key in compared} == pytest.approx(compared, rel=1e-9, abs=1e-12)
+    reference = Probe(data, batch_size=2).run(initial)
+    assert lines[-1]["diff_erank/layer_2"] == pytest.approx(
+        reference.per_layer["erank"][2] - lines[-1]["erank/layer_2"], rel=1e-9
+    )
+    assert lines[-1]["mnn/layer_2"] != lines[0]["mnn/layer_2"]  # the model trained
+
+
+def test_accelerate_launch_losses_with_the_hook_equal_those_without_it_bit_for_bit(launched):
+    """Per process, the six losses of the run with the hook are those of the run without it (dropout on,
+    so a probe that drew from the RNG or left the model in eval mode would change them), and so are the
+    final weights."""
+    root, ranks = launched
+    for with_hook, without in zip(ranks["hook"], ranks["off"], strict=True):
+        assert len(with_hook["losses"]) == 6 and all(math.isfinite(loss) for loss in with_hook["losses"])
+        assert with_hook["losses"] == without["losses"]  # floats read back exactly from JSON
+    assert ranks["hook"][0]["losses"] != ranks["hook"][1]["losses"]  # each process trained on its own shard
+    trained = torch.load(root / "hook" / "final.pt", weights_only=True)
+    control = torch.load(root / "off" / "final.pt", weights_only=True)
+    assert trained.keys() == control.keys()
+    assert all(torch.equal(trained[name], control[name]) for name in trained)
+
+
+def test_a_launch_whose_accelerator_sees_one_process_of_two_has_one_writer_and_says_why(tmp_path):
+    """`accelerate launch --multi_gpu` on a machine without GPUs and without ACCELERATE_USE_CPU: torch.distributed
+    has 2 processes, each accelerator 1 (both "main"): process 0 alone writes, and a warning names the fix."""
+    env = {key: value for key, value in os.environ.items() if key != "ACCELERATE_USE_CPU"}
+    env.update(OMP_NUM_THREADS="1", HF_HOME=str(tmp_path / "hf_home"), CUDA_VISIBLE_DEVICES="")
+    flags = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--main_process_port", "0"]
+    command = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", *flags, "--mixed_precision", "no"]
+    command += [EXAMPLE, "--out", str(tmp_path / "out"), *TINY, "--steps", "4", "--every", "2"]
+    done = subprocess.run(command, env=env, timeout=HANG_TIMEOUT, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stderr.count("the accelerator runs 1 process(es) but torch.distributed has 2") == 1
+    lines = read_jsonl(tmp_path / "out" / "mnn_metrics.jsonl")
+    assert [line["event"] for line in lines if "event" in line].count("config") == 1
+    assert [line["step"] for line in lines if "event" not in line] == [0, 2, 4]

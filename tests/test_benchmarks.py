@@ -22,6 +22,7 @@ BENCHMARKS = os.path.join(os.path.dirname(__file__), "..", "benchmarks")
         "bench_long_run.py",
         "schedules.py",
         "regime.py",
+        "alarm.py",
     ],
 )
 def test_benchmark_runs_at_a_tiny_size(script, tmp_path):
@@ -38,6 +39,12 @@ def test_benchmark_runs_at_a_tiny_size(script, tmp_path):
     if script == "schedules.py":
         assert "training identical in the three runs: True" in result.stdout
         assert (tmp_path / "demo_schedules.png").stat().st_size > 10_000
+    if script == "alarm.py":  # the recorded probes replay offline to the same tables
+        replay = [sys.executable, os.path.join(BENCHMARKS, script), "--replay", str(tmp_path / "out.json")]
+        replayed = subprocess.run(replay, capture_output=True, text=True, timeout=HANG_TIMEOUT)
+        assert replayed.returncode == 0, replayed.stderr[-3000:]
+        tables = [[row for row in out.splitlines() if row.startswith("|")] for out in (result.stdout, replayed.stdout)]
+        assert "False alarms" in result.stdout and tables[0] == tables[1] and len(tables[0]) > 50
 
 
 def test_findings_report_runs_at_a_tiny_size(tmp_path):

@@ -20,6 +20,7 @@ from helpers import (
     offline_comet,
     probe_lines,
     random_sequences,
+    shakespeare_tokenizer,
     tensorboard_values,
     tiny_model,
     training_data,
@@ -396,44 +397,84 @@ def test_two_callbacks_in_one_trainer_keep_their_own_files_history_and_reference
     assert len([entry for entry in state["log_history"] if "mnn-2/probe/sequences" in entry]) == 5
 
 
-def test_sentence_transformers_trainer_logs_real_metrics_with_no_extra_arguments(tmp_path):
-    """SentenceTransformerTrainer on the real MiniLM weights: the callback probes the transformer inside
-    the SentenceTransformer by itself (on main every probe failed and the run ended without a metric)."""
-    pytest.importorskip("sentence_transformers")
+def sentence_transformer_run(output_dir, callback_texts=None):
+    """Four steps of MultipleNegativesRankingLoss on the real MiniLM weights (dropout on), batches of 4
+    made-up pairs, every step logged; with ``callback_texts``, ``MNNCallback`` probes every 2 steps.
+    Returns the Trainer's log history and the trained SentenceTransformer."""
     from datasets import Dataset
     from helpers import minilm_path
     from sentence_transformers import (
         SentenceTransformer,
         SentenceTransformerTrainer,
         SentenceTransformerTrainingArguments,
-        losses,
     )
+
+    try:  # sentence-transformers >= 6 moved the losses
+        from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+    except ImportError:
+        from sentence_transformers.losses import MultipleNegativesRankingLoss
 
     model = SentenceTransformer(str(minilm_path()), device="cpu")
     pairs = Dataset.from_dict(
         {"anchor": [f"question {i} about the sea" for i in range(16)], "positive": [f"answer {i}" for i in range(16)]}
     )
     arguments = SentenceTransformerTrainingArguments(
-        str(tmp_path), max_steps=4, per_device_train_batch_size=4, report_to="none", use_cpu=True, save_strategy="no"
+        str(output_dir),
+        max_steps=4,
+        per_device_train_batch_size=4,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        logging_steps=1,
     )
-    texts = [f"The tide came in over the rocks, number {i}." for i in range(8)]
-    callback = MNNCallback(texts, tokenizer=model.tokenizer, every_n_steps=2)
+    callbacks = [MNNCallback(callback_texts, tokenizer=model.tokenizer, every_n_steps=2)] if callback_texts else []
     trainer = SentenceTransformerTrainer(
         model=model,
         args=arguments,
         train_dataset=pairs,
-        loss=losses.MultipleNegativesRankingLoss(model),
-        callbacks=[callback],
+        loss=MultipleNegativesRankingLoss(model),
+        callbacks=callbacks,  # the one line the callback takes
     )
+    trainer.train()
+    return trainer.state.log_history, model
+
+
+ENCODER_KEYS = {"mnn", "mnn_vs_noise", "nuclear_norm", "matrix_entropy", "erank", "renyi2_entropy", "mnn_ratio"}
+ENCODER_KEYS |= {"diff_erank", "mnn_change", "mnn_vs_noise_change", "matrix_entropy_change"}
+ENCODER_KEYS |= {f"{name}_se" for name in ENCODER_KEYS - {"mnn_ratio"}}
+
+
+def test_sentence_transformers_trainer_logs_real_metrics_with_no_extra_arguments(tmp_path):
+    """SentenceTransformerTrainer on the real MiniLM weights: the callback probes the transformer inside
+    the SentenceTransformer by itself (on main every probe failed and the run ended without a metric),
+    and the run's losses, gradient norms and final weights are those of the same run without it."""
+    pytest.importorskip("sentence_transformers")
+    import torch
+
+    texts = [f"The tide came in over the rocks, number {i}." for i in range(8)]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        trainer.train()
+        history, model = sentence_transformer_run(tmp_path / "with", texts)
     assert not [warning for warning in caught if issubclass(warning.category, MNNWarning)]
-    lines = probe_lines(tmp_path / "mnn_metrics.jsonl")
+    control_history, control = sentence_transformer_run(tmp_path / "without")
+    steps = [(entry["step"], entry["loss"], entry["grad_norm"]) for entry in history if "loss" in entry]
+    assert [step for step, _, _ in steps] == [1, 2, 3, 4] and all(math.isfinite(loss) for _, loss, _ in steps)
+    assert steps == [(entry["step"], entry["loss"], entry["grad_norm"]) for entry in control_history if "loss" in entry]
+    trained, untouched = model.state_dict(), control.state_dict()
+    assert trained.keys() == untouched.keys() and all(torch.equal(trained[k], untouched[k]) for k in trained)
+
+    lines = probe_lines(tmp_path / "with" / "mnn_metrics.jsonl")
     assert [line["step"] for line in lines] == [0, 2, 4] and lines[-1]["probe/errors"] == 0
-    assert sum(key.startswith("mnn/layer_") for key in lines[0]) == 7  # embeddings + 6 layers
+    for line in lines:  # every metric of the 7 hidden states (embeddings + 6 layers), no probe loss (an encoder)
+        per_layer = {key for key in line if "/layer_" in key}
+        assert per_layer == {f"{name}/layer_{i}" for name in ENCODER_KEYS for i in range(7)}  # 21 x 7 keys
+        assert line["mnn/last"] == line["mnn/layer_6"]
+        assert "probe/loss" not in line and line["probe/sequences"] == 8
+    logged = [(entry["step"], entry["mnn/layer_6"]) for entry in history if "mnn/layer_6" in entry]
+    assert logged == [(line["step"], line["mnn/layer_6"]) for line in lines]  # what report_to's trackers receive
     expected = Probe(texts, tokenizer=model.tokenizer).run(model[0].auto_model)
-    assert lines[-1]["mnn/layer_6"] == pytest.approx(expected.per_layer["mnn"][6], rel=1e-5)
+    compared = {key: value for key, value in expected.metrics.items() if key != "probe/seconds"}
+    assert {key: lines[-1][key] for key in compared} == pytest.approx(compared, rel=1e-9, abs=1e-12)  # measured: equal
 
 
 def test_the_scalars_follow_report_to_into_mlflow(tmp_path, monkeypatch):
@@ -522,3 +563,125 @@ def test_a_tracker_without_a_sink_is_named_in_one_warning(tmp_path):
     with pytest.warns(MNNWarning, match=r"the MNN scalars do not go to clearml \(report_to\)"):
         sinks = callback._make_sinks(arguments)
     assert [sink.name for sink in sinks] == ["jsonl"]
+
+
+def seq2seq_losses(output_dir, kind, callback=None):
+    """Training losses of 6 Seq2SeqTrainer steps on a tiny encoder-decoder (dropout on: the RNG matters)."""
+    import torch
+    from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments
+
+    generator = torch.Generator().manual_seed(7)  # ids from 3 on: no pad, start or end token
+    pairs = []
+    for _ in range(32):
+        source, target = (
+            torch.randint(3, 96, (12,), generator=generator),
+            torch.randint(3, 96, (8,), generator=generator),
+        )
+        pairs.append({"input_ids": source, "labels": target})
+    arguments = Seq2SeqTrainingArguments(
+        str(output_dir), max_steps=6, per_device_train_batch_size=4, report_to="none", use_cpu=True, seed=0,
+        save_strategy="no", logging_steps=1, disable_tqdm=True, learning_rate=1e-3,
+    )  # fmt: skip
+    model = tiny_model(kind, seed=0)
+    trainer = Seq2SeqTrainer(model=model, args=arguments, train_dataset=pairs, callbacks=[callback] if callback else [])
+    trainer.train()
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry], model
+
+
+@pytest.mark.parametrize("kind", ["t5", "bart"])
+def test_seq2seq_trainer_monitors_the_encoder_and_trains_bit_identically(tmp_path, kind):
+    """On main every probe of an encoder-decoder failed ("... which the probe does not support")."""
+    sequences = [[token + 3 for token in ids] for ids in random_sequences(8, 6, 20, seed=5, vocab_size=90)]
+    without, _ = seq2seq_losses(tmp_path / "without", kind)
+    callback = MNNCallback(sequences, every_n_steps=3, strict=True)
+    with_callback, model = seq2seq_losses(tmp_path / "with", kind, callback)
+    assert len(without) == 6 and with_callback == without  # bit-identical
+    lines = probe_lines(tmp_path / "with" / "mnn_metrics.jsonl")
+    assert [line["step"] for line in lines] == [0, 3, 6] and lines[-1]["probe/errors"] == 0
+    assert sorted(key for key in lines[0] if key.startswith("mnn/layer_")) == [f"mnn/layer_{i}" for i in range(3)]
+    assert not any(key.startswith("probe/loss") or key.startswith("probe/perplexity") for key in lines[-1])
+    expected = Probe(sequences).run(model.get_encoder())
+    for layer in range(3):
+        assert lines[-1][f"mnn/layer_{layer}"] == pytest.approx(expected.per_layer["mnn"][layer], rel=1e-9)
+        assert lines[-1][f"erank/layer_{layer}"] == pytest.approx(expected.per_layer["erank"][layer], rel=1e-9)
+    assert lines[-1]["diff_erank/layer_2"] != 0.0  # the encoder trained
+
+
+def test_a_lora_run_logs_the_probe_loss_and_it_is_the_float64_cross_entropy(tmp_path):
+    """On main a PeftModel (get_peft_model without task_type) had no probe/loss nor probe/perplexity in training."""
+    peft = pytest.importorskip("peft")
+    import torch
+
+    sequences = random_sequences(6, 5, 20, seed=4)
+
+    def run(directory, callback):
+        config = peft.LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True)
+        model = peft.get_peft_model(tiny_model("gpt2", seed=2), config)
+        trainer = make_trainer(directory, callback, model=model, max_steps=4, learning_rate=0.05)
+        trainer.train()
+        return model, [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+    lora, monitored = run(tmp_path, MNNCallback(sequences, every_n_steps=2))
+    assert monitored == run(tmp_path / "control", None)[1]  # training unchanged, bit for bit
+    lines = probe_lines(tmp_path / "mnn_metrics.jsonl")
+    assert [line["step"] for line in lines] == [0, 2, 4]
+    assert (
+        all(math.isfinite(line["probe/loss"]) for line in lines) and lines[-1]["probe/loss"] != lines[0]["probe/loss"]
+    )
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for ids in sequences:  # independent reference: float64 cross-entropy of the trained model's logits
+            logits = lora.eval()(input_ids=torch.tensor([ids])).logits[0].to(torch.float64)
+            total -= torch.log_softmax(logits[:-1], -1)[torch.arange(len(ids) - 1), torch.tensor(ids[1:])].sum().item()
+            count += len(ids) - 1
+    assert lines[-1]["probe/loss"] == pytest.approx(total / count, rel=1e-6)
+    assert lines[-1]["probe/perplexity"] == pytest.approx(math.exp(total / count), rel=1e-6)
+
+
+def test_trl_sft_trainer_is_monitored_and_trains_bit_identically(tmp_path):
+    """TRL's SFTTrainer on text: one add_callback line; the probe loss and metrics logged, the training
+    losses equal to those of the same run without the callback."""
+    pytest.importorskip("trl", minversion="0.19")  # SFTConfig(max_length=...); older ones install with old transformers
+    import torch
+    from datasets import Dataset
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from trl import SFTConfig, SFTTrainer
+
+    from mnn_callback.demo import load_text, split_text
+
+    tokenizer = shakespeare_tokenizer()
+    train_text, held_out = split_text(load_text())
+    train = Dataset.from_dict({"text": [part for part in train_text.split("\n\n") if part.strip()][:64]})
+    texts = [part for part in held_out.split("\n\n") if 0 < len(part) < 160][:8]  # within max_length
+
+    def run(directory, callback):
+        torch.manual_seed(0)
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_layer=2, n_embd=32, n_head=2, n_positions=64))
+        config = SFTConfig(
+            str(directory),
+            max_steps=6,
+            per_device_train_batch_size=4,
+            max_length=64,
+            logging_steps=1,
+            report_to="none",
+            save_strategy="no",
+            use_cpu=True,
+            seed=0,
+            disable_tqdm=True,
+            dataloader_num_workers=0,
+        )
+        trainer = SFTTrainer(model=model, args=config, train_dataset=train, processing_class=tokenizer)
+        if callback is not None:
+            trainer.add_callback(callback)
+        trainer.train()
+        return model, [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+    callback = MNNCallback(texts, tokenizer=tokenizer, every_n_steps=3, max_length=64)
+    model, monitored = run(tmp_path / "monitored", callback)
+    _, control = run(tmp_path / "control", None)
+    assert monitored == control and len(control) == 6
+    lines = probe_lines(tmp_path / "monitored" / "mnn_metrics.jsonl")
+    assert [line["step"] for line in lines] == [0, 3, 6] and lines[-1]["probe/errors"] == 0
+    expected = Probe(texts, tokenizer=tokenizer, max_length=64).run(model)
+    assert lines[-1]["mnn/layer_2"] == pytest.approx(expected.per_layer["mnn"][2], rel=1e-6)
+    assert lines[-1]["probe/loss"] == pytest.approx(expected.loss, rel=1e-6)

@@ -125,3 +125,47 @@ def test_in_memory_models_with_one_name_are_each_measured():
     assert [row["model"] for row in rows] == ["org/base #0", "org/base #1"]
     assert rows[1]["loss"] == pytest.approx(alone["loss"], rel=1e-12) and rows[1]["loss"] != rows[0]["loss"]
     assert rows[1]["mnn"] == pytest.approx(alone["mnn"], rel=1e-12)
+
+
+def test_a_saved_t5_checkpoint_is_evaluated_by_its_encoder_without_a_loss(tmp_path):
+    """On main a T5 checkpoint (loaded as T5Model) was refused: "is an encoder-decoder model, which the probe ..."."""
+    import transformers as tf
+
+    data = [[token + 3 for token in ids] for ids in random_sequences(6, 5, 20, seed=4, vocab_size=90)]
+    checkpoint = tmp_path / "checkpoint-4"
+    tiny_model("t5", seed=1).save_pretrained(checkpoint)
+    results = tmp_path / "metrics.jsonl"
+    rows = evaluate_models([checkpoint], data, reference="untrained", results_file=results)
+    assert [row["layer"] for row in rows] == [0, 1, 2] and all(row["step"] == 4 for row in rows)
+    assert all(row["loss"] is None for row in rows)
+    encoder = tf.T5EncoderModel.from_pretrained(checkpoint, local_files_only=True).eval()  # the same weights
+    expected = Probe(data).run(encoder)
+    for row in rows:
+        assert row["mnn"] == pytest.approx(expected.per_layer["mnn"][row["layer"]], rel=1e-12)
+        assert row["erank"] == pytest.approx(expected.per_layer["erank"][row["layer"]], rel=1e-12)
+    assert all(row["diff_erank"] != 0.0 for row in rows[1:])  # against the untrained T5's encoder
+    stored = [record for record in read_jsonl(results) if record.get("role") != "reference"]
+    assert stored[0]["result"]["config"]["probed"] == "encoder"
+
+
+@pytest.mark.parametrize("task_type", ["SEQ_2_SEQ_LM", None])
+def test_a_t5_lora_adapter_is_evaluated_by_its_merged_encoder(tmp_path, task_type):
+    """On main a SEQ_2_SEQ_LM adapter failed: "'T5Model' object has no attribute 'prepare_inputs_for_generation'"
+    (its base was loaded with AutoModel)."""
+    import transformers as tf
+
+    peft = pytest.importorskip("peft")
+    data = [[token + 3 for token in ids] for ids in random_sequences(6, 5, 20, seed=4, vocab_size=90)]
+    base = tmp_path / "base"
+    tiny_model("t5", seed=1).save_pretrained(base)
+    lora = peft.LoraConfig(r=4, target_modules=["q", "v"], task_type=task_type, init_lora_weights=False)
+    model = peft.get_peft_model(tf.T5ForConditionalGeneration.from_pretrained(base), lora)
+    model.save_pretrained(tmp_path / "adapter")
+    rows = evaluate_models([tmp_path / "adapter"], data)
+    assert [row["layer"] for row in rows] == [0, 1, 2] and all(row["loss"] is None for row in rows)
+    encoder = model.merge_and_unload().get_encoder().eval()  # the adapted weights, not the base's
+    expected = Probe(data).run(encoder)
+    assert Probe(data).run(tf.T5EncoderModel.from_pretrained(base)).per_layer["mnn"] != expected.per_layer["mnn"]
+    for row in rows:
+        assert row["mnn"] == pytest.approx(expected.per_layer["mnn"][row["layer"]], rel=1e-6)
+        assert row["erank"] == pytest.approx(expected.per_layer["erank"][row["layer"]], rel=1e-6)

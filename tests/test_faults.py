@@ -247,15 +247,22 @@ def test_the_probe_leaves_every_module_dict_exactly_as_it_was():
 # --- row 11: encoder-decoder models -------------------------------------------------------------------
 
 
-def test_encoder_decoder_models_are_refused_by_name_and_their_encoder_works():
+def test_encoder_decoder_models_are_probed_by_their_encoder():
+    """On main they were refused ("is an encoder-decoder model, which the probe does not support")."""
     import transformers as tf
 
-    config = tf.T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=2)
+    def config():  # one each: T5EncoderModel sets is_encoder_decoder=False on the config it is given
+        return tf.T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=2)
+
     probe = Probe(PROBE_DATA)
+    encoder_only = tf.T5EncoderModel(config())
+    expected = probe.run(encoder_only).per_layer["mnn"]
     for model_class in (tf.T5ForConditionalGeneration, tf.T5Model):
-        with pytest.raises(TypeError, match=rf"{model_class.__name__} is an encoder-decoder model.*T5EncoderModel"):
-            probe.run(model_class(config))
-    assert probe.run(tf.T5EncoderModel(config)).layers == [0, 1, 2]
+        model = model_class(config())
+        model.get_encoder().load_state_dict(encoder_only.get_encoder().state_dict())
+        result = probe.run(model)
+        assert result.config["probed"] == "encoder" and result.loss is None
+        assert result.per_layer["mnn"] == pytest.approx(expected, rel=1e-12)
 
 
 # --- row 12: the command line --------------------------------------------------------------------------

@@ -572,3 +572,182 @@ def test_a_measured_part_beyond_the_models_positions_is_an_error_naming_the_sequ
     fits = Probe([list(range(1, 20)), {"input_ids": list(range(1, 60)), "measure_from": 20}], max_length=64)
     result = fits.run(model)
     assert result.token_range == (12, 15.5, 19) and not result.nan_sequences  # cut to 32: tokens 20..31 measured
+
+
+# --- encoder-decoders, PEFT and custom models: what is probed, and the loss ---------------------------
+
+
+def float64_next_token_loss(logits_of_sequence, sequences) -> float:
+    """Independent reference: token-weighted -log softmax(z_t)[x_{t+1}] in float64, sequence by sequence."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for ids in sequences:
+            logits = logits_of_sequence(torch.tensor([ids]))[0].to(torch.float64)
+            log_p = torch.log_softmax(logits[:-1], dim=-1)
+            total -= log_p[torch.arange(len(ids) - 1), torch.tensor(ids[1:])].sum().item()
+            count += len(ids) - 1
+    return total / count
+
+
+@pytest.mark.parametrize("kind", ["t5", "bart"])
+def test_an_encoder_decoder_is_probed_by_its_encoder_on_the_sample_and_has_no_loss(kind, caplog):
+    """On main: "T5ForConditionalGeneration is an encoder-decoder model, which the probe does not support"."""
+    from reference import reference_metrics
+
+    model = tiny_model(kind, seed=1).train()
+    sequences = random_sequences(7, 5, 20, seed=2, vocab_size=90)
+    sequences = [[token + 3 for token in ids] for ids in sequences]  # no pad, start or end tokens
+    rng, flags = torch.get_rng_state(), [module.training for module in model.modules()]
+    with caplog.at_level("INFO", logger="mnn_callback"):
+        result = Probe(sequences, batch_size=3).run(model)
+    assert torch.equal(torch.get_rng_state(), rng) and [m.training for m in model.modules()] == flags
+    assert f"{type(model).__name__} is an encoder-decoder: the probe measures its encoder's" in caplog.text
+    assert result.loss is None and "probe/loss" not in result.metrics
+    assert result.config["probed"] == "encoder" and result.layers == [0, 1, 2]
+    encoder = model.get_encoder().eval()
+    with torch.no_grad():
+        hidden = [encoder(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states for ids in sequences]
+    model.train()
+    for layer in range(3):
+        expected = [reference_metrics(states[layer][0].numpy()) for states in hidden]
+        for key in ("mnn", "matrix_entropy", "nuclear_norm"):
+            assert result.per_layer[key][layer] == pytest.approx(np.mean([e[key] for e in expected]), rel=1e-5), key
+    with pytest.raises(ValueError, match=r"compute_loss=True, but .* probed by its encoder, which has no next-token"):
+        Probe(sequences, compute_loss=True).run(model)
+
+
+def test_modules_and_forward_given_for_an_encoder_decoder_are_honoured():
+    """On main the advice of the refusal (probe the encoder, by modules= and forward=) was refused the same way."""
+    model = tiny_model("t5", seed=1).eval()
+    sequences = [[token + 3 for token in ids] for ids in random_sequences(6, 5, 20, seed=2, vocab_size=90)]
+    default = Probe(sequences).run(model)
+
+    def encoder_forward(model, input_ids, attention_mask):
+        return model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+
+    blocks = Probe(sequences, modules=["encoder.block.*"], forward=encoder_forward).run(model)
+    assert blocks.layers == [0, 1] and "probed" not in blocks.config  # the model as given, its names
+    assert blocks.per_layer["mnn"][0] == pytest.approx(default.per_layer["mnn"][1], rel=1e-12)  # block 0's output
+    calibrated = Probe(sequences, forward=encoder_forward).run(model)  # the forward's hidden states
+    assert calibrated.per_layer["mnn"] == pytest.approx(default.per_layer["mnn"], rel=1e-12)
+
+
+def test_a_peft_model_has_the_probe_loss_and_it_is_the_float64_cross_entropy():
+    """On main a PeftModel (get_peft_model without task_type, as in most LoRA scripts) had no probe loss."""
+    peft = pytest.importorskip("peft")
+    lora = peft.LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True, init_lora_weights=False)
+    model = peft.get_peft_model(tiny_model("gpt2", seed=2), lora).eval()
+    assert type(model).__name__ == "PeftModel"
+    sequences = random_sequences(7, 5, 20, seed=4)
+    result = Probe(sequences, batch_size=3).run(model)
+    reference = float64_next_token_loss(lambda ids: model(input_ids=ids).logits, sequences)
+    assert result.loss == pytest.approx(reference, rel=1e-6)
+    merged = model.merge_and_unload()
+    assert result.loss == pytest.approx(Probe(sequences, batch_size=3).run(merged).loss, rel=1e-5)
+
+
+class TinyCustomLM(torch.nn.Module):
+    """nanoGPT-shaped: blocks in a ModuleList, forward(idx) -> logits, no Hugging Face anything."""
+
+    def __init__(self, vocab: int = 96, width: int = 16) -> None:
+        super().__init__()
+        torch.manual_seed(5)
+        self.embed = torch.nn.Embedding(vocab, width)
+        self.blocks = torch.nn.ModuleList(torch.nn.Linear(width, width) for _ in range(2))
+        self.head = torch.nn.Linear(width, vocab)
+
+    def forward(self, idx):
+        x = self.embed(idx)
+        for block in self.blocks:
+            x = x + torch.tanh(block(x))
+        return self.head(x)
+
+
+def test_a_custom_model_has_the_probe_loss_from_the_logits_its_forward_returns():
+    """On main a model probed through modules=/forward= never had a loss, whatever it returned."""
+    from types import SimpleNamespace
+
+    model = TinyCustomLM().eval()
+    sequences = random_sequences(9, 4, 24, seed=6)  # uneven lengths: padded micro-batches
+    expected = float64_next_token_loss(model, sequences)
+    assert Probe(sequences, modules="blocks.*").run(model).loss is None  # no loss unless asked
+    plain = Probe(sequences, modules="blocks.*", batch_size=4, compute_loss=True).run(model)  # model(input_ids)
+    assert plain.loss == pytest.approx(expected, rel=1e-6)
+    assert plain.perplexity == pytest.approx(math.exp(expected), rel=1e-6)
+    wrapped = Probe(
+        sequences, modules="blocks.*", compute_loss=True, dtype=torch.float64,
+        forward=lambda model, ids, mask: SimpleNamespace(logits=model(ids)),
+    ).run(model)  # fmt: skip
+    assert wrapped.loss == pytest.approx(expected, rel=1e-12)  # float64 terms of the same float32 logits
+    gpt2 = tiny_model("gpt2", seed=3).eval()
+    # one sequence per forward: the same float32 logits as the reference's (padding moves their last bits)
+    own = Probe(sequences, modules="transformer.h.*", compute_loss=True, dtype=torch.float64, batch_size=1).run(gpt2)
+    assert own.loss == pytest.approx(float64_next_token_loss(lambda ids: gpt2(ids).logits, sequences), rel=1e-12)
+    assert own.loss == pytest.approx(Probe(sequences).run(gpt2).loss, rel=1e-6)  # Hugging Face's own loss
+    no_logits = Probe(
+        sequences, modules="blocks.*", compute_loss=True, forward=lambda model, ids, mask: (model(ids).sum(-1),)
+    )  # a tuple whose first element is 2-D: no logits
+    with pytest.raises(TypeError, match=r"the probe loss needs the logits: TinyCustomLM's output has no loss") as error:
+        no_logits.run(model)
+    assert "nanoGPT's (logits, loss)" in str(error.value) and "model(ids)[0]" in str(error.value)
+
+
+class TupleLM(TinyCustomLM):
+    """nanoGPT's convention: forward(idx) -> (logits, loss); with ``last_only`` (its inference path, no
+    targets) the logits of the last position only, ``logits[:, [-1], :]``."""
+
+    def __init__(self, last_only: bool = False) -> None:
+        super().__init__()
+        self.last_only = last_only
+
+    def forward(self, idx):
+        logits = super().forward(idx)
+        return (logits[:, [-1], :] if self.last_only else logits), None
+
+
+def test_a_tuple_output_s_first_element_is_the_logits_of_the_probe_loss():
+    """On main nanoGPT's (logits, loss) with compute_loss=True: "output has no loss and no logits"."""
+    model = TupleLM().eval()
+    sequences = random_sequences(9, 4, 24, seed=6)
+    expected = float64_next_token_loss(lambda ids: model(ids)[0], sequences)
+    result = Probe(sequences, modules="blocks.*", batch_size=1, compute_loss=True, dtype=torch.float64).run(model)
+    assert result.loss == pytest.approx(expected, rel=1e-12)
+    listed = Probe(sequences, modules="blocks.*", compute_loss=True, forward=lambda m, ids, mask: list(m(ids)))
+    assert listed.run(model).loss == pytest.approx(expected, rel=1e-6)  # a list too, padded micro-batches
+    last_only = Probe(sequences, modules="blocks.*", batch_size=1, compute_loss=True)
+    with pytest.raises(
+        ValueError, match=r"expected logits of shape \(batch, tokens, vocabulary\) = \(1, \d+, V\).*, 1, 96\)"
+    ):
+        last_only.run(TupleLM(last_only=True).eval())
+
+
+def test_compute_loss_on_a_masked_language_model_is_refused():
+    """On main BertForMaskedLM with compute_loss=True logged its masked-LM loss (labels = input_ids) as probe/loss."""
+    import transformers as tf
+
+    config = tf.BertConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
+    )
+    torch.manual_seed(0)
+    model = tf.BertForMaskedLM(config).eval()
+    sequences = random_sequences(4, 5, 12, seed=1, vocab_size=64)
+    with pytest.raises(ValueError, match=r"compute_loss=True, but BertForMaskedLM is a masked language model"):
+        Probe(sequences, compute_loss=True).run(model)
+    with pytest.raises(ValueError, match=r"BertForMaskedLM is a masked language model"):
+        Probe(sequences, compute_loss=True, modules="bert.encoder.layer.*").run(model)
+    default = Probe(sequences).run(model)  # not a causal LM: no loss unless asked
+    assert default.loss is None and len(default.layers) == 3
+
+
+def test_a_forward_without_modules_returning_no_hidden_states_says_to_return_them():
+    """On main the error told the user to pass forward=, which they had done."""
+    model = tiny_model("t5", seed=1).eval()
+    sequences = [[token + 3 for token in ids] for ids in random_sequences(3, 5, 12, seed=2, vocab_size=90)]
+    probe = Probe(
+        sequences, forward=lambda model, ids, mask: model.get_encoder()(input_ids=ids, attention_mask=mask)
+    )  # the encoder's output without output_hidden_states=True
+    with pytest.raises(TypeError, match=r"forward= for T5ForConditionalGeneration holds no hidden_states") as error:
+        probe.run(model)
+    message = str(error.value)
+    assert "forward= must return an output with hidden_states" in message
+    assert "output_hidden_states=True" in message and "pass forward=" not in message

@@ -89,12 +89,15 @@ def test_bad_input_is_exit_2_and_one_line(models, tmp_path, capsys):
     empty.write_text("\n\n   \n")
     encoder = tmp_path / "encoder"
     tiny_model("bert").save_pretrained(encoder)
+    t5 = tmp_path / "t5"
+    tiny_model("t5").save_pretrained(t5)
     shakespeare_tokenizer().save_pretrained(encoder)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text(PROMPTS)
     cases = [
         (["rank", models[0], "--prompts", str(empty)], "holds no prompt"),
         (["rank", str(encoder), "--prompts", str(prompts)], "cannot generate"),
+        (["rank", str(t5), "--prompts", str(prompts)], "is an encoder-decoder, which ranking does not support"),
         (["rank", "org/tiny@", "--prompts", str(prompts)], "names no revision after '@'"),
     ]
     capsys.readouterr()  # what saving the models printed

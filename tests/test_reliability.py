@@ -309,3 +309,55 @@ def test_compiled_model_probes_without_recompiling_the_training_graph():
         train_step()
     assert counters["stats"]["unique_graphs"] == graphs  # no recompilation from later probes
     assert result.metrics["mnn/layer_2"] == pytest.approx(expected["mnn/layer_2"], rel=1e-6)
+
+
+def _compiled_training(wrap: str, out_dir) -> tuple[list[float], int]:
+    """Losses of 4 AdamW steps of a freshly compiled (inductor) tiny GPT-2, monitored every 2 steps
+    from step 0 when ``out_dir`` is given, and the number of graphs Dynamo compiled."""
+    from torch._dynamo.utils import counters
+
+    from mnn_callback import MNNMonitor
+
+    torch._dynamo.reset()  # no cache entry nor automatic-dynamic mark from an earlier run
+    counters.clear()
+    model = tiny_model("gpt2")
+    if wrap == "inplace":
+        model.compile()  # no _orig_mod: calling the module goes through Dynamo
+        trained = model
+    else:
+        trained = torch.compile(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    monitor = None if out_dir is None else MNNMonitor(PROBE_DATA, out_dir=out_dir, every_n_steps=2, sinks=["jsonl"])
+    if monitor is not None:
+        monitor.step(trained, 0)  # before the first compile, as MNNCallback's on_train_begin probe
+    losses = []
+    for step in range(1, 5):
+        batch = torch.tensor(random_sequences(4, 12, 12, seed=10 + step))
+        loss = trained(input_ids=batch, labels=batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+        if monitor is not None:
+            monitor.step(trained, step)
+    if monitor is not None:
+        monitor.finish(trained, 4)
+    return losses, counters["stats"]["unique_graphs"]
+
+
+@pytest.mark.parametrize("wrap", ["inplace", "wrapper"])
+def test_compiled_training_is_bit_identical_with_and_without_monitoring(tmp_path, wrap):
+    # Inductor's CPU embedding backward adds with atomics across threads: a compiled run differs
+    # from itself by a float32 ulp of the loss (4.8e-7) now and then. Deterministic algorithms
+    # make the control reproducible, so any difference left is the probe's.
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        control, control_graphs = _compiled_training(wrap, None)
+        monitored, monitored_graphs = _compiled_training(wrap, tmp_path)
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+        torch._dynamo.reset()
+    assert [loss.hex() for loss in monitored] == [loss.hex() for loss in control]
+    assert monitored_graphs == control_graphs  # the probe compiled nothing (no eval-mode, no dynamic graph)
+    assert len(probe_lines(tmp_path / "mnn_metrics.jsonl")) == 3  # steps 0, 2 and 4 were probed

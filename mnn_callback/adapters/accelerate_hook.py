@@ -15,12 +15,15 @@ accelerator's trackers and checkpoints.
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 from mnn_callback.adapters.loop import MNNMonitor
+from mnn_callback.core.errors import MNNWarning
 from mnn_callback.core.identity import DEFAULT_NAME
 from mnn_callback.output.sinks import JSONL_FILE, Sink, TensorBoardSink, WandbSink
 from mnn_callback.output.trackers import TrackerSink
+from mnn_callback.probing.distributed import world
 
 __all__ = ["MNNAccelerateHook"]
 
@@ -75,7 +78,18 @@ class MNNAccelerateHook(MNNMonitor):
         super().__init__(data, **options)
 
     def _is_main_process(self) -> bool:
-        return bool(self.accelerator.is_main_process)
+        """The accelerator's main process, if it is also rank 0 of the process group the probe shards over."""
+        rank, world_size = world()
+        processes = getattr(self.accelerator, "num_processes", world_size)
+        if processes != world_size and rank == 0:
+            warnings.warn(
+                f"the accelerator runs {processes} process(es) but torch.distributed has {world_size}: each process "
+                "trains on its own (e.g. `accelerate launch --multi_gpu` on a machine without GPUs: set "
+                "ACCELERATE_USE_CPU=true); the probe shards over the process group, process 0 alone writes",
+                MNNWarning,
+                stacklevel=4,
+            )
+        return bool(self.accelerator.is_main_process) and rank == 0
 
     def _sinks(self) -> list[Sink]:
         return self._jsonl_sinks()  # the trackers come later (_late_sinks): they exist once init_trackers ran

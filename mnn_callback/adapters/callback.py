@@ -284,6 +284,8 @@ class MNNCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         self.guard.call("starting the monitor", self._begin, args, state, model, optimizer)
+        if self.monitor.should_stop:  # the first probe's alert, or a resumed run the alarm stopped
+            control.should_training_stop = True  # (the Trainer still takes the step it is at)
 
     def _begin(self, args: Any, state: Any, model: nn.Module, optimizer: Any) -> None:
         resumed = state.global_step > 0

@@ -125,6 +125,8 @@ class MNNLightningCallback(MNNMonitor, Callback):
             self.step(model, step, force=True)
         if self.monitor.overhead.clock_start is None:
             self.monitor.start_clock(step)
+        if self.should_stop:  # the first probe's alert, or a resumed run the alarm stopped
+            trainer.should_stop = True
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         model = self._model(pl_module)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["MNNWarning", "ProbeFailedError", "UsageError"]
+__all__ = ["CollapseWarning", "MNNWarning", "ProbeFailedError", "UsageError"]
 
 
 class MNNWarning(UserWarning):
@@ -10,6 +10,11 @@ class MNNWarning(UserWarning):
 
     Strict mode (``strict=True`` in the callback and hook) turns these into errors.
     """
+
+
+class CollapseWarning(UserWarning):
+    """The collapse alarm fired: the monitor's finding, not a problem it survived, so no
+    :class:`MNNWarning` (strict mode leaves it a warning; ``stop=True`` stops training)."""
 
 
 class ProbeFailedError(RuntimeError):

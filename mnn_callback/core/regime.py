@@ -91,8 +91,9 @@ def regime_note(name: str) -> str:
         )
     if name == MIXED:
         return (
-            "the sequences lie on both sides of the band below d, where MNN's response to a collapse changes: its "
-            f"mean mixes different responses; use pack=True (equal lengths); {_BASIS_CAVEAT}"
+            f"the sequences lie in more than one of the regions {FEWER_TOKENS}, {BAND} and {MORE_TOKENS}, where "
+            "MNN responds differently to a collapse: its mean mixes those responses; use pack=True (equal lengths); "
+            f"{_BASIS_CAVEAT}"
         )
     expected = ", ".join(repr(label) for label in (FEWER_TOKENS, BAND, MORE_TOKENS, MIXED))
     raise ValueError(f"expected a regime {expected}, got {name!r}")

@@ -21,7 +21,7 @@ from mnn_callback.core.errors import MNNWarning
 from mnn_callback.core.guard import Guard
 from mnn_callback.core.identity import DEFAULT_NAME, claim_name, release_name
 from mnn_callback.core.regime import MORE_TOKENS, regime_line
-from mnn_callback.monitoring.alarm import Alarm, CollapseAlert
+from mnn_callback.monitoring.alarm import Alarm, CollapseAlert, require_spectra
 from mnn_callback.monitoring.reference import check_reference_sample, kept_reference
 from mnn_callback.monitoring.saved_state import read_saved_state
 from mnn_callback.monitoring.schedule import OVERHEAD_WARNING_SHARE, Overhead, Schedule
@@ -85,6 +85,7 @@ class Monitor:
     ) -> None:
         self.probe = probe
         self.alert = CollapseAlert.of(alert)
+        require_spectra(self.alert, probe.method, exact_every)
         self.sync_timeout = sync_timeout
         self.agreement: StepAgreement | None = None  # each run's, made when it opens (or at its first probe)
         self.schedule = Schedule(every_n_steps, schedule, exact_every)
@@ -144,12 +145,10 @@ class Monitor:
     @property
     def config(self) -> dict[str, Any]:
         schedule = {"every_n_steps": self.every_n_steps, "schedule": self.schedule.kind}
-        if self.schedule.exact_every is not None:
-            schedule["exact_every"] = self.schedule.exact_every
-        if self.overhead.max_share is not None:
-            schedule["max_overhead"] = self.overhead.max_share
-        if self.alert is not None:
-            schedule["alert"] = self.alert.config()
+        optional = {"exact_every": self.schedule.exact_every, "max_overhead": self.overhead.max_share}
+        schedule.update({key: value for key, value in optional.items() if value is not None})
+        if self.alarm is not None:
+            schedule["alert"] = {**self.alert.config(), "warmup": self.alarm.warmup}  # its default resolved
         return {**self.probe.config, **schedule, "monitor": self.name}
 
     def open(
@@ -317,13 +316,13 @@ class Monitor:
         else:
             self._keep_reference(result, step)
             if self.alarm is not None:  # decided alike on every process (all-reduced values); the main one announces
-                sinks = self.sinks if self.is_main_process else None
-                self.guard.call("the collapse alarm", self.alarm.observe, result, self.reference, step, sinks)
+                main = self.sinks if self.is_main_process else None
+                self.guard.call("the collapse alarm", self.alarm.observe, result, self.reference, step, main, self.name)
             if scheduled:
                 self.overhead.add(time.perf_counter() - started, probe=True, step=step)
                 monitor["time_share"] = self.overhead.share
                 self._warn_overhead()
-            measurement = Measurement.against(step, epoch, result, self.reference, monitor)
+            measurement = Measurement.against(step, epoch, result, self.reference, monitor, warn=False)
             self.history.append({"step": step, "epoch": epoch, **measurement.scalars()})
             if self._probes_succeeded == 0 and self.is_main_process:
                 self._announce_regime(result, step)

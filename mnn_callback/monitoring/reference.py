@@ -11,12 +11,21 @@ __all__ = ["check_reference_sample", "kept_reference"]
 
 
 def check_reference_sample(reference: ProbeResult, fingerprint: str) -> None:
-    """Warn when ``reference`` was measured on another sample or layer set than the probe's ``fingerprint``."""
+    """Warn when ``reference`` was measured on another sample or layer set than the probe's ``fingerprint``,
+    or without the per-sequence values paired errors need."""
     if reference.fingerprint != fingerprint:
         warnings.warn(
             "the Diff-eRank reference was measured on another probe sample or layer set "
             f"(fingerprint {reference.fingerprint}, this probe {fingerprint}); "
             "its eRanks are not directly comparable",
+            MNNWarning,
+            stacklevel=5,
+        )
+    elif not reference.per_sequence:
+        warnings.warn(
+            "the Diff-eRank reference kept no per-sequence values (measured with per_sequence=False): the standard "
+            "errors of every change against it (and the collapse alarm's with baseline='reference') are those of "
+            "two independent means, wider than the paired ones; measure it with per_sequence=True (the default)",
             MNNWarning,
             stacklevel=5,
         )
@@ -45,6 +54,6 @@ def kept_reference(reference: ProbeResult | None, result: ProbeResult, step: int
             reference.with_layers_from(result, replaced),
         )
     return reference, (
-        f"the Diff-eRank reference has no finite values at {which} (non-finite hidden states when it was measured); "
-        f"the probe at step {step} is their reference from now on"
+        f"the Diff-eRank reference has no finite values at {which} (non-finite hidden states or a failed eigensolve "
+        f"when it was measured); the probe at step {step} is their reference from now on"
     )

@@ -194,7 +194,9 @@ class TensorBoardSink(Sink):
 
     def log_event(self, event: str, step: int, **fields: Any) -> None:
         with self._writing() as writer:
-            writer.add_text("mnn_callback/events", f"{event}: {json.dumps(fields, default=str)}", step)
+            writer.add_text(
+                "mnn_callback/events", f"{event}: {json.dumps(fields, default=str, ensure_ascii=False)}", step
+            )
 
     def close(self) -> None:
         for run, writer in self.writers.items():

@@ -66,7 +66,9 @@ def current_timeline(records: Iterable[Mapping[str, Any]]) -> list[Mapping[str, 
     - a run whose first probe comes without a ``resume`` started from scratch: it supersedes all
       of the monitor's earlier probe lines (its history starts afresh, as the monitor's does).
 
-    Event lines and other monitors' lines are kept; the order is the file's.
+    Event lines and other monitors' lines are kept, except an ``alert`` that names its run whose
+    probe line (same monitor, run and step) is not on the timeline: the abandoned run's alarm. The
+    order is the file's.
 
     >>> abandoned = [{"event": "config"}, {"step": 0, "value": 1}, {"step": 2, "value": 1}, {"step": 4, "value": 1}]
     >>> resumed = [{"event": "config"}, {"event": "resume", "step": 2}, {"step": 4, "value": 2}]
@@ -77,6 +79,9 @@ def current_timeline(records: Iterable[Mapping[str, Any]]) -> list[Mapping[str, 
     >>> c = [{"event": "resume", "step": 4, "run": "c", "continues": "a"}, {"step": 6, "run": "c"}]  # a's checkpoint
     >>> [(line["step"], line["run"]) for line in current_timeline(a + b + c) if "event" not in line]
     [(0, 'a'), (2, 'a'), (4, 'a'), (6, 'c')]
+    >>> alerts = [{"event": "alert", "step": 6, "run": run} for run in ("a", "c")]
+    >>> [line["run"] for line in current_timeline(a + b + c + alerts) if line.get("event") == "alert"]
+    ['c']
     """
     records = list(records)
     by_monitor: dict[str, list[int]] = defaultdict(list)
@@ -86,7 +91,21 @@ def current_timeline(records: Iterable[Mapping[str, Any]]) -> list[Mapping[str, 
     for indices in by_monitor.values():
         named = any(isinstance(records[i].get("run"), str) for i in indices if _is_probe_line(records[i]))
         timeline.update(_lineage(records, indices) if named else _by_position(records, indices))
-    return [record for index, record in enumerate(records) if index in timeline or not _is_probe_line(record)]
+    probed = {_fired_by(records[index]) for index in timeline}
+    return [
+        record
+        for index, record in enumerate(records)
+        if index in timeline or not (_is_probe_line(record) or _superseded_alert(record, probed))
+    ]
+
+
+def _fired_by(record: Mapping[str, Any]) -> tuple[Any, Any, Any]:
+    return record.get("monitor", DEFAULT_NAME), record.get("run"), record.get("step")
+
+
+def _superseded_alert(record: Mapping[str, Any], probed: set[tuple[Any, Any, Any]]) -> bool:
+    """An ``alert`` of a named run whose probe is not on the timeline (lines without run ids are all kept)."""
+    return record.get("event") == "alert" and isinstance(record.get("run"), str) and _fired_by(record) not in probed
 
 
 def _by_position(records: list[Mapping[str, Any]], indices: list[int]) -> list[int]:

@@ -380,8 +380,21 @@ def is_causal(config: Any) -> bool:
     return any(name.endswith(("ForCausalLM", "LMHeadModel")) for name in (config.architectures or []))
 
 
+def _model_class(config: Any) -> Any:
+    """The transformers auto class a config is loaded with: ``AutoModelForCausalLM`` for a causal LM (the
+    loss), ``AutoModelForSeq2SeqLM`` for an encoder-decoder that has one (a PEFT ``SEQ_2_SEQ_LM`` adapter
+    needs its generation methods; the probe runs its encoder), else ``AutoModel``."""
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    if is_causal(config):
+        return AutoModelForCausalLM
+    if getattr(config, "is_encoder_decoder", False) and type(config) in AutoModelForSeq2SeqLM._model_mapping:
+        return AutoModelForSeq2SeqLM
+    return AutoModel
+
+
 def load_model(target: Target, *, placement: Placement, trust_remote_code: bool) -> nn.Module:
-    """A model for probing: the causal-LM class when the config names one (for the loss), else the base model."""
+    """A model for probing, of the class :func:`_model_class` chooses for its config."""
     if target.module is not None:
         return target.module
     if target.base is not None:  # the base model with the adapter merged into its weights
@@ -392,11 +405,11 @@ def load_model(target: Target, *, placement: Placement, trust_remote_code: bool)
         model = load_model(target.base, placement=placement, trust_remote_code=trust_remote_code)
         return PeftModel.from_pretrained(model, target.path).merge_and_unload().eval()
     import transformers
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     options = {**target.options, "trust_remote_code": trust_remote_code}
     config = AutoConfig.from_pretrained(target.path, **options)
-    model_class = AutoModelForCausalLM if is_causal(config) else AutoModel
+    model_class = _model_class(config)
     dtype_option = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
     options[dtype_option] = placement.dtype
     if placement.device_map is not None:
@@ -426,14 +439,11 @@ def untrained_model(target: Target, *, placement: Placement, seed: int, trust_re
     Built in CPU memory, then moved to the device or dispatched like the trained models. The
     global torch RNG is restored afterwards.
     """
-    from transformers import AutoModel, AutoModelForCausalLM
-
     config = model_config(target, trust_remote_code)
     generator_state = torch.get_rng_state()
     torch.manual_seed(seed)
     try:
-        model_class = AutoModelForCausalLM if is_causal(config) else AutoModel
-        model = model_class.from_config(config, trust_remote_code=trust_remote_code)
+        model = _model_class(config).from_config(config, trust_remote_code=trust_remote_code)
     finally:
         torch.set_rng_state(generator_state)
     if placement.device_map is None:

@@ -205,9 +205,10 @@ class _Ranking:
             config = model_config(target, self.options["trust"])
             if not is_causal(config):
                 architecture = ", ".join(config.architectures or [type(config).__name__])
-                raise UsageError(
-                    f"{target.name} ({architecture}) cannot generate: ranking needs a causal language model"
-                )
+                kind = "cannot generate"
+                if getattr(config, "is_encoder_decoder", False):
+                    kind = "is an encoder-decoder, which ranking does not support"
+                raise UsageError(f"{target.name} ({architecture}) {kind}: ranking needs a causal language model")
             model = load_model(target, placement=self.placement, trust_remote_code=self.options["trust"])
             tokenizer = find_tokenizer(target, self.options["tokenizer"], self.options["trust"])
             if tokenizer is None:

@@ -20,14 +20,12 @@ __all__ = [
     "Emitters",
     "accepted_kwargs",
     "calibrate",
-    "check_supported",
     "first_tensor",
     "hidden_states_of",
     "inspectable",
     "model_device",
     "named_emitters",
     "position_limit",
-    "probed_module",
     "vocabulary_size",
 ]
 
@@ -84,21 +82,20 @@ def accepted_kwargs(model: nn.Module, wanted: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in wanted.items() if key in parameters}
 
 
-def check_supported(model: nn.Module) -> None:
-    """Refuse encoder-decoder models by name: their forward needs decoder inputs the probe does not have."""
-    inner = inspectable(model)
-    config = getattr(inner, "config", None)
-    if getattr(config, "is_encoder_decoder", False):
-        raise TypeError(
-            f"{type(inner).__name__} is an encoder-decoder model, which the probe does not support: probe its "
-            "encoder instead (model.get_encoder(), or an encoder-only class such as T5EncoderModel)"
-        )
-
-
-def hidden_states_of(output: Any, model: nn.Module) -> tuple[Tensor, ...]:
+def hidden_states_of(output: Any, model: nn.Module, *, forward_given: bool = False) -> tuple[Tensor, ...]:
+    """The output's ``hidden_states``; a ``TypeError`` saying what to do when it has none
+    (``forward_given``: the output came from the user's ``forward=``, without ``modules=``)."""
     hidden_states = getattr(output, "hidden_states", None)
     if hidden_states is None and isinstance(output, Mapping):
         hidden_states = output.get("hidden_states")
+    if not hidden_states and forward_given:
+        raise TypeError(
+            f"the output of forward= for {type(inspectable(model)).__name__} holds no hidden_states: without "
+            "modules=, forward= must return an output with hidden_states (call the model with "
+            "output_hidden_states=True, e.g. forward=lambda model, ids, mask: model.get_encoder()(input_ids=ids, "
+            "attention_mask=mask, output_hidden_states=True)), or pass modules=[...] naming the modules whose "
+            "outputs are the hidden states"
+        )
     if not hidden_states:
         raise TypeError(
             f"{type(inspectable(model)).__name__} did not return hidden states: the probe needs a model whose "
@@ -147,8 +144,10 @@ class Emitters:
     hidden_size: int
 
 
-def calibrate(model: nn.Module, forward_kwargs: dict[str, Any]) -> Emitters:
-    """Match each hidden state to the module that outputs it, with one forward on a short input.
+def calibrate(model: nn.Module, run: Callable[[], Any], *, forward_given: bool = False) -> Emitters:
+    """Match each hidden state to the module that outputs it, with one forward on a short input
+    (``run()``, returning an output with ``hidden_states``; ``forward_given``: ``run`` is the
+    user's ``forward=``, for the error when it has none).
 
     Records every module's output (hooks on all modules) and compares it exactly with
     ``hidden_states[i]``. Among matching modules called exactly once, takes the deepest (it
@@ -171,11 +170,11 @@ def calibrate(model: nn.Module, forward_kwargs: dict[str, Any]) -> Emitters:
         for name, module in model.named_modules():
             if name:
                 handles.append(module.register_forward_hook(record(name)))
-        output = model(**forward_kwargs, output_hidden_states=True)
+        output = run()
     finally:
         for handle in handles:
             handle.remove()
-    hidden_states = hidden_states_of(output, model)
+    hidden_states = hidden_states_of(output, model, forward_given=forward_given)
     modules: list[str | None] = []
     for hidden in hidden_states:
         matches = [
@@ -188,17 +187,6 @@ def calibrate(model: nn.Module, forward_kwargs: dict[str, Any]) -> Emitters:
         ]
         modules.append(max(matches)[2] if matches else None)
     return Emitters(len(hidden_states), tuple(modules), int(hidden_states[-1].shape[-1]))
-
-
-def probed_module(model: nn.Module) -> nn.Module:
-    """The module to probe in a wrapper that is known: a sentence-transformers ``SentenceTransformer``'s
-    transformer (its first module's ``auto_model``); ``model`` itself otherwise."""
-    inner = inspectable(model)
-    if type(inner).__name__ == "SentenceTransformer" and isinstance(inner, nn.Sequential) and len(inner):
-        auto_model = getattr(inner[0], "auto_model", None)
-        if isinstance(auto_model, nn.Module):
-            return auto_model
-    return model
 
 
 def _pattern(pattern: str) -> re.Pattern[str]:

@@ -22,11 +22,13 @@ from mnn_callback.core.errors import MNNWarning, ProbeFailedError
 from mnn_callback.core.metrics import PendingMetrics, compute_metrics, finish_metrics, prepare_metrics
 from mnn_callback.probing.distributed import all_gather_object, all_reduce
 from mnn_callback.probing.emitters import Emitters, first_tensor, hidden_states_of
+from mnn_callback.probing.parts import NO_LOGITS, logits_of, next_token_loss
 from mnn_callback.probing.results import ProbeResult, derived_errors
 
 __all__ = ["RunState", "raise_if_failed_anywhere"]
 
-_TOTALS = ("loss_sum", "loss_tokens", "sequences", "tokens", "nan_sequences")
+_TOTALS = ("loss_sum", "loss_tokens", "sequences", "tokens", "nan_sequences", "invalid_sequences", "unsolved_sequences")
+_COUNTED = _TOTALS[-3:]  # per-sequence masks, counted in totals(): any NaN, NaN MNN (bad input), NaN spectrum only
 
 
 def raise_if_failed_anywhere(failure: Exception | None) -> None:
@@ -60,8 +62,11 @@ class RunState:
         per_sequence: bool = False,
         method: str = "exact",
         limit: int | None = None,
+        *,
+        part: str | None = None,
     ) -> None:
         self.probe, self.model, self.emitters, self.device, self.kwargs = probe, model, emitters, device, kwargs
+        self.part = part  # which part of the model is probed (``"encoder"`` of an encoder-decoder), None: all of it
         self.method = method
         self.limit = limit  # this model's position limit: each sequence is cut to it
         self.layers = probe.resolve_layers(emitters.num_hidden_states)
@@ -73,7 +78,9 @@ class RunState:
         defer = defer and not _spread_over_devices(model)  # one batched eigensolve needs one device
         self.pending = _PendingSpectra(self) if defer and method == "exact" else None
         self.sums = torch.zeros(len(_TOTALS), dtype=torch.float64, device=device)
-        self.nan_rows: list[Tensor] = []  # per micro-batch: which sequences have a NaN metric in some layer
+        # per micro-batch, one mask per _COUNTED total: which sequences have a NaN metric in some layer; a NaN
+        # MNN (non-finite hidden states, under 2 tokens); a NaN spectral metric with a finite MNN (a failed solve)
+        self.nan_rows: dict[str, list[Tensor]] = {name: [] for name in _COUNTED}
         # per field, layer and sequence of the sample: each process fills its own sequences, zeros elsewhere,
         # so the all-reduced sum holds every sequence's values
         shape = (len(self.fields), len(self.layers), len(probe.sequences)) if per_sequence else (0,)
@@ -118,7 +125,7 @@ class RunState:
                 self.pending.discard_last()
             return
         if self.pending is None:
-            self.nan_rows.append(self.accumulate(per_layer, indices))
+            self.accumulate(per_layer, indices)
         else:
             self.pending.add_batch(per_layer, indices)
         self.sums += torch.stack(
@@ -127,22 +134,25 @@ class RunState:
                 loss_tokens.to(self.device, torch.float64),
                 torch.tensor(float(len(indices)), dtype=torch.float64, device=self.device),
                 attention_mask.sum().to(torch.float64),
-                torch.zeros((), dtype=torch.float64, device=self.device),
+                *torch.zeros(len(_COUNTED), dtype=torch.float64, device=self.device),
             ]
         )
 
-    def accumulate(self, per_layer: list[dict[str, Tensor]], indices: list[int]) -> Tensor:
-        """Add one micro-batch's per-layer metrics; which of its sequences have a NaN metric in some layer."""
-        has_nan = None
+    def accumulate(self, per_layer: list[dict[str, Tensor]], indices: list[int]) -> None:
+        """Add one micro-batch's per-layer metrics, and its sequences' masks of NaN metrics (``nan_rows``)."""
+        masks = None
         for group, values in enumerate(per_layer):
             values = {name: value.to(self.device) for name, value in values.items()}  # a dispatched model's layers
-            row = self.accumulator.update(values, group=group)
-            has_nan = row if has_nan is None else has_nan | row
+            has_nan = self.accumulator.update(values, group=group)
+            invalid = torch.isnan(values["mnn"])  # MNN needs no solve: NaN only for an input without a value
+            row = torch.stack([has_nan, invalid, has_nan & ~invalid])
+            masks = row if masks is None else masks | row
             if self.sequence_values.numel():
                 where = torch.tensor(indices, device=self.device)
                 for field, name in enumerate(self.fields):
                     self.sequence_values[field, group, where] = values[name].to(torch.float64)
-        return has_nan
+        for name, mask in zip(_COUNTED, masks, strict=True):
+            self.nan_rows[name].append(mask)
 
     def measure(self, attention_mask: Tensor, hidden: Tensor) -> Any:
         attention_mask = attention_mask.to(hidden.device)  # computed where the hidden state lives
@@ -157,7 +167,7 @@ class RunState:
         per_layer: list[Any] = [None] * len(self.layers)
         measure = functools.partial(self.measure, self._metric_mask(attention_mask, indices))
         call_kwargs = dict(self.kwargs)
-        if self.wants_loss:
+        if self.wants_loss and not self.probe.custom:  # a Hugging Face model's own loss
             call_kwargs["labels"] = input_ids.masked_fill(attention_mask == 0, -100)
         handles = []
         try:
@@ -173,7 +183,8 @@ class RunState:
                 output = self.probe.call(
                     self.model, input_ids, attention_mask, {**call_kwargs, "output_hidden_states": True}
                 )
-                hidden_states = hidden_states_of(output, self.model)
+                forward_given = self.probe.forward is not None and self.probe.modules is None
+                hidden_states = hidden_states_of(output, self.model, forward_given=forward_given)
                 for group, layer in enumerate(self.layers):
                     per_layer[group] = measure(hidden_states[layer])
         finally:
@@ -181,21 +192,34 @@ class RunState:
                 handle.remove()
         if any(values is None for values in per_layer):
             raise RuntimeError("a hooked layer did not run during the forward pass; rerun with streaming=False")
-        loss_sum = loss_tokens = torch.zeros((), dtype=torch.float64)
-        loss = getattr(output, "loss", None) if self.wants_loss else None
+        if not self.wants_loss:
+            return per_layer, torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+        return (per_layer, *self._loss(output, input_ids, attention_mask))
+
+    def _loss(self, output: Any, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+        """The micro-batch's summed next-token loss and its tokens: a Hugging Face model's own ``loss``
+        (the probe passed ``labels``; a mean over the shifted tokens), else from the output's logits
+        (:func:`~mnn_callback.probing.parts.next_token_loss`, in the probe's dtype)."""
+        loss = None if self.probe.custom else getattr(output, "loss", None)
         if loss is not None:
             loss_tokens = (attention_mask.sum(dim=1) - 1).clamp(min=0).sum().to(torch.float64)
-            loss_sum = loss.detach().to(torch.float64) * loss_tokens
-        elif self.wants_loss:
-            loss_sum = torch.tensor(math.nan, dtype=torch.float64)
-        return per_layer, loss_sum, loss_tokens
+            return loss.detach().to(torch.float64) * loss_tokens, loss_tokens
+        logits = logits_of(output)
+        if logits is None:
+            raise TypeError(
+                f"the probe loss needs the logits: {type(self.model).__name__}'s output has no loss and no logits "
+                f"({NO_LOGITS}); return them from forward= (e.g. forward=lambda model, ids, mask: model(ids)[0]), "
+                "or set compute_loss=False"
+            )
+        return next_token_loss(logits, input_ids, attention_mask, self.probe.dtype)
 
     def totals(self) -> Tensor:
         """The accumulator's state and the probe totals in one float64 vector (what is all-reduced)."""
         if self.pending is not None:
             self.pending.flush()
-        if self.nan_rows:
-            self.sums[_TOTALS.index("nan_sequences")] = torch.cat(self.nan_rows).sum().to(torch.float64)
+        for name, rows in self.nan_rows.items():
+            if rows:
+                self.sums[_TOTALS.index(name)] = torch.cat(rows).sum().to(torch.float64)
         return torch.cat([self.accumulator.state.flatten(), self.sums, self.sequence_values.flatten()])
 
     def result(self, flat: list[float], seconds: float) -> ProbeResult:
@@ -203,13 +227,7 @@ class RunState:
         self.accumulator.state = torch.tensor(flat[:size], dtype=torch.float64).reshape(self.accumulator.state.shape)
         totals = dict(zip(_TOTALS, flat[size : size + len(_TOTALS)], strict=True))
         sequences = torch.tensor(flat[size + len(_TOTALS) :], dtype=torch.float64).reshape(self.sequence_values.shape)
-        if totals["nan_sequences"]:
-            warnings.warn(
-                "some probe sequences have non-finite hidden states (a diverging run?); their metrics are NaN "
-                "and probe/nan_sequences counts them",
-                MNNWarning,
-                stacklevel=3,
-            )
+        _warn_nan_sequences(totals, self.method)
         aggregated = {key: value.tolist() for key, value in self.accumulator.compute().items()}
         columns = [
             schema.derive_layer({name: aggregated[name][group] for name in self.fields})
@@ -230,12 +248,31 @@ class RunState:
             seconds=seconds,
             fingerprint=self.probe.fingerprint,
             num_hidden_states=self.emitters.num_hidden_states,
-            config={**self.probe.config, "method": self.method},
+            config={**self.probe.config, "method": self.method, **({"probed": self.part} if self.part else {})},
             hidden_size=self.emitters.hidden_size,
             token_range=(min(measured), sum(measured) / len(measured), max(measured)),
             per_sequence={name: sequences[field].tolist() for field, name in enumerate(self.fields)}
             if sequences.numel()
             else None,
+        )
+
+
+def _warn_nan_sequences(totals: dict[str, float], method: str) -> None:
+    """Say why probe sequences have NaN metrics: bad hidden states (NaN MNN), or a spectrum that failed."""
+    if totals["invalid_sequences"]:
+        warnings.warn(
+            f"{totals['invalid_sequences']:.0f} probe sequences have non-finite hidden states (a diverging run?) "
+            "or fewer than 2 measured tokens; their metrics are NaN and probe/nan_sequences counts them",
+            MNNWarning,
+            stacklevel=4,
+        )
+    if totals["unsolved_sequences"]:
+        how = "the eigensolver failed, also in float64 on the CPU" if method == "exact" else "a non-finite estimate"
+        warnings.warn(
+            f"the spectral metrics of {totals['unsolved_sequences']:.0f} probe sequences could not be computed "
+            f"({how}; their hidden states are finite): they are NaN and probe/nan_sequences counts them",
+            MNNWarning,
+            stacklevel=4,
         )
 
 
@@ -282,5 +319,5 @@ class _PendingSpectra:
         layers = len(self.batches[0][0])
         solved = finish_metrics([item for batch, _ in self.batches for item in batch])
         for position, (_, indices) in enumerate(self.batches):
-            self.run.nan_rows.append(self.run.accumulate(solved[position * layers : (position + 1) * layers], indices))
+            self.run.accumulate(solved[position * layers : (position + 1) * layers], indices)
         self.batches, self.nbytes = [], 0

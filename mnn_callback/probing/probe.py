@@ -28,15 +28,14 @@ from mnn_callback.probing.emitters import (
     Emitters,
     accepted_kwargs,
     calibrate,
-    check_supported,
     inspectable,
     model_device,
     named_emitters,
     position_limit,
-    probed_module,
     vocabulary_size,
 )
 from mnn_callback.probing.measuring import RunState, raise_if_failed_anywhere
+from mnn_callback.probing.parts import is_causal_lm, probed_part
 from mnn_callback.probing.results import ProbeResult
 from mnn_callback.probing.sample import check_token_range, fingerprint, fixed_sample, load_tokenizer, packed_sample
 from mnn_callback.probing.training_state import preserved_training_state
@@ -99,7 +98,9 @@ class Probe:
         text_column: the text field of a dataset or JSONL record.
         dtype: compute dtype of the metrics, ``torch.float32`` or ``torch.float64``.
         compute_loss: compute the sample's next-token loss; None (default) does so for causal
-            language models (class names ending in ``ForCausalLM`` or ``LMHeadModel``).
+            language models (class names ending in ``ForCausalLM`` or ``LMHeadModel``, inside a
+            PEFT wrapper too). An encoder-decoder is probed by its encoder: no loss. With
+            ``modules``/``forward`` the loss comes from the output's logits (see ``forward``).
         method: ``"exact"`` spectra (eigendecomposition), ``"fast"`` (matmul only, for GPUs; see
             :func:`~mnn_callback.core.metrics.compute_metrics`), or ``"cheap"`` (MNN, Rényi-2 and the
             loss: no spectrum; the spectral metrics are left out of the result).
@@ -115,10 +116,15 @@ class Probe:
             patterns whose ``*`` stands for one part of a dotted name, in order (e.g.
             ``["transformer.h.*", "transformer.ln_f"]``); each must run once per forward.
         forward: how to call such a model, ``forward(model, input_ids, attention_mask)``; default
-            ``model(input_ids)`` with ``modules``, else Hugging Face keyword arguments.
+            ``model(input_ids)`` with ``modules``, else Hugging Face keyword arguments. For the
+            loss (``compute_loss=True``) it returns the logits, a (batch, tokens, vocabulary)
+            tensor or an output with ``.logits``: the probe's causal-LM cross-entropy of them.
+            Without ``modules``, its output must hold ``hidden_states`` where the model cannot be
+            called the Hugging Face way (e.g. an encoder-decoder's encoder).
         skip_first_tokens: the metrics use each sequence's valid tokens from the (k+1)-th on (a
             BOS or attention-sink token with huge activations can fake compression); the model
-            still sees them, and the loss is unchanged.
+            still sees them and the loss still covers them, but a sequence with fewer than k + 2
+            tokens (from its ``measure_from``) is left out of the sample: the loss is over the rest.
 
     An item of the data may be ``{"input_ids": [...], "measure_from": k}``: the model reads all of
     it, the metrics use its tokens from index k on (e.g. a response after its prompt). Sequences
@@ -266,7 +272,12 @@ class Probe:
     def _wants_loss(self, model: nn.Module) -> bool:
         if self.compute_loss is not None:
             return self.compute_loss
-        return type(inspectable(model)).__name__.endswith(("ForCausalLM", "LMHeadModel"))
+        return is_causal_lm(model)
+
+    @property
+    def custom(self) -> bool:
+        """Whether the model is called the user's way (``modules=`` or ``forward=``), not Hugging Face's."""
+        return self.modules is not None or self.forward is not None
 
     def agree_across_processes(self) -> list[str] | None:
         """Make every process use the same sample (every process calls this, once; later calls do nothing).
@@ -295,7 +306,6 @@ class Probe:
         fingerprint. A sequence whose measured part (from its ``measure_from``) the cut would
         leave with fewer than 2 tokens is a ``ValueError`` naming it.
         """
-        check_supported(model)
         name = type(inspectable(model)).__name__
         limits = [limit for limit in (position_limit(model), self._tokenizer_limit) if limit is not None]
         longest = max(len(ids) for ids in self.sequences)
@@ -348,12 +358,23 @@ class Probe:
             if self.modules is not None:
                 emitters = named_emitters(model, self.modules, lambda: self.call(model, ids, mask, kwargs))
             else:
-                try:
-                    emitters = calibrate(model, {"input_ids": ids, "attention_mask": mask, **kwargs})
-                except TypeError as error:
-                    raise TypeError(_not_hugging_face(model, error)) from error
+                emitters = self._calibrated(model, ids, mask, kwargs)
             known = self._emitters[model] = (emitters, limit)
         return known
+
+    def _calibrated(self, model: nn.Module, ids: Tensor, mask: Tensor, kwargs: dict[str, Any]) -> Emitters:
+        """:func:`calibrate` with a Hugging Face call; when that fails and ``forward`` was given (an
+        encoder-decoder called through its encoder, ...), with ``forward``, whose output must then
+        hold ``hidden_states``."""
+        hf_kwargs = {"input_ids": ids, "attention_mask": mask, **kwargs, "output_hidden_states": True}
+        try:
+            return calibrate(model, lambda: model(**hf_kwargs))
+        except (TypeError, ValueError) as error:
+            if self.forward is None:
+                if isinstance(error, ValueError):
+                    raise
+                raise TypeError(_not_hugging_face(model, error)) from error
+        return calibrate(model, lambda: self.call(model, ids, mask, kwargs), forward_given=True)
 
     def call(self, model: nn.Module, input_ids: Tensor, attention_mask: Tensor, kwargs: dict[str, Any]) -> Any:
         """One forward of ``model`` as this probe calls it: ``forward``, ``model(input_ids)`` with
@@ -399,7 +420,8 @@ class Probe:
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         started = time.perf_counter()
-        forward_model = probed_module(getattr(model, "_orig_mod", model))  # eager module of a compile wrapper
+        eager = getattr(model, "_orig_mod", model)  # the eager module of a compile wrapper
+        forward_model, part = probed_part(eager, custom=self.custom, compute_loss=self.compute_loss)
         if not isinstance(forward_model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         rank, world_size = (0, 1) if distributed is False else world()
@@ -414,7 +436,9 @@ class Probe:
             kwargs = accepted_kwargs(inspectable(forward_model), {"use_cache": False, "return_dict": True})
             try:  # the calibration forward may fail on one process only: the others must learn it too
                 emitters, limit = self._emitters_of(forward_model, device, kwargs)
-                state = RunState(self, forward_model, emitters, device, streaming, kwargs, per_sequence, method, limit)
+                state = RunState(
+                    self, forward_model, emitters, device, streaming, kwargs, per_sequence, method, limit, part=part
+                )
                 totals, failure = state.run(self._micro_batches(rank, world_size), keep_in_step=world_size > 1)
             except Exception as error:
                 if world_size == 1:

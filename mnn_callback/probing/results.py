@@ -112,7 +112,12 @@ class ProbeResult:
         """Every value of the layer at ``position`` of :attr:`layers`, by metric name."""
         return {name: values[position] for name, values in self.per_layer.items()}
 
-    def difference_errors(self, reference: ProbeResult) -> dict[str, list[float]]:
+    def pairs_with(self, reference: ProbeResult) -> bool:
+        """Whether comparisons with ``reference`` get paired standard errors: the same sample
+        (equal fingerprints), and both results kept each sequence's values."""
+        return self.fingerprint == reference.fingerprint and bool(self.per_sequence) and bool(reference.per_sequence)
+
+    def difference_errors(self, reference: ProbeResult, *, warn: bool = True) -> dict[str, list[float]]:
         """Standard errors of :meth:`differences`, per layer.
 
         Paired when both results kept each sequence's values (``per_sequence``: :meth:`Probe.run
@@ -120,9 +125,11 @@ class ProbeResult:
         from the per-sequence differences, delta method for eRank. Else those of two independent
         means, ``sqrt(SE_now^2 + SE_ref^2)``: on the same sample (equal fingerprints) they are too
         wide whenever the sequences keep their order, and an
-        :class:`~mnn_callback.core.errors.MNNWarning` says which side lacks the per-sequence values.
+        :class:`~mnn_callback.core.errors.MNNWarning` says which side lacks the per-sequence values
+        (``warn=False``: not, for a caller that said so once already).
         """
-        self._warn_if_unpaired(reference)
+        if warn:
+            self._warn_if_unpaired(reference)
         index = {layer: position for position, layer in enumerate(reference.layers)}
         out: dict[str, list[float]] = {}
         for name in self.differences(reference):
@@ -323,12 +330,15 @@ class Measurement:
         result: ProbeResult,
         reference: ProbeResult | None,
         monitor: dict[str, float] | None = None,
+        *,
+        warn: bool = True,
     ) -> Measurement:
-        """The measurement of ``result``, compared with ``reference`` (none: no comparison metrics)."""
+        """The measurement of ``result``, compared with ``reference`` (none: no comparison metrics);
+        ``warn``: as :meth:`ProbeResult.difference_errors`."""
         if reference is None:
             return cls(step, epoch, result, monitor=monitor or {})
-        differences = result.differences(reference)
-        return cls(step, epoch, result, differences, monitor or {}, result.difference_errors(reference))
+        errors = result.difference_errors(reference, warn=warn)
+        return cls(step, epoch, result, result.differences(reference), monitor or {}, errors)
 
     @property
     def layers(self) -> list[int]:

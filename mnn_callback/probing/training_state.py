@@ -26,6 +26,14 @@ def _rng_states() -> dict[str, Any]:
     return states
 
 
+def _eager_stance() -> contextlib.AbstractContextManager[Any]:
+    """Every ``torch.compile``d function (a wrapper, an in-place ``module.compile()``, a compiled
+    block) runs its original Python code, touching no cache and no guard (torch >= 2.6)."""
+    compiler = getattr(torch, "compiler", None)
+    set_stance = getattr(compiler, "set_stance", None)
+    return set_stance("force_eager") if callable(set_stance) else contextlib.nullcontext()
+
+
 def _restore_rng_states(states: dict[str, Any]) -> None:
     torch.set_rng_state(states["torch"])
     random.setstate(states["python"])
@@ -44,7 +52,10 @@ def preserved_training_state(model: nn.Module, optimizer: Any = None) -> Iterato
     class is not left behind on the instance: a ``torch.compile`` guard would see it), and the
     torch (CPU and CUDA), Python and NumPy RNG states; mirrors ``optimizer.eval()`` /
     ``optimizer.train()`` for optimizers that have them (schedule-free ones). Runs its restore in
-    ``finally``: an exception or a KeyboardInterrupt leaves the model as it was.
+    ``finally``: an exception or a KeyboardInterrupt leaves the model as it was. Inside, compiled
+    code runs eagerly (``torch.compiler.set_stance("force_eager")``): the probe's eval-mode,
+    no-grad calls of other shapes would otherwise compile graphs of their own through an in-place
+    ``model.compile()`` and turn the training graph's shapes dynamic, which changes its kernels.
     """
     modules = list(model.modules())
     flags = [module.training for module in modules]
@@ -64,7 +75,8 @@ def preserved_training_state(model: nn.Module, optimizer: Any = None) -> Iterato
         if switch_optimizer:
             optimizer.eval()
         model.eval()
-        yield
+        with _eager_stance():
+            yield
     finally:
         for module, flag in zip(modules, flags, strict=True):
             module.training = flag

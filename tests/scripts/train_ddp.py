@@ -12,8 +12,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 
 def main(output_dir: str) -> None:
-    import torch
     from helpers import random_sequences, tiny_model
+    from teardown import leave_together
     from transformers import Trainer, TrainingArguments
 
     from mnn_callback import MNNCallback
@@ -29,6 +29,7 @@ def main(output_dir: str) -> None:
         save_strategy="no",
         use_cpu=True,
         seed=0,
+        ddp_timeout=600,  # a collective that waits longer fails the run (default 1800 s: past the test's timeout)
     )
     trainer = Trainer(model=model, args=args, train_dataset=train)
     callback = MNNCallback(
@@ -36,11 +37,11 @@ def main(output_dir: str) -> None:
     )
     trainer.add_callback(callback)
     trainer.train()
-    if torch.distributed.is_initialized():  # as torch asks: older accelerate leaves the group to the exit
-        # every rank leaves together: a rank exiting straight after the Trainer's last collective was
-        # seen to abort in gloo's teardown (torch 2.13, transformers 4.47, accelerate 0.34; rarely)
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    # as torch asks, the group is destroyed (older accelerate leaves it to the exit), every rank leaving
+    # together: a rank exiting straight after the Trainer's last collective was seen to abort in gloo's
+    # teardown (torch 2.13, transformers 4.47, accelerate 0.34; rarely). Within a bound: an unbounded
+    # barrier once held a fresh-clone CI run until the test's timeout (one rank gone, one in the teardown)
+    leave_together()
 
 
 if __name__ == "__main__":
