@@ -90,6 +90,16 @@ def make_hidden(kind: str, batch: int, length: int, d: int, seed: int = 0) -> to
     raise ValueError(kind)
 
 
+def free_port() -> int:
+    """A TCP port free on this machine now (the OS picks it), for a launcher that needs one named:
+    `accelerate launch --main_process_port 0` hangs on accelerate 0.34 (its workers dial port 0)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
 def random_sequences(count: int, min_length: int, max_length: int, seed: int = 0, vocab_size: int = VOCAB):
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(min_length, max_length + 1, (count,), generator=g).tolist()

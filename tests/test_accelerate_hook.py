@@ -12,7 +12,15 @@ import sys
 
 import pytest
 import torch
-from helpers import HANG_TIMEOUT, event_accumulator, probe_lines, random_sequences, tensorboard_values, tiny_model
+from helpers import (
+    HANG_TIMEOUT,
+    event_accumulator,
+    free_port,
+    probe_lines,
+    random_sequences,
+    tensorboard_values,
+    tiny_model,
+)
 
 from mnn_callback import MNNAccelerateHook, MNNWarning
 from mnn_callback.output.files import read_jsonl
@@ -217,7 +225,7 @@ def accelerate_launch(out, mode):
     empty HF_HOME keeps a developer's accelerate config out of it. The timeout fails a hang."""
     out.mkdir()
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "HF_HOME": str(out / "hf_home")}
-    flags = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--main_process_port", "0"]
+    flags = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--main_process_port", str(free_port())]
     flags += ["--mixed_precision", "no", "--dynamo_backend", "no"]
     command = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", *flags, LAUNCH_SCRIPT]
     subprocess.run([*command, str(out), mode], check=True, env=env, timeout=HANG_TIMEOUT)
@@ -289,12 +297,17 @@ def test_a_launch_whose_accelerator_sees_one_process_of_two_has_one_writer_and_s
     has 2 processes, each accelerator 1 (both "main"): process 0 alone writes, and a warning names the fix."""
     env = {key: value for key, value in os.environ.items() if key != "ACCELERATE_USE_CPU"}
     env.update(OMP_NUM_THREADS="1", HF_HOME=str(tmp_path / "hf_home"), CUDA_VISIBLE_DEVICES="")
-    flags = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--main_process_port", "0"]
+    flags = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--main_process_port", str(free_port())]
     command = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", *flags, "--mixed_precision", "no"]
     command += [EXAMPLE, "--out", str(tmp_path / "out"), *TINY, "--steps", "4", "--every", "2"]
     done = subprocess.run(command, env=env, timeout=HANG_TIMEOUT, capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stderr.count("the accelerator runs 1 process(es) but torch.distributed has 2") == 1
+    import accelerate
+    from packaging.version import Version
+
+    warned = done.stderr.count("the accelerator runs 1 process(es) but torch.distributed has 2")
+    # accelerate 1.x starts such a split launch (seen on 1.16); 0.34 runs one group of 2 on the CPU
+    assert warned == 1 if Version(accelerate.__version__) >= Version("1.0") else warned <= 1
     lines = read_jsonl(tmp_path / "out" / "mnn_metrics.jsonl")
     assert [line["event"] for line in lines if "event" in line].count("config") == 1
     assert [line["step"] for line in lines if "event" not in line] == [0, 2, 4]

@@ -459,7 +459,10 @@ def test_a_two_process_trainer_stops_both_processes_at_the_collapse(tmp_path):
 
 
 def test_an_accelerate_launch_of_two_processes_stops_both_at_the_collapse(tmp_path, two_process_alarm):
+    from helpers import free_port
+
     launcher = ["accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
+    launcher += ["--main_process_port", str(free_port())]
     launcher += ["--mixed_precision", "no", "--dynamo_backend", "no"]  # on CPU: ACCELERATE_USE_CPU, no GPU visible
     reports = launch_alarm_script(tmp_path, launcher, "accelerate")
     event = assert_both_stopped_at_the_collapse(tmp_path, reports, "both")

@@ -1,6 +1,6 @@
 """A custom Accelerate loop around a tiny GPT-2 (DDP, dropout on), with or without the MNN hook.
 
-Usage: ``ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 --main_process_port 0
+Usage: ``ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 --main_process_port PORT
 accelerate_launch_loop.py OUTPUT_DIR {hook,off}`` (or plainly, one process). On a machine without
 GPUs ``--cpu --num_processes 2`` starts one process, and ``--multi_gpu`` without
 ``ACCELERATE_USE_CPU`` two processes that each see an accelerator of one process: the script
